@@ -1,0 +1,50 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv on a fresh machine,
+# install the project into it (skipped when pyproject.toml and constraints.txt have not changed),
+# check for Java 17+ and point Spark's Python workers at the venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sparkbridge-installed
+OUT ?= demo-output
+PYTEST_ARGS ?=
+
+export PYSPARK_PYTHON := $(abspath $(PY))
+export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test install java bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || { echo ">> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo ">> installing sparkbridge and its pinned dependencies into $(VENV) (first time: a few minutes)"
+	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[demo,test]'
+	@touch $@
+
+java:
+	@command -v java >/dev/null 2>&1 || { \
+	  echo "error: Java 17+ is required by Spark 4 and was not found on PATH." >&2; \
+	  echo "  Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless" >&2; \
+	  echo "  macOS:         brew install openjdk@17" >&2; exit 1; }
+	@v=$$(java -version 2>&1 | sed -nE 's/.*version "([0-9]+).*/\1/p' | head -1); \
+	  if [ -z "$$v" ] || [ "$$v" -lt 17 ]; then \
+	    echo "error: Java 17+ is required by Spark 4, found: $$(java -version 2>&1 | head -1)" >&2; \
+	    echo "  Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless (then set JAVA_HOME)" >&2; exit 1; fi
+
+demo: install java
+	$(VENV)/bin/sparkbridge demo --out $(OUT)
+
+test: install java
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install java
+	$(PY) bench/etl.py
+	$(PY) bench/loader.py
+
+lint: install
+	$(VENV)/bin/hadolint docker/*.Dockerfile
+
+clean:
+	rm -rf $(OUT) bench-output .pytest_cache
