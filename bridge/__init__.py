@@ -1,0 +1,30 @@
+"""Training side of sparkbridge: stream MDS datasets into PyTorch, batch by batch.
+
+Never imports pyspark. Heavy imports (torch, streaming) load when a name is first used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["StreamingLoader"]
+
+_LAZY = {
+    "StreamingLoader": "bridge.loader",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bridge.loader import StreamingLoader
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bridge' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
