@@ -14,6 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Real servers (SeaweedFS S3, a standalone Spark cluster) live in their own plugin module.
+pytest_plugins = ["tests.fixtures_servers"] if (REPO / "tests" / "fixtures_servers.py").exists() else []
+
 # Spark's Python workers must run this interpreter (the venv's), or imports fail inside tasks.
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
