@@ -1,0 +1,251 @@
+"""What runs inside each Spark task: encode batches, cut shards, compress + hash + store them on a
+background thread, and return one small manifest row (JSON) to the driver.
+
+Why a thread: compression (zstd), hashing (xxhash) and file/S3 I/O release the GIL, so shard ``k``
+is compressed and written while the task receives and encodes the batches of shard ``k+1``. Only
+metadata travels back to the driver; the data never leaves the executor except as shard files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from etl.encode import encode_batch, null_counts
+from etl.layout import attempt_name, job_file, staging_prefix
+from etl.mds_format import compress, compression_extension, encode_shard, index_entry, shard_config
+from etl.types import ColumnPlan
+
+__all__ = ["TaskConfig", "TaskFailure", "run_task", "MANIFEST_FIELD", "ERROR_TAG"]
+
+MANIFEST_FIELD = "sparkbridge_manifest"
+#: Prefix of task error messages; the driver finds it in Spark's exception and re-raises it plainly.
+ERROR_TAG = "sparkbridge-task-error: "
+
+
+class TaskFailure(RuntimeError):
+    """A task could not write its shards; the message is shown to the user by the driver."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ERROR_TAG + message)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Everything a task needs, pickled once into the task closure (no Spark objects)."""
+
+    storage: Any  # etl.storage.Storage
+    job_id: str
+    plans: tuple[ColumnPlan, ...]
+    compression: Optional[str]
+    hashes: tuple[str, ...]
+    shard_size: int
+    nulls: str
+    max_pending: int = 2
+
+    def config(self) -> dict[str, Any]:
+        return shard_config(
+            column_names=[p.name for p in self.plans],
+            column_encodings=[p.encoding for p in self.plans],
+            compression=self.compression,
+            hashes=self.hashes,
+            size_limit=self.shard_size,
+        )
+
+
+class _Target:
+    """Where an attempt's shards go: a folder under local staging, or S3 keys under ``job/attempt``."""
+
+    def __init__(self, cfg: TaskConfig, attempt: str) -> None:
+        self.cfg = cfg
+        self.storage = cfg.storage
+        self.attempt = attempt
+        if self.storage.is_local:
+            parent = self.storage.local_path(staging_prefix(cfg.job_id))
+            self.folder = os.path.join(parent, attempt)
+            try:
+                os.mkdir(self.folder)  # not makedirs: fails once the job's staging is removed
+            except FileNotFoundError:
+                raise TaskFailure(
+                    f"staging folder {parent} is gone: job {cfg.job_id} has already finished or was "
+                    "aborted, so this task attempt must not write"
+                ) from None
+        else:
+            self._check_job()
+
+    def _check_job(self) -> None:
+        if not self.storage.exists(job_file(self.cfg.job_id)):
+            raise TaskFailure(
+                f"{self.storage.url(job_file(self.cfg.job_id))} is gone: job {self.cfg.job_id} has "
+                "already finished or was aborted, so this task attempt must not write"
+            )
+
+    def write(self, basename: str, data: bytes) -> None:
+        if self.storage.is_local:
+            # open() in a removed folder fails: a late writer cannot resurrect staging
+            with open(os.path.join(self.folder, basename), "xb") as f:
+                f.write(data)
+        else:
+            self._check_job()
+            self.storage.write_bytes_atomic(f"{self.cfg.job_id}/{self.attempt}/{basename}", data)
+
+
+class _ShardSink:
+    """Background thread: join + compress + hash + store each closed shard, in order."""
+
+    def __init__(self, cfg: TaskConfig, target: _Target) -> None:
+        self.cfg = cfg
+        self.target = target
+        self.config = cfg.config()
+        self.ext = compression_extension(cfg.compression) if cfg.compression else None
+        self.entries: list[dict[str, Any]] = []
+        self.error: Optional[BaseException] = None
+        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=cfg.max_pending)
+        self.thread = threading.Thread(target=self._run, name="sparkbridge-shard-sink", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self._write(*item)
+            except BaseException as exc:  # re-raised on the task thread
+                self.error = exc
+
+    def _write(self, number: int, chunks: list[np.ndarray], sizes: list[np.ndarray]) -> None:
+        data = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        size_arr = sizes[0] if len(sizes) == 1 else np.concatenate(sizes)
+        raw = encode_shard(self.config, data, size_arr)
+        raw_name = f"shard.{number:05d}.mds"
+        if self.ext:
+            zipped = compress(self.cfg.compression, raw)
+            zip_name = f"{raw_name}.{self.ext}"
+            entry = index_entry(self.config, samples=len(size_arr), raw_basename=raw_name, raw=raw,
+                                zip_basename=zip_name, zipped=zipped)
+            self.target.write(zip_name, zipped)
+        else:
+            entry = index_entry(self.config, samples=len(size_arr), raw_basename=raw_name, raw=raw)
+            self.target.write(raw_name, raw)
+        self.entries.append(entry)
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            err = self.error
+            if isinstance(err, TaskFailure):
+                raise err
+            raise TaskFailure(f"writing a shard of attempt {self.target.attempt} failed: "
+                              f"{type(err).__name__}: {err}") from err
+
+    def submit(self, number: int, chunks: list[np.ndarray], sizes: list[np.ndarray]) -> None:
+        self._raise()
+        self.queue.put((number, chunks, sizes))
+
+    def close(self) -> list[dict[str, Any]]:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+        return self.entries
+
+
+def _header_bytes(n: int, config_len: int) -> int:
+    return 4 + 4 * (n + 1) + config_len
+
+
+def run_task(cfg: TaskConfig, batches: Iterator[Any], *, partition: int, task_attempt_id: int,
+             attempt_number: int) -> dict[str, Any]:
+    """Write one partition; returns the manifest row (attempt folder, index entries, counts)."""
+    attempt = attempt_name(partition, task_attempt_id)
+    target = _Target(cfg, attempt)
+    sink = _ShardSink(cfg, target)
+    config_len = len(json.dumps(sink.config, sort_keys=True).encode("utf-8"))
+    plans: Sequence[ColumnPlan] = cfg.plans
+    nulls: dict[str, int] = {}
+    rows = 0
+    shard_no = 0
+    chunks: list[np.ndarray] = []
+    sizes: list[np.ndarray] = []
+    shard_rows = 0
+    shard_bytes = 0
+    failed_nulls = False
+    try:
+        for batch in batches:
+            n = batch.num_rows
+            if n == 0:
+                continue
+            rows += n
+            if cfg.nulls == "error":
+                counts = null_counts(batch, plans)
+                if counts:
+                    for k, v in counts.items():
+                        nulls[k] = nulls.get(k, 0) + v
+                    failed_nulls = True  # the job fails on the driver; stop writing shards
+            if failed_nulls:
+                continue
+            enc = encode_batch(batch, plans)
+            data, row_sizes = enc.data, enc.sizes
+            # cut the batch where the shard would exceed the size limit (Mosaic's size_limit)
+            start = 0
+            ends = np.cumsum(row_sizes)
+            while start < n:
+                used = shard_bytes + _header_bytes(shard_rows, config_len)
+                base = int(ends[start - 1]) if start else 0
+                # rows that still fit: header grows 4 bytes per row too
+                room = cfg.shard_size - used
+                fits = (ends[start:] - base) + 4 * np.arange(1, n - start + 1) <= room
+                take = int(np.argmin(fits)) if not fits.all() else n - start
+                if take == 0 and shard_rows == 0:
+                    take = 1  # a single sample larger than the limit gets a shard of its own
+                if take == 0:
+                    sink.submit(shard_no, chunks, sizes)
+                    shard_no += 1
+                    chunks, sizes, shard_rows, shard_bytes = [], [], 0, 0
+                    continue
+                lo = base
+                hi = int(ends[start + take - 1])
+                chunks.append(data[lo:hi])
+                sizes.append(row_sizes[start:start + take])
+                shard_rows += take
+                shard_bytes += hi - lo
+                start += take
+        if shard_rows and not failed_nulls:
+            sink.submit(shard_no, chunks, sizes)
+        entries = sink.close()
+    except BaseException:
+        sink.queue.put(None)
+        raise
+    if failed_nulls:
+        entries = []
+    return {
+        "attempt": attempt,
+        "partition": partition,
+        "task_attempt_id": task_attempt_id,
+        "attempt_number": attempt_number,
+        "rows": rows,
+        "nulls": nulls,
+        "entries": entries,
+    }
+
+
+def task_function(cfg: TaskConfig):
+    """The function given to ``mapInArrow``: one output row of JSON per task."""
+
+    def fn(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        row = run_task(cfg, batches, partition=ctx.partitionId(), task_attempt_id=ctx.taskAttemptId(),
+                       attempt_number=ctx.attemptNumber())
+        yield pa.RecordBatch.from_arrays([pa.array([json.dumps(row)], pa.string())], [MANIFEST_FIELD])
+
+    return fn

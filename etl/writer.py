@@ -1,0 +1,206 @@
+"""``write_mds``: a Spark DataFrame → an MDS dataset, exactly once, readable by stock Mosaic.
+
+The driver plans the columns (unsupported types fail here), registers the job, runs one
+``mapInArrow`` pass in which every task attempt writes its own shards (see :mod:`etl.task`),
+collects the small manifest rows, and commits (see :mod:`etl.commit`). Data is never collected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+from etl.commit import ConcurrentWriteError, DatasetExistsError, SchemaMismatchError, check_mode, commit, \
+    schema_diff, start_job
+from etl.layout import new_job_id
+from etl.mds_format import compression_extension, hash_bytes
+from etl.storage import open_storage
+from etl.types import logical_schema, plan_columns
+
+__all__ = [
+    "write_mds",
+    "WriteResult",
+    "WriteError",
+    "NullValuesError",
+    "DatasetExistsError",
+    "ConcurrentWriteError",
+    "SchemaMismatchError",
+    "parse_size",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETENTION_SECONDS = 3600.0
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class WriteError(RuntimeError):
+    """A task failed for a reason sparkbridge can explain (the message names column/file)."""
+
+
+class NullValuesError(ValueError):
+    """``nulls="error"`` and the data has nulls; the message lists each column and its count."""
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What a write did. ``bytes`` counts stored shard bytes (compressed when compressed)."""
+
+    rows: int
+    shards: int
+    bytes: int
+    seconds: float
+    out: str
+    mode: str = "error"
+    job_id: str = ""
+    columns: tuple[str, ...] = field(default_factory=tuple)
+    raw_bytes: int = 0
+    partitions: int = 0
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["columns"] = list(self.columns)
+        out["rows_per_second"] = self.rows_per_second
+        return out
+
+
+def parse_size(value: Union[int, str]) -> int:
+    """Bytes from an int or a string such as ``"64MB"``, ``"512KB"``, ``"1.5GiB"`` (powers of 2)."""
+    if isinstance(value, bool):
+        raise TypeError("shard_size must be an int or a string such as '64MB'")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m:
+            raise ValueError(f"shard_size {value!r} is not a size such as '64MB' or '512KB'")
+        unit = (m.group(2) or "").lower().replace("i", "").rstrip("b")
+        size = int(float(m.group(1)) * _UNITS[unit])
+    else:
+        raise TypeError(f"shard_size must be an int or a string such as '64MB', got {type(value).__name__}")
+    if size < 1024:
+        raise ValueError(f"shard_size must be at least 1 KiB, got {size} bytes")
+    if size >= 1 << 32:
+        raise ValueError(f"shard_size must be below 4 GiB (the MDS offset limit), got {size} bytes")
+    return size
+
+
+def _check_options(compression: Optional[str], hashes: Sequence[str]) -> tuple[Optional[str], tuple[str, ...]]:
+    if compression is not None:
+        if not isinstance(compression, str):
+            raise TypeError(f"compression must be a string such as 'zstd' or None, got {compression!r}")
+        compression_extension(compression)
+    if isinstance(hashes, str):
+        hashes = (hashes,)
+    hashes = tuple(hashes or ())
+    for h in hashes:
+        hash_bytes(h, b"")
+    return compression, hashes
+
+
+def _task_error(exc: BaseException) -> Optional[str]:
+    from etl.task import ERROR_TAG
+
+    text = str(exc)
+    i = text.find(ERROR_TAG)
+    if i < 0:
+        return None
+    line = text[i + len(ERROR_TAG):].splitlines()[0]
+    return line.strip()
+
+
+def write_mds(
+    df: Any,
+    out: str,
+    *,
+    mode: str = "error",
+    columns: Optional[Sequence[str]] = None,
+    nulls: str = "error",
+    compression: Optional[str] = "zstd",
+    hashes: Sequence[str] = ("xxh64",),
+    shard_size: Union[int, str] = "64MB",
+    decimals: str = "string",
+    retention_seconds: float = DEFAULT_RETENTION_SECONDS,
+) -> WriteResult:
+    """Write ``df`` to ``out`` (local folder or ``s3://bucket/prefix``) as an MDS dataset.
+
+    ``mode``: ``error`` (refuse an existing dataset), ``overwrite`` (old shards kept readable for
+    ``retention_seconds``), ``append`` (same logical schema required). ``nulls``: ``error`` (one error
+    naming each column and its null count), ``fill`` (0, false, "", 1970-01-01, empty array, {} ...),
+    ``mask`` (extra ``<col>__null`` uint8 columns). ``decimals``: ``string`` (exact) or ``float``.
+    """
+    started = time.perf_counter()
+    compression, hashes = _check_options(compression, hashes)
+    size_limit = parse_size(shard_size)
+    if retention_seconds < 0:
+        raise ValueError(f"retention_seconds must be >= 0, got {retention_seconds}")
+    storage = open_storage(out)
+    plans = plan_columns(df.schema, columns=columns, nulls=nulls, decimals=decimals)
+    old_manifest = check_mode(storage, mode)
+
+    from etl.prepare import measure_array_shapes, prepare_frame
+    from etl.task import MANIFEST_FIELD, TaskConfig, task_function
+
+    plans = measure_array_shapes(df, plans)
+    specs = [p.spec for p in plans if p.spec is not None]
+    if mode == "append" and old_manifest is not None:
+        diffs = schema_diff(old_manifest.columns, specs)
+        if diffs:
+            raise SchemaMismatchError(
+                f"cannot append to {storage.root}: the logical schema differs — " + "; ".join(diffs)
+            )
+    fingerprint = hashlib.sha256(json.dumps(logical_schema(plans), sort_keys=True).encode()).hexdigest()
+    prepared = prepare_frame(df, plans, nulls=nulls)
+    job = start_job(storage, new_job_id(), mode)
+    log.info("write_mds %s → %s (mode=%s, nulls=%s, compression=%s, shard_size=%d, job %s)",
+             [p.name for p in plans], storage.root, mode, nulls, compression, size_limit, job.job_id)
+    cfg = TaskConfig(storage=storage, job_id=job.job_id, plans=tuple(plans), compression=compression,
+                     hashes=hashes, shard_size=size_limit, nulls=nulls)
+    try:
+        try:
+            result_rows = prepared.mapInArrow(task_function(cfg), f"{MANIFEST_FIELD} string").collect()
+        except Exception as exc:
+            message = _task_error(exc)
+            if message is not None:
+                raise WriteError(message) from None
+            raise
+        tasks = [json.loads(r[0]) for r in result_rows]
+        totals: dict[str, int] = {}
+        for t in tasks:
+            for k, v in t["nulls"].items():
+                totals[k] = totals.get(k, 0) + int(v)
+        if totals:
+            detail = ", ".join(f"{k!r}: {v} null{'s' if v != 1 else ''}" for k, v in sorted(totals.items()))
+            raise NullValuesError(
+                f"nulls='error' and the data has nulls ({detail}); nothing was written. Pass "
+                "nulls='fill' or nulls='mask', or clean these columns first"
+            )
+        manifest, index = commit(
+            storage, job, mode=mode, tasks=tasks, columns=specs, old_manifest=old_manifest, nulls=nulls,
+            compression=compression, hashes=hashes, retention_seconds=retention_seconds,
+            schema_fingerprint=fingerprint, extra={"writer": "sparkbridge.etl.write_mds"},
+        )
+    except BaseException:
+        job.abort()
+        raise
+    new_entries = [e for t in tasks for e in t["entries"]]
+    stored = sum((e["zip_data"] or e["raw_data"])["bytes"] for e in new_entries)
+    raw = sum(e["raw_data"]["bytes"] for e in new_entries)
+    result = WriteResult(
+        rows=sum(t["rows"] for t in tasks), shards=len(new_entries), bytes=stored,
+        seconds=time.perf_counter() - started, out=storage.root, mode=mode, job_id=job.job_id,
+        columns=tuple(p.name for p in plans), raw_bytes=raw, partitions=len(tasks),
+    )
+    log.info("wrote %d rows in %d shards (%d bytes) to %s in %.2f s", result.rows, result.shards,
+             result.bytes, result.out, result.seconds)
+    return result
