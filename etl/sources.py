@@ -1,0 +1,353 @@
+"""Read CSV or Parquet into a DataFrame, with an explicit policy for malformed CSV rows.
+
+Why not plain ``spark.read.csv``: its PERMISSIVE default silently turns a malformed row into nulls
+(data loss nobody sees), FAILFAST dies with a JVM traceback that does not name the file, and both
+depend on which columns a later query selects (CSV column pruning parses only those). Here a row is
+malformed when *any* column fails to parse or the field count is wrong, decided the same way no matter
+what is selected later, and the caller chooses: fail with the file and line, drop and count, or keep
+the rows in a folder for inspection.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
+from urllib.parse import unquote, urlparse
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql.types import StructType
+
+__all__ = ["read_source", "detect_format", "MalformedRecordsError", "FORMATS", "BAD_RECORD_POLICIES"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("csv", "parquet")
+BAD_RECORD_POLICIES = ("fail", "drop")  # ... or a path: keep malformed rows there
+#: How many malformed rows an error quotes.
+MAX_EXAMPLES = 5
+#: Line numbers are looked up only in local files up to this size (a driver-side scan).
+_LINE_LOOKUP_MAX_BYTES = 256 << 20
+
+_CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.deflate", ".csv.lz4", ".csv.snappy", ".csv.zst")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+#: Spark's defaults for CSV, spelled out (and logged) so the behaviour does not depend on its version.
+_CSV_DEFAULTS = {"header": "true", "escape": '"', "encoding": "UTF-8"}
+
+
+class MalformedRecordsError(ValueError):
+    """CSV rows that do not parse under the schema (``bad_records="fail"``)."""
+
+    def __init__(self, message: str, *, count: int, examples: list[tuple[str, Optional[int], str]]) -> None:
+        super().__init__(message)
+        self.count = count
+        self.examples = examples  # (file, line number or None, record text)
+
+
+# --------------------------------------------------------------------------- files and formats
+
+
+def _hadoop_fs(spark: "SparkSession", path: str):
+    """Hadoop's FileSystem for ``path``: the same view of files Spark's reader has (any scheme)."""
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path)
+    try:
+        fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    except Exception as exc:  # py4j error: no FileSystem for the scheme
+        scheme = urlparse(path).scheme
+        raise ValueError(
+            f"Spark cannot read {path!r}: no Hadoop filesystem for scheme {scheme!r}"
+            + (" (S3 needs the hadoop-aws jars and an s3a:// URL)" if scheme in ("s3", "s3a") else "")
+            + f": {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    return fs, hpath
+
+
+def _is_hidden(name: str) -> bool:
+    # Spark skips these when reading a folder (_SUCCESS, _committed, .crc files, ...).
+    return name.startswith("_") or name.startswith(".")
+
+
+def _list_input(spark: "SparkSession", path: str) -> list[str]:
+    """Data files under ``path`` (a file, a folder read recursively, or a glob), as Spark would see them.
+
+    Raises FileNotFoundError naming the path when nothing is there.
+    """
+    fs, hpath = _hadoop_fs(spark, path)
+    statuses = fs.globStatus(hpath)
+    if statuses is None or len(statuses) == 0:
+        raise FileNotFoundError(f"input not found: {path}")
+    files: list[str] = []
+    for status in statuses:
+        if status.isFile():
+            files.append(status.getPath().toString())
+            continue
+        it = fs.listFiles(status.getPath(), True)
+        base = status.getPath().toString().rstrip("/")
+        while it.hasNext():
+            f = it.next().getPath().toString()
+            rel = f[len(base):].lstrip("/")
+            if not any(_is_hidden(part) for part in rel.split("/")):
+                files.append(f)
+    return files
+
+
+def _format_of_name(name: str) -> Optional[str]:
+    lower = name.lower()
+    if lower.endswith(_CSV_SUFFIXES):
+        return "csv"
+    if lower.endswith(_PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def detect_format(path: str, files: list[str]) -> str:
+    """``csv`` or ``parquet`` from the file names under ``path``; a clear error when unclear."""
+    if not files:
+        raise FileNotFoundError(f"{path}: no data files (hidden '_'/'.' files are ignored)")
+    found: dict[str, list[str]] = {}
+    for f in files:
+        lower = f.lower()
+        if lower.endswith(".zip"):
+            raise ValueError(f"{f}: Spark cannot read zip archives; extract it first (CSV may be .gz or .bz2)")
+        found.setdefault(_format_of_name(f) or "unknown", []).append(f)
+    if "unknown" in found:
+        raise ValueError(
+            f"{path}: cannot tell the format of {found['unknown'][0]} from its extension "
+            f"(known: {', '.join(_CSV_SUFFIXES + _PARQUET_SUFFIXES)}); pass format='csv' or 'parquet'"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"{path} mixes formats: CSV ({found['csv'][0]}, ...) and Parquet ({found['parquet'][0]}, ...); "
+            "read them separately"
+        )
+    return next(iter(found))
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _to_struct(spark: "SparkSession", schema: Union[str, "StructType"]) -> "StructType":
+    from pyspark.sql.types import StructType
+
+    if isinstance(schema, StructType):
+        return schema
+    if not isinstance(schema, str):
+        raise TypeError(f"schema must be a DDL string or a StructType, got {type(schema).__name__}")
+    try:
+        parsed = spark.createDataFrame([], schema).schema
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"invalid schema DDL {schema!r}: {first}") from None
+    return parsed
+
+
+def _check_parquet_schema(given: "StructType", actual: "StructType", path: str) -> None:
+    """A requested column the files lack (or hold with another type) would otherwise read as nulls."""
+    have = {f.name.lower(): f for f in actual.fields}
+    for field in given.fields:
+        got = have.get(field.name.lower())
+        if got is None:
+            raise ValueError(f"{path}: column {field.name!r} is not in the Parquet files; they have {actual.fieldNames()}")
+        if got.dataType.simpleString() != field.dataType.simpleString():
+            raise ValueError(
+                f"{path}: column {field.name!r} is {got.dataType.simpleString()} in the Parquet files, "
+                f"not {field.dataType.simpleString()}; cast it after reading instead"
+            )
+
+
+# --------------------------------------------------------------------------- malformed CSV rows
+
+
+def _parse_guard(columns: list[str]) -> "Column":
+    """An always-true predicate that references every column.
+
+    CSV column pruning parses only the columns a query references, so whether a row counts as
+    malformed would depend on what is selected later (and ``count()`` over the corrupt-record column
+    alone is refused by Spark). Referencing every column in the filter keeps the decision the same
+    for every query. ``size(array(...)) >= 0`` is cheap and the optimizer does not fold it away
+    (tests/etl/test_sources.py checks the counts under a narrow select).
+    """
+    from pyspark.sql import functions as F
+
+    return F.size(F.array(*[F.col(c).isNull() for c in columns])) >= 0
+
+
+def _quote(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _local_file(url: str) -> Optional[str]:
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        return unquote(parsed.path)
+    return None
+
+
+def _line_number(url: str, record: str) -> Optional[int]:
+    """1-based line of the first occurrence of ``record`` (its first line) in a local file.
+
+    Spark does not track line numbers; for local files a bounded driver-side scan recovers them so
+    an error can say ``file:line``. Remote or very large files get no number (the text is quoted).
+    """
+    path = _local_file(url)
+    if path is None or not os.path.isfile(path) or os.path.getsize(path) > _LINE_LOOKUP_MAX_BYTES:
+        return None
+    target = record.splitlines()[0] if record else record
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
+            for number, line in enumerate(f, start=1):
+                if line.rstrip("\r\n") == target:
+                    return number
+    except OSError:
+        return None
+    return None
+
+
+def _examples(bad: "DataFrame", corrupt: str, file_col: str) -> list[tuple[str, Optional[int], str]]:
+    rows = bad.select(file_col, corrupt).limit(MAX_EXAMPLES).collect()  # at most 5 metadata rows
+    return [(r[0], _line_number(r[0], r[1]), r[1]) for r in rows]
+
+
+def _format_examples(examples: list[tuple[str, Optional[int], str]]) -> str:
+    lines = []
+    for file, line, record in examples:
+        where = f"{_local_file(file) or file}:{line}" if line is not None else f"{_local_file(file) or file}"
+        text = record if len(record) <= 200 else record[:200] + "..."
+        lines.append(f"  {where}: {text!r}")
+    return "\n".join(lines)
+
+
+def _read_csv(
+    spark: "SparkSession",
+    path: str,
+    *,
+    schema: Optional["StructType"],
+    bad_records: str,
+    options: Mapping[str, str],
+) -> "DataFrame":
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    reader_options = dict(_CSV_DEFAULTS)
+    reader_options.update({k: str(v) for k, v in options.items()})
+    if schema is None:
+        log.info("%s: no schema given; inferring column types from the data (an extra pass)", path)
+        schema = spark.read.options(**reader_options).option("inferSchema", "true").csv(path).schema
+    columns = schema.fieldNames()
+    if not columns:
+        raise ValueError(f"{path}: no columns (empty file or header?)")
+    corrupt = "_corrupt_record"
+    while corrupt in columns:
+        corrupt = "_" + corrupt
+    file_col = "_source_file"
+    while file_col in columns:
+        file_col = "_" + file_col
+    log.info("%s: CSV reader options %s", path, reader_options)
+
+    checked = (
+        spark.read.schema(StructType(schema.fields + [StructField(corrupt, StringType(), True)]))
+        .options(**reader_options)
+        .option("mode", "PERMISSIVE")
+        .option("columnNameOfCorruptRecord", corrupt)
+        .csv(path)
+    )
+    guard = _parse_guard(columns)
+    bad = checked.filter(F.col(corrupt).isNotNull() & guard).withColumn(file_col, F.input_file_name())
+    good = checked.filter(F.col(corrupt).isNull() & guard).drop(corrupt)
+    n_bad = bad.count()  # one pass that parses every column of every row
+
+    if n_bad == 0:
+        log.info("%s: no malformed rows", path)
+        if bad_records == "fail":
+            # Clean data: a plain read, FAILFAST in case the files change under us.
+            return spark.read.schema(schema).options(**reader_options).option("mode", "FAILFAST").csv(path)
+        return good
+    if bad_records == "fail":
+        examples = _examples(bad, corrupt, file_col)
+        raise MalformedRecordsError(
+            f"{path}: {n_bad} malformed CSV row(s) under schema <{schema.simpleString()}> "
+            f"(first {len(examples)} shown; use bad_records='drop' or a folder to keep them):\n"
+            + _format_examples(examples),
+            count=n_bad,
+            examples=examples,
+        )
+    if bad_records == "drop":
+        log.warning("%s: dropped %d malformed CSV row(s) (bad_records='drop')", path, n_bad)
+        return good
+    (
+        bad.select(F.col(file_col).alias("file"), F.col(corrupt).alias("record"))
+        .withColumn("source", F.lit(path))
+        .withColumn("detected_at", F.current_timestamp())
+        .write.mode("append")
+        .json(bad_records)
+    )
+    log.warning("%s: %d malformed CSV row(s) written to %s (JSON: file, record); continuing without them",
+                path, n_bad, bad_records)
+    return good
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def read_source(
+    spark: "SparkSession",
+    path: Union[str, "os.PathLike[str]"],
+    *,
+    format: Optional[str] = None,
+    schema: Optional[Union[str, "StructType"]] = None,
+    bad_records: Union[str, "os.PathLike[str]"] = "fail",
+    options: Optional[Mapping[str, Any]] = None,
+) -> "DataFrame":
+    """A DataFrame over CSV or Parquet at ``path`` (a file, folder or glob; local, file:// or any
+    Hadoop filesystem Spark has).
+
+    - ``format``: ``"csv"`` or ``"parquet"``; by default from the file extensions (``.csv``,
+      ``.csv.gz``, ``.parquet``, or the files inside a folder).
+    - ``schema``: a DDL string (``"id INT, name STRING"``) or a StructType. CSV without one is
+      inferred (one extra pass). Parquet with one is checked against the files' own schema.
+    - ``bad_records`` (CSV): ``"fail"`` raises :class:`MalformedRecordsError` naming the files, line
+      numbers and text of up to 5 malformed rows; ``"drop"`` drops them and logs the count; any other
+      string is a folder where malformed rows are appended as JSON (``file``, ``record``, ``source``,
+      ``detected_at``) before the good rows are returned. Checking costs one extra pass over the CSV.
+    - ``options``: extra Spark reader options (e.g. ``{"nullValue": "NA"}``); they win over the
+      defaults (header, RFC 4180 ``""`` escapes, UTF-8).
+    """
+    if spark is None:
+        raise ValueError("read_source needs a SparkSession")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"path must be a non-empty string, got {path!r}")
+    bad_records = os.fspath(bad_records) if isinstance(bad_records, os.PathLike) else bad_records
+    if not isinstance(bad_records, str) or not (
+        bad_records in BAD_RECORD_POLICIES or "/" in bad_records or os.sep in bad_records
+    ):
+        # A bare word is almost surely a typo of a policy, not a folder name: refuse it.
+        raise ValueError(
+            f"bad_records must be 'fail', 'drop' or a folder path containing a '/' (e.g. './bad_rows'), "
+            f"got {bad_records!r}"
+        )
+    if format is not None:
+        format = format.lower()
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    options = dict(options or {})
+
+    files = _list_input(spark, path)
+    if format is None:
+        format = detect_format(path, files)
+        log.info("%s: format %s (from the file extension%s)", path, format, "s" if len(files) > 1 else "")
+    struct = _to_struct(spark, schema) if schema is not None else None
+
+    if format == "parquet":
+        if bad_records not in ("fail", "drop"):
+            log.info("%s: bad_records=%r applies to CSV only; Parquet rows are typed by the file", path, bad_records)
+        df = spark.read.options(**options).parquet(path)
+        if struct is not None:
+            _check_parquet_schema(struct, df.schema, path)
+            df = df.select(*[_quote(f.name) for f in struct.fields])
+        return df
+    return _read_csv(spark, path, schema=struct, bad_records=bad_records, options=options)
