@@ -1,0 +1,343 @@
+"""Which columns a batch holds, how they are gathered from decoded shards, and how they become tensors.
+
+A batch travels as one packed byte buffer (every fixed-width output column at a 64-byte aligned
+offset) plus Python lists for variable-width columns. One buffer means one shared-memory tensor
+between DataLoader processes, one pinned allocation and one host-to-device copy per batch; the
+columns are zero-copy views of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from etl.manifest import Manifest
+from etl.mds_format import (
+    ShardFormatError,
+    ShardLayout,
+    column_starts,
+    decode_ndarray,
+    encoding_dtype,
+    gather_fixed,
+    gather_var,
+    is_supported_encoding,
+)
+
+__all__ = ["BatchPlan", "PackedBatch", "FixedOut", "VarOut", "FEATURES_KEY"]
+
+logger = logging.getLogger(__name__)
+
+FEATURES_KEY = "__features__"
+_ALIGN = 64
+_NUMERIC_KINDS = "biuf"
+
+
+@dataclass(frozen=True)
+class FixedOut:
+    """A fixed-width output: one column, or the assembled float32 feature matrix."""
+
+    name: str
+    dtype: np.dtype  # element dtype
+    shape: tuple[int, ...]  # per-row shape, () for scalars
+    as_bool: bool = False
+
+    @property
+    def row_bytes(self) -> int:
+        return int(self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64)))
+
+
+@dataclass(frozen=True)
+class VarOut:
+    name: str
+    encoding: str
+
+
+@dataclass
+class PackedBatch:
+    """What a worker hands over: ``rows`` samples, their fixed-width outputs packed in ``buf``
+    (numpy uint8 or a torch uint8 tensor) and the variable-width ones as Python values."""
+
+    rows: int
+    buf: Any
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _dtype_for(encoding: str) -> tuple[np.dtype, tuple[int, ...]]:
+    dt = encoding_dtype(encoding)
+    if dt is None:
+        raise ShardFormatError(f"{encoding!r} is not fixed-width")
+    return dt.base, tuple(dt.shape)
+
+
+class BatchPlan:
+    """Built once per loader from the index layouts (and manifest.json when present)."""
+
+    def __init__(
+        self,
+        layouts: Sequence[ShardLayout],
+        *,
+        shard_names: Sequence[str],
+        manifest: Optional[Manifest] = None,
+        columns: Optional[Sequence[str]] = None,
+        features: Optional[Sequence[str]] = None,
+        label: Optional[str] = None,
+    ) -> None:
+        first = layouts[0]
+        encodings = dict(zip(first.column_names, first.column_encodings))
+        for layout, name in zip(layouts, shard_names):
+            if dict(zip(layout.column_names, layout.column_encodings)) != encodings:
+                raise ShardFormatError(
+                    f"shard {name!r} has columns {dict(zip(layout.column_names, layout.column_encodings))}, "
+                    f"but the first shard has {encodings}: one dataset must keep one schema"
+                )
+        for name, enc in encodings.items():
+            if not is_supported_encoding(enc):
+                extra = " (pickle can run arbitrary code and is refused)" if enc == "pkl" else ""
+                raise ShardFormatError(f"column {name!r} has encoding {enc!r}, which sparkbridge does not read{extra}")
+        self.encodings = encodings
+        order = list(first.column_names)
+        bool_cols: set[str] = set()
+        masks: dict[str, str] = {}
+        if manifest is not None:
+            listed: list[str] = []
+            for c in manifest.columns:
+                if c.name in encodings and c.name not in listed:
+                    listed.append(c.name)
+                    if c.logical == "bool":
+                        bool_cols.add(c.name)
+                if c.null_mask and c.null_mask in encodings and c.null_mask not in listed:
+                    masks[c.name] = c.null_mask
+                    bool_cols.add(c.null_mask)
+                    listed.append(c.null_mask)
+            order = listed + [n for n in order if n not in listed]
+        else:
+            for n in order:
+                if n.endswith("__null") and n[: -len("__null")] in encodings and encodings[n] == "uint8":
+                    masks[n[: -len("__null")]] = n
+                    bool_cols.add(n)
+        self.available = order
+        self.features = list(features) if features is not None else None
+        self.label = label
+        if (features is None) != (label is None):
+            raise ValueError("give both `features` and `label` to get (features, label) batches, or neither")
+        if features is not None:
+            if columns is not None:
+                raise ValueError("give either `columns` or `features`/`label`, not both")
+            if not features:
+                raise ValueError("`features` must name at least one column")
+            wanted = list(features) + [label]
+        else:
+            wanted = list(order) if columns is None else list(columns)
+        unknown = [c for c in wanted if c not in encodings]
+        if unknown:
+            raise ValueError(f"unknown column(s) {unknown}; the dataset has {order}")
+        if len(set(wanted)) != len(wanted):
+            raise ValueError(f"columns are listed twice: {wanted}")
+        if features is None and columns is not None:
+            # a selected column brings its null mask along
+            with_masks = []
+            for c in wanted:
+                with_masks.append(c)
+                m = masks.get(c)
+                if m is not None and m not in wanted:
+                    with_masks.append(m)
+            wanted = with_masks
+        self.columns = wanted
+        self.fixed: list[FixedOut] = []
+        self.var: list[VarOut] = []
+        self.feature_parts: list[tuple[str, int]] = []  # (column, values per row)
+        if features is not None:
+            width = 0
+            for c in features:
+                enc = encodings[c]
+                dt = encoding_dtype(enc)
+                if dt is None or dt.base.kind not in _NUMERIC_KINDS:
+                    raise ValueError(
+                        f"feature column {c!r} has encoding {enc!r}; features must be fixed-width numbers"
+                    )
+                k = int(np.prod(dt.shape, dtype=np.int64))
+                self.feature_parts.append((c, k))
+                width += k
+            self.fixed.append(FixedOut(FEATURES_KEY, np.dtype("<f4"), (width,)))
+            out_cols = [label]
+        else:
+            out_cols = wanted
+        for c in out_cols:
+            enc = encodings[c]
+            if encoding_dtype(enc) is not None:
+                dt, shape = _dtype_for(enc)
+                self.fixed.append(FixedOut(c, dt, shape, as_bool=c in bool_cols and dt.itemsize == 1))
+            else:
+                self.var.append(VarOut(c, enc))
+        self._gather_names = [f.name for f in self.fixed if f.name != FEATURES_KEY]
+        self._layout_cache: dict[int, tuple[list[int], int]] = {}
+
+    # ------------------------------------------------------------------ packing
+
+    def layout(self, n: int) -> tuple[list[int], int]:
+        """Byte offset of each fixed output in a packed buffer of ``n`` rows, and its size."""
+        got = self._layout_cache.get(n)
+        if got is None:
+            offs = []
+            pos = 0
+            for f in self.fixed:
+                offs.append(pos)
+                pos += -(-(n * f.row_bytes) // _ALIGN) * _ALIGN
+            got = (offs, max(pos, _ALIGN))
+            if len(self._layout_cache) < 8:
+                self._layout_cache[n] = got
+        return got
+
+    def views(self, buf: np.ndarray, n: int) -> list[np.ndarray]:
+        offs, _ = self.layout(n)
+        return [
+            buf[o:o + n * f.row_bytes].view(f.dtype).reshape((n,) + f.shape)
+            for f, o in zip(self.fixed, offs)
+        ]
+
+    def gather(
+        self,
+        groups: Sequence[tuple[Any, np.ndarray, Optional[np.ndarray]]],
+        n: int,
+        alloc: Callable[[int], np.ndarray],
+    ) -> PackedBatch:
+        """Gather ``n`` rows: ``groups`` holds (decoded shard, rows in it, their positions in the
+        batch or None when one shard fills the whole batch in order)."""
+        _, total = self.layout(n)
+        buf = alloc(total)
+        views = self.views(buf, n)
+        fixed = self.fixed
+        var_values: dict[str, list] = {v.name: [None] * n for v in self.var} if len(groups) > 1 else {}
+        for shard, rows, pos in groups:
+            sel = slice(None) if pos is None else pos
+            if shard.rows is not None:
+                g = shard.rows[rows]
+                for f, view in zip(fixed, views):
+                    if f.name == FEATURES_KEY:
+                        self._fill_features(view, sel, lambda c: g[c], len(rows))
+                    else:
+                        view[sel] = g[f.name]
+                continue
+            layout = shard.layout
+            starts, sizes = column_starts(shard.buf, shard.offsets, layout, rows)
+            index = {name: i for i, name in enumerate(layout.column_names)}
+
+            def col(c: str) -> np.ndarray:
+                return gather_fixed(shard.buf, starts[:, index[c]], self.encodings[c])
+
+            for f, view in zip(fixed, views):
+                if f.name == FEATURES_KEY:
+                    self._fill_features(view, sel, col, len(rows))
+                else:
+                    view[sel] = col(f.name)
+            for v in self.var:
+                c = index[v.name]
+                values = _decode_var(v, *gather_var(shard.buf, starts[:, c], sizes[:, c]), shard.name)
+                if pos is None:
+                    var_values[v.name] = values
+                else:
+                    target = var_values[v.name]
+                    for p, value in zip(pos.tolist(), values):
+                        target[p] = value
+        return PackedBatch(n, buf, var_values)
+
+    def _fill_features(self, view: np.ndarray, sel, col: Callable[[str], np.ndarray], m: int) -> None:
+        k = 0
+        for c, width in self.feature_parts:
+            values = col(c)
+            if width == 1:
+                view[sel, k] = values
+            else:
+                view[sel, k:k + width] = values.reshape(m, width)
+            k += width
+
+    # ------------------------------------------------------------------ tensors
+
+    def to_tensors(self, batch: PackedBatch, buf_tensor=None) -> Any:
+        """Zero-copy tensor views of a packed batch (``buf_tensor``: the buffer already as a
+        tensor, possibly on a device), as a dict or as ``(features, label)``."""
+        import torch
+
+        n = batch.rows
+        if buf_tensor is None:
+            buf_tensor = batch.buf if isinstance(batch.buf, torch.Tensor) else torch.from_numpy(batch.buf)
+        offs, _ = self.layout(n)
+        out: dict[str, Any] = {}
+        for f, o in zip(self.fixed, offs):
+            t = buf_tensor[o:o + n * f.row_bytes].view(_TORCH_DTYPES[f.dtype.str]).view((n,) + f.shape)
+            if f.as_bool:
+                t = t.view(torch.bool)
+            out[f.name] = t
+        for v in self.var:
+            out[v.name] = _var_to_torch(v, batch.extras[v.name])
+        if self.features is not None:
+            return out[FEATURES_KEY], out[self.label]
+        return {c: out[c] for c in self.columns}
+
+
+def _decode_var(v: VarOut, offsets: np.ndarray, data: np.ndarray, shard: str) -> list:
+    enc = v.encoding
+    bounds = zip(offsets[:-1].tolist(), offsets[1:].tolist())
+    try:
+        if enc.startswith("ndarray"):
+            mv = memoryview(data)
+            return [decode_ndarray(enc, mv[a:b]) for a, b in bounds]
+        raw = data.tobytes()
+        if enc == "bytes":
+            return [raw[a:b] for a, b in bounds]
+        if enc == "str":
+            return [raw[a:b].decode("utf-8") for a, b in bounds]
+        if enc == "json":
+            return [json.loads(raw[a:b]) for a, b in bounds]
+        if enc == "str_int":
+            return [int(raw[a:b]) for a, b in bounds]
+        if enc == "str_float":
+            return [float(raw[a:b]) for a, b in bounds]
+        if enc == "str_decimal":
+            return [Decimal(raw[a:b].decode("utf-8")) for a, b in bounds]
+    except (ValueError, UnicodeDecodeError, ShardFormatError) as exc:
+        raise ShardFormatError(f"shard {shard!r}, column {v.name!r} ({enc}): cannot decode a value ({exc})") from None
+    raise ShardFormatError(f"column {v.name!r}: encoding {enc!r} is not supported")
+
+
+def _var_to_torch(v: VarOut, values: list) -> Any:
+    import torch
+
+    enc = v.encoding
+    if enc.startswith("ndarray"):
+        return [torch.from_numpy(a) for a in values]
+    if enc == "str_float":
+        return torch.tensor(values, dtype=torch.float64)
+    if enc == "str_int":
+        try:
+            return torch.tensor(values, dtype=torch.int64)
+        except (OverflowError, RuntimeError):
+            return values
+    return values
+
+
+def _torch_dtypes() -> dict[str, Any]:
+    import torch
+
+    return {
+        "|u1": torch.uint8, "|i1": torch.int8, "<u2": torch.uint16, "<i2": torch.int16,
+        "<u4": torch.uint32, "<i4": torch.int32, "<u8": torch.uint64, "<i8": torch.int64,
+        "<f2": torch.float16, "<f4": torch.float32, "<f8": torch.float64,
+    }
+
+
+class _LazyDtypes(dict):
+    def __missing__(self, key):
+        if not self:
+            self.update(_torch_dtypes())
+            if key in self:
+                return self[key]
+        raise KeyError(f"no torch dtype for numpy dtype {key!r}")
+
+
+_TORCH_DTYPES = _LazyDtypes()

@@ -1,0 +1,335 @@
+"""``BatchDataset``: Mosaic's ``StreamingDataset`` with the per-sample fetch replaced by batches.
+
+Mosaic still decides everything that makes a run correct and elastic: which sample ids each
+rank and worker reads, in which order (every shuffle algorithm and seed), download-ahead,
+``cache_limit`` eviction, and where a resumed epoch starts. This class only changes how those ids
+become data: in chunks of ``batch_size`` ids, mapped to (shard, row) with one ``searchsorted``,
+gathered from whole decoded shards (see :mod:`bridge.decode` and :mod:`bridge.batch`).
+
+Epoch and resume position are plain attributes set by :class:`bridge.loader.StreamingLoader`
+before each pass (worker processes inherit them), instead of Mosaic's shared-memory counters, so
+every process computes the same partition without cross-process barriers at iteration time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from time import sleep, time_ns
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+from streaming import StreamingDataset
+from streaming.base.batching import generate_work
+from streaming.base.dataset import _ShardState
+from streaming.base.world import World
+
+from bridge.batch import BatchPlan, PackedBatch
+from bridge.decode import DecodedShard, ShardCache, ShardFiles, decode_shard, read_shard
+from etl.manifest import MANIFEST_BASENAME, Manifest
+from etl.mds_format import INDEX_BASENAME, ShardFormatError, ShardLayout
+
+__all__ = ["BatchDataset"]
+
+logger = logging.getLogger(__name__)
+
+_TICK = 0.005
+_DEFAULT_DECODED_CACHE = 1 << 30
+
+
+class BatchDataset(StreamingDataset):
+    """An iterable of :class:`~bridge.batch.PackedBatch` for this rank/worker's share of an epoch."""
+
+    def __init__(
+        self,
+        *,
+        remote: Optional[str],
+        local: Optional[str],
+        batch_size: int,
+        shuffle: bool,
+        shuffle_seed: int,
+        shuffle_algo: str,
+        shuffle_block_size: Optional[int],
+        num_canonical_nodes: Optional[int],
+        partition_algo: str,
+        cache_limit: Optional[Union[int, str]],
+        predownload: Optional[int],
+        download_retry: int,
+        download_timeout: float,
+        validate_hash: Union[str, bool, None],
+        drop_last: bool,
+        decoded_cache_bytes: Optional[int],
+        columns: Optional[Sequence[str]],
+        features: Optional[Sequence[str]],
+        label: Optional[str],
+    ) -> None:
+        try:
+            super().__init__(
+                remote=remote,
+                local=local,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                shuffle_seed=shuffle_seed,
+                shuffle_algo=shuffle_algo,
+                shuffle_block_size=shuffle_block_size,
+                num_canonical_nodes=num_canonical_nodes,
+                partition_algo=partition_algo,
+                cache_limit=cache_limit,
+                predownload=predownload,
+                download_retry=download_retry,
+                download_timeout=download_timeout,
+                validate_hash=None,  # validated by bridge.decode when a shard is read
+                allow_unsafe_types=False,
+            )
+        except ValueError as exc:
+            if "unsafe type" in str(exc):
+                where = remote or local
+                raise ShardFormatError(
+                    f"{where}: {str(exc).split('. To proceed')[0]}; pickle can run arbitrary code, "
+                    "so sparkbridge refuses it (rewrite the column as json, str or ndarray)"
+                ) from None
+            raise
+        stream = self.streams[0]
+        root = os.path.join(stream.local, stream.split or "")
+        self.root_local = root
+        self.source = remote or local
+        with open(os.path.join(root, INDEX_BASENAME), "rb") as f:
+            self.index_sha256 = hashlib.sha256(f.read()).hexdigest()
+        self.manifest = _load_manifest(stream, root)
+        self.drop_last = bool(drop_last)
+        self.validate_hash = validate_hash
+        self.shard_files: list[ShardFiles] = []
+        layouts = []
+        for shard in self.shards:
+            raw_info, zip_info = shard.file_pairs[0]
+            self.shard_files.append(ShardFiles(
+                name=zip_info.basename if zip_info else raw_info.basename,
+                raw_path=os.path.join(root, raw_info.basename),
+                zip_path=os.path.join(root, zip_info.basename) if zip_info else None,
+                raw_hashes=dict(raw_info.hashes or {}),
+                zip_hashes=dict(zip_info.hashes or {}) if zip_info else {},
+                compression=shard.compression,
+                samples=int(shard.samples),
+            ))
+            layouts.append(ShardLayout(tuple(shard.column_names), tuple(shard.column_encodings),
+                                       tuple(shard.column_sizes)))
+        if validate_hash is None and not any(f.raw_hashes or f.zip_hashes for f in self.shard_files):
+            logger.info("%s: shards carry no hashes in index.json, so corruption inside a shard "
+                        "cannot be detected (sparkbridge's writer adds xxh64)", self.source)
+        self.plan = BatchPlan(layouts, shard_names=[f.name for f in self.shard_files], manifest=self.manifest,
+                              columns=columns, features=features, label=label)
+        self.shard_ends = np.cumsum(self.samples_per_shard)
+        self.decoded_cache_bytes = int(decoded_cache_bytes or _DEFAULT_DECODED_CACHE)
+        self.sb_epoch = 0
+        self.sb_sample_in_epoch = 0
+        self.sb_work: Optional[tuple[tuple, np.ndarray]] = None
+        self.sb_pinned_alloc = False
+        self._sb_cache: Optional[ShardCache] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_sb_cache"] = None  # holds a lock; each process builds its own
+        return state
+
+    # ------------------------------------------------------------------ Mosaic hooks
+
+    def _resume(self, world: World, epoch: int) -> tuple[int, int]:
+        """Where this pass starts: set by the loader, not read from shared memory."""
+        if not self.num_canonical_nodes:
+            self.num_canonical_nodes = 64 * world.num_nodes if self.shuffle_algo in ("py1s", "py2s") \
+                else world.num_nodes
+            logger.debug("num_canonical_nodes defaults to %d (Mosaic's rule for %s)",
+                         self.num_canonical_nodes, self.shuffle_algo)
+        self._set_shuffle_block_size(world)
+        return self.sb_epoch, self.sb_sample_in_epoch
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        return self._resume(self._parallel_worker_world, self.sb_epoch)
+
+    def work_world(self, workers_per_rank: int) -> World:
+        p = self._parallel_rank_world
+        return World(num_nodes=p.num_nodes, ranks_per_node=p.ranks_per_node,
+                     workers_per_rank=workers_per_rank, worker=p.rank * workers_per_rank)
+
+    def compute_work(self, epoch: int, sample_in_epoch: int, workers_per_rank: int) -> np.ndarray:
+        """Mosaic's sample ids of one epoch for the whole world: (nodes, ranks per node, workers
+        per rank, batches per worker, batch size), -1 for padding."""
+        world = self.work_world(workers_per_rank)
+        self._resume(world, epoch)
+        return generate_work(self.batching_method, self, world, epoch, sample_in_epoch)
+
+    def _get_work(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
+        p = self._parallel_worker_world
+        key = (epoch, sample_in_epoch, p.workers_per_rank)
+        if self.sb_work is not None and self.sb_work[0] == key:
+            work = self.sb_work[1]
+        else:
+            work = self.compute_work(epoch, sample_in_epoch, p.workers_per_rank)
+        return work[p.node, p.rank_of_node, p.worker_of_rank].reshape(-1)
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        self._unique_worker_world = self._unique_rank_world.detect_workers()
+        self._parallel_worker_world = self._parallel_rank_world.detect_workers()
+        epoch, start = self._resume_incr_epoch()
+        ids = np.asarray(self._get_work(epoch, start), dtype=np.int64)
+        return self._iter_batches(ids)
+
+    def _cache(self) -> ShardCache:
+        if self._sb_cache is None:
+            self._sb_cache = ShardCache(self.decoded_cache_bytes)
+        return self._sb_cache
+
+    def decoded(self, shard_id: int, retry: int = 7) -> DecodedShard:
+        """The decoded shard, downloading it (through Mosaic, honouring cache_limit) if needed."""
+        shard_id = int(shard_id)
+        files = self.shard_files[shard_id]
+
+        def load() -> DecodedShard:
+            for _ in range(1 + retry):
+                try:
+                    buf = read_shard(files, validate_hash=self.validate_hash)
+                    break
+                except FileNotFoundError:
+                    if self.streams[0].remote is None:
+                        raise FileNotFoundError(
+                            f"shard {files.name!r} is listed in {self.source}/index.json but is missing "
+                            f"({files.raw_path}); the dataset is incomplete"
+                        ) from None
+                    self.prepare_shard(shard_id, blocking=True)
+            else:
+                raise RuntimeError(
+                    f"shard {files.name!r} was evicted again before it could be read {1 + retry} times: "
+                    f"cache_limit={self.cache_limit} is too small for the read-ahead window"
+                )
+            return decode_shard(files, self.plan_layout(shard_id), buf)
+
+        shard = self._cache().get(shard_id, load)
+        self._shard_access_times[shard_id] = time_ns()
+        return shard
+
+    def plan_layout(self, shard_id: int) -> ShardLayout:
+        s = self.shards[shard_id]
+        return ShardLayout(tuple(s.column_names), tuple(s.column_encodings), tuple(s.column_sizes))
+
+    def _alloc(self, nbytes: int) -> np.ndarray:
+        if self.sb_pinned_alloc:
+            import torch
+
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def _iter_batches(self, ids: np.ndarray) -> Iterator[PackedBatch]:
+        B = int(self.batch_size)
+        valid_all = ids >= 0
+        safe = np.where(valid_all, ids, 0)
+        sid = np.searchsorted(self.shard_ends, safe, side="right")
+        local = safe - self.sample_offset_per_shard[sid]
+        in_worker = _in_dataloader_worker()
+        ahead = _ReadAhead(self, sid[valid_all], np.flatnonzero(valid_all))
+        ahead.start()
+        try:
+            nb = -(-len(ids) // B)
+            for j in range(nb):
+                a, b = j * B, min((j + 1) * B, len(ids))
+                s, rows = sid[a:b], local[a:b]
+                v = valid_all[a:b]
+                if not v.all():
+                    s, rows = s[v], rows[v]
+                n = len(s)
+                if n == 0 or (n < B and self.drop_last):
+                    ahead.position = b
+                    continue
+                s0 = s[0]
+                if s[-1] == s0 and not (s != s0).any():
+                    groups = [(self.decoded(s0), rows, None)]
+                else:
+                    order = np.argsort(s, kind="stable")
+                    ss = s[order]
+                    cuts = [0, *(np.flatnonzero(ss[1:] != ss[:-1]) + 1).tolist(), n]
+                    groups = []
+                    for c0, c1 in zip(cuts[:-1], cuts[1:]):
+                        pos = order[c0:c1]
+                        groups.append((self.decoded(ss[c0]), rows[pos], pos))
+                ahead.position = b
+                batch = self.plan.gather(groups, n, self._alloc)
+                if in_worker:
+                    import torch
+
+                    batch.buf = torch.from_numpy(batch.buf)
+                yield batch
+        finally:
+            ahead.stop()
+
+
+def _in_dataloader_worker() -> bool:
+    from torch.utils.data import get_worker_info
+
+    return get_worker_info() is not None
+
+
+class _ReadAhead(threading.Thread):
+    """Downloads (through Mosaic) and decodes the shards a worker will need, in the order it
+    first needs them, at most ``predownload`` samples ahead of the batch being gathered.
+    Decompression and hashing release the GIL, so this overlaps with the gather loop. Errors are
+    left for the foreground, which loads the same shard itself and raises them there."""
+
+    def __init__(self, ds: BatchDataset, shard_ids: np.ndarray, positions: np.ndarray) -> None:
+        super().__init__(name="sparkbridge-read-ahead", daemon=True)
+        self.ds = ds
+        if len(shard_ids):
+            uniq, first = np.unique(shard_ids, return_index=True)
+            order = np.argsort(first, kind="stable")
+            self.plan = list(zip(uniq[order].tolist(), positions[first[order]].tolist()))
+        else:
+            self.plan = []
+        self.position = 0
+        self._halt = threading.Event()
+        cache = ds._cache()
+        if all(sh in cache for sh, _ in self.plan):
+            self.plan = []
+
+    def start(self) -> None:
+        if self.plan:
+            super().start()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        ds = self.ds
+        window = int(ds.predownload or 0)
+        try:
+            for shard_id, pos in self.plan:
+                while pos > self.position + window:
+                    if self._halt.wait(_TICK):
+                        return
+                if self._halt.is_set():
+                    return
+                if ds._shard_states[shard_id] == _ShardState.REMOTE:
+                    ds.prepare_shard(shard_id, blocking=False)
+                while ds._shard_states[shard_id] != _ShardState.LOCAL:
+                    if self._halt.wait(_TICK):
+                        return
+                ds.decoded(shard_id)
+        except Exception as exc:  # the foreground raises it when it needs the shard
+            logger.debug("read-ahead stopped: %s", exc)
+
+
+def _load_manifest(stream: Any, root: str) -> Optional[Manifest]:
+    path = os.path.join(root, MANIFEST_BASENAME)
+    if not os.path.exists(path) and stream.remote is not None:
+        try:
+            stream._download_file(MANIFEST_BASENAME)
+        except Exception as exc:  # a stock MDSWriter dataset has no manifest: read the index encodings
+            logger.info("%s has no %s (%s); using index.json encodings only",
+                        stream.remote, MANIFEST_BASENAME, type(exc).__name__)
+            return None
+    if not os.path.exists(path):
+        logger.info("%s has no %s; using index.json encodings only", root, MANIFEST_BASENAME)
+        return None
+    with open(path, encoding="utf-8") as f:
+        return Manifest.from_json(f.read(), source=path)

@@ -1,0 +1,95 @@
+"""Distributed helpers: who we are under torchrun, and safe cleanup of Mosaic's shared memory.
+
+Mosaic's own ``clean_stale_shared_memory`` unlinks every segment from prefix 0 upwards, including
+those of a *live* job on the same machine. Here a segment is removed only when it belongs to us
+and no running process maps it (a crashed run leaves segments that nobody maps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Optional
+
+__all__ = ["world_info", "clean_stale_shared_memory", "stale_shared_memory"]
+
+logger = logging.getLogger(__name__)
+
+_SHM_DIR = "/dev/shm"
+_MOSAIC_NAME = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|resume|epoch_shape|epoch_data)$")
+
+
+def world_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torch.distributed, else torchrun's environment."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank, size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return rank, size, int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _mapped_shm_names() -> Optional[set[str]]:
+    names: set[str] = set()
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    i = line.find(_SHM_DIR + "/")
+                    if i >= 0:
+                        names.add(line[i + len(_SHM_DIR) + 1:].split(" (deleted)")[0].strip())
+        except OSError:
+            continue  # exited, or another user's process (which cannot map our 0600 segments)
+    return names
+
+
+def stale_shared_memory() -> list[str]:
+    """Names of Mosaic segments in /dev/shm owned by us that no live process maps."""
+    if not os.path.isdir(_SHM_DIR):
+        return []
+    uid = os.getuid()
+    ours = []
+    for name in os.listdir(_SHM_DIR):
+        if _MOSAIC_NAME.match(name):
+            try:
+                if os.stat(os.path.join(_SHM_DIR, name)).st_uid == uid:
+                    ours.append(name)
+            except OSError:
+                continue
+    if not ours:
+        return []
+    mapped = _mapped_shm_names()
+    if mapped is None:
+        return []
+    return sorted(n for n in ours if n not in mapped)
+
+
+def clean_stale_shared_memory() -> int:
+    """Remove stale Mosaic segments (see module doc); under torchrun only local rank 0 does it
+    and the others wait for it. Returns how many segments were removed here."""
+    import torch.distributed as dist
+    from streaming.base.distributed import maybe_init_dist
+
+    destroy = maybe_init_dist()  # as Mosaic's constructor does: a barrier needs a process group
+    removed = 0
+    _, _, local_rank = world_info()
+    if local_rank == 0:
+        for name in stale_shared_memory():
+            try:
+                os.unlink(os.path.join(_SHM_DIR, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+        if removed:
+            logger.info("removed %d stale shared-memory segment(s) left by a crashed run", removed)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if destroy:
+        dist.destroy_process_group()
+    return removed

@@ -1,0 +1,306 @@
+"""``StreamingLoader``: batches of tensors from an MDS dataset, resumable and distributed.
+
+Usage::
+
+    loader = StreamingLoader("s3://bucket/flights", local="/tmp/cache", batch_size=1024, shuffle=True,
+                             features=["dep_delay", "distance"], label="arr_delay", device="cuda")
+    for epoch in range(loader.epoch, 10):
+        for x, y in loader:
+            ...
+            ckpt["loader"] = loader.state_dict()   # counts batches handed to you, not prefetched
+
+Sample order and partitioning are Mosaic's (see :mod:`bridge.dataset`); with ``num_workers=0``
+batches are gathered in this process (no DataLoader, ~60 µs a batch cheaper), otherwise a torch
+``DataLoader(batch_size=None)`` runs the workers and Mosaic interleaves their batches so that the
+order is the same for any ``num_workers``. The next epoch's sample order is computed in a
+background thread while this one is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from bridge.device import resolve_device, to_batches
+from bridge.state import LoaderState, StateError
+
+__all__ = ["StreamingLoader", "StateError"]
+
+logger = logging.getLogger(__name__)
+
+_SHUFFLE_ALGOS = ("py1b", "py1br", "py1e", "py1s", "py2s", "naive")
+
+
+class StreamingLoader:
+    """An iterable of batches: ``dict`` column -> tensor (str/bytes/json columns as lists, variable
+    ndarrays as lists of tensors), or ``(features float32 [B, F], label)`` with ``features=`` and
+    ``label=``. ``len(loader)`` is the number of batches one epoch gives this rank."""
+
+    def __init__(
+        self,
+        remote_or_local: Union[str, os.PathLike],
+        *,
+        local: Optional[Union[str, os.PathLike]] = None,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 9176,
+        columns: Optional[Sequence[str]] = None,
+        features: Optional[Sequence[str]] = None,
+        label: Optional[str] = None,
+        device: Any = None,
+        drop_last: bool = False,
+        num_workers: int = 0,
+        shuffle_algo: str = "py1e",
+        shuffle_block_size: Optional[int] = None,
+        num_canonical_nodes: Optional[int] = None,
+        partition_algo: str = "relaxed",
+        cache_limit: Optional[Union[int, str]] = None,
+        predownload: Optional[int] = None,
+        validate_hash: Union[str, bool, None] = None,
+        pin_memory: Optional[bool] = None,
+        prefetch: int = 2,
+        decoded_cache_bytes: Optional[int] = None,
+        download_retry: int = 2,
+        download_timeout: float = 60.0,
+        clean_stale_shm: bool = True,
+    ) -> None:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
+        if shuffle_algo not in _SHUFFLE_ALGOS:
+            raise ValueError(f"shuffle_algo must be one of {_SHUFFLE_ALGOS}, got {shuffle_algo!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        if isinstance(validate_hash, str) and not validate_hash:
+            raise ValueError("validate_hash must be a hash name such as 'xxh64', True/None (auto) or False")
+        if validate_hash is True:
+            validate_hash = None
+        remote, local_dir = _split_source(remote_or_local, local)
+        if clean_stale_shm:
+            from bridge.distributed import clean_stale_shared_memory
+
+            clean_stale_shared_memory()
+        from bridge.dataset import BatchDataset
+
+        if decoded_cache_bytes is None:
+            logger.debug("decoded shard cache defaults to 1 GiB per process")
+        self.dataset = BatchDataset(
+            remote=remote, local=local_dir, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+            shuffle_algo=shuffle_algo, shuffle_block_size=shuffle_block_size,
+            num_canonical_nodes=num_canonical_nodes, partition_algo=partition_algo, cache_limit=cache_limit,
+            predownload=predownload, download_retry=download_retry, download_timeout=download_timeout,
+            validate_hash=validate_hash, drop_last=drop_last, decoded_cache_bytes=decoded_cache_bytes,
+            columns=columns, features=features, label=label,
+        )
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.drop_last = bool(drop_last)
+        self.prefetch = prefetch
+        self.device = resolve_device(device)
+        is_cuda = self.device is not None and self.device.type == "cuda"
+        if pin_memory is None:
+            pin_memory = is_cuda
+            if is_cuda:
+                logger.info("pin_memory defaults to True for device %s", self.device)
+        self.pin_memory = bool(pin_memory) and is_cuda
+        self.dataset.sb_pinned_alloc = self.pin_memory and num_workers == 0
+        self._epoch = 0
+        self._start = 0
+        self._consumed = 0
+        self._pass_batches = 0
+        self._active = False
+        self._token: Optional[object] = None
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._futures: dict[tuple, Future] = {}
+        self._lock = threading.Lock()
+        self._len: Optional[int] = None
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def plan(self):
+        return self.dataset.plan
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.dataset.plan.columns)
+
+    @property
+    def world_size(self) -> int:
+        return int(self.dataset._parallel_rank_world.num_ranks)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch being read, or the one the next ``iter()`` reads."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` read ``epoch`` from its start."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self._epoch, self._start, self._consumed, self._active = epoch, 0, 0, False
+        self._token = None
+
+    def __len__(self) -> int:
+        if self._len is None:
+            from streaming.base.partition import get_partitions
+
+            ds = self.dataset
+            world = ds.work_world(max(1, self.num_workers))
+            ds._resume(world, 0)
+            ids = get_partitions(ds.partition_algo, ds.epoch_size, ds.num_canonical_nodes, world.num_nodes,
+                                 world.ranks_per_node, world.workers_per_rank, self.batch_size, 0,
+                                 ds.initial_physical_nodes)
+            self._len = self._count_batches(ids)
+        return self._len
+
+    def _count_batches(self, work: np.ndarray) -> int:
+        p = self.dataset._parallel_rank_world
+        mine = work[p.node, p.rank_of_node]  # (workers, batches per worker, batch size)
+        seq = np.ascontiguousarray(mine.transpose(1, 0, 2)).reshape(-1, self.batch_size) >= 0
+        return int(seq.all(axis=1).sum()) if self.drop_last else int(seq.any(axis=1).sum())
+
+    # ------------------------------------------------------------------ epoch order
+
+    def _submit(self, epoch: int, start: int) -> Future:
+        key = (epoch, start, max(1, self.num_workers))
+        with self._lock:
+            fut = self._futures.get(key)
+            if fut is None:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparkbridge-epoch-order")
+                fut = self._executor.submit(self.dataset.compute_work, *key)
+                self._futures[key] = fut
+                for old in [k for k in self._futures if k[0] < epoch or (k[0] == epoch and k[1] < start)]:
+                    if old != key:
+                        self._futures.pop(old)
+            return fut
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._active:
+            logger.info("epoch %d was left unfinished after %d batches; starting epoch %d",
+                        self._epoch, self._consumed, self._epoch + 1)
+            self._epoch, self._start = self._epoch + 1, 0
+        epoch, start = self._epoch, self._start
+        work = self._submit(epoch, start).result()
+        with self._lock:
+            self._futures.pop((epoch, start, max(1, self.num_workers)), None)
+        ds = self.dataset
+        ds.sb_epoch, ds.sb_sample_in_epoch = epoch, start
+        ds.sb_work = ((epoch, start, max(1, self.num_workers)), work)
+        token = object()
+        self._token = token
+        self._pass_batches = self._count_batches(work)
+        self._consumed = 0
+        self._active = True
+        return self._run(token, epoch)
+
+    def _run(self, token: object, epoch: int) -> Iterator[Any]:
+        loader = None
+        if self.num_workers == 0:
+            source: Any = iter(self.dataset)
+        else:
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                prefetch_factor=self.prefetch, persistent_workers=False)
+            source = iter(loader)
+        self._submit(epoch + 1, 0)  # after the workers are forked: never fork under a busy thread
+        try:
+            for out in to_batches(source, self.dataset.plan, device=self.device, pin_memory=self.pin_memory,
+                                  prefetch=self.prefetch):
+                if self._token is token:
+                    self._consumed += 1
+                yield out
+            if self._token is token:
+                self._finish_pass(epoch)
+        finally:
+            if loader is not None:
+                del source
+
+    def _finish_pass(self, epoch: int) -> None:
+        self._epoch, self._start, self._consumed, self._active = epoch + 1, 0, 0, False
+        self._token = None
+
+    # ------------------------------------------------------------------ state
+
+    def _describe(self, epoch: int, sample: int) -> LoaderState:
+        ds = self.dataset
+        return LoaderState(
+            dataset=ds.index_sha256, source=str(ds.source), epoch=epoch, sample_in_epoch=sample,
+            shuffle=bool(ds.shuffle), shuffle_seed=int(ds.shuffle_seed), shuffle_algo=str(ds.shuffle_algo),
+            shuffle_block_size=ds.shuffle_block_size, num_canonical_nodes=ds.num_canonical_nodes,
+            initial_physical_nodes=ds.initial_physical_nodes if ds.initial_physical_nodes is not None
+            else ds._parallel_rank_world.num_nodes,
+            world_size=self.world_size, batch_size=self.batch_size,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where to resume: every batch handed out so far counts as consumed (call it after the
+        training step on the last batch). The same on every rank."""
+        epoch, sample = self._epoch, self._start
+        if self._active:
+            if self._consumed >= self._pass_batches:
+                epoch, sample = epoch + 1, 0
+            else:
+                sample = self._start + self._consumed * self.batch_size * self.world_size
+        if self.dataset.num_canonical_nodes is None:
+            self.dataset._resume(self.dataset.work_world(1), epoch)
+        return self._describe(epoch, sample).to_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue exactly after the last consumed batch of the saved run (any ``num_workers``)."""
+        saved = LoaderState.from_dict(state)
+        saved.check_compatible(self._describe(self._epoch, 0))
+        ds = self.dataset
+        if saved.batch_size * saved.world_size != self.batch_size * self.world_size:
+            logger.warning("global batch size changed from %d to %d; resuming at the same sample",
+                           saved.batch_size * saved.world_size, self.batch_size * self.world_size)
+        ds.num_canonical_nodes = saved.num_canonical_nodes
+        ds.shuffle_block_size = saved.shuffle_block_size
+        ds.initial_physical_nodes = saved.initial_physical_nodes
+        with self._lock:
+            self._futures.clear()
+        self._len = None
+        self._epoch, self._start, self._consumed, self._active = saved.epoch, saved.sample_in_epoch, 0, False
+        self._token = None
+
+    def close(self) -> None:
+        """Stop the background epoch-order thread (also done at interpreter exit)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def __repr__(self) -> str:
+        return (f"StreamingLoader({self.dataset.source!r}, batch_size={self.batch_size}, "
+                f"columns={self.columns}, num_workers={self.num_workers}, epoch={self._epoch})")
+
+
+def _split_source(remote_or_local: Union[str, os.PathLike], local: Optional[Union[str, os.PathLike]]):
+    src = os.fspath(remote_or_local)
+    if not src:
+        raise ValueError("remote_or_local must name a dataset folder or URL")
+    if "://" in src:
+        if src.startswith("file://"):
+            src = src[len("file://"):]
+        else:
+            if local is None:
+                logger.info("no `local` cache folder given for %s; Mosaic picks one under the temp dir", src)
+            return src, (os.fspath(local) if local is not None else None)
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"dataset folder {src} does not exist")
+    if not os.path.isfile(os.path.join(src, "index.json")):
+        raise FileNotFoundError(f"{src} has no index.json: not an MDS dataset, or its write was never committed")
+    if local is None or os.path.abspath(os.fspath(local)) == os.path.abspath(src):
+        return None, src
+    return src, os.fspath(local)

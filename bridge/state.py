@@ -1,0 +1,69 @@
+"""The loader's resumable position: where in which epoch, on which data, in which order.
+
+Mosaic resumes from a global sample count (``sample_in_epoch``); this adds the dataset identity
+(sha256 of ``index.json``) and the shuffle settings, because resuming onto other data or another
+order would silently repeat some samples and skip others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional
+
+__all__ = ["LoaderState", "StateError", "STATE_FORMAT"]
+
+STATE_FORMAT = "sparkbridge.loader/1"
+
+
+class StateError(ValueError):
+    """A saved loader state does not fit this loader (other data, other order, bad fields)."""
+
+
+@dataclass(frozen=True)
+class LoaderState:
+    dataset: str  # sha256 of index.json
+    source: str
+    epoch: int
+    sample_in_epoch: int  # samples consumed this epoch, summed over all ranks (Mosaic's unit)
+    shuffle: bool
+    shuffle_seed: int
+    shuffle_algo: str
+    shuffle_block_size: Optional[int]
+    num_canonical_nodes: Optional[int]
+    initial_physical_nodes: Optional[int]
+    world_size: int
+    batch_size: int
+    format: str = STATE_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> "LoaderState":
+        if not isinstance(obj, Mapping):
+            raise StateError(f"a loader state is a dict, got {type(obj).__name__}")
+        if obj.get("format") != STATE_FORMAT:
+            raise StateError(f"not a sparkbridge loader state (format={obj.get('format')!r}, expected {STATE_FORMAT!r})")
+        fields = set(cls.__dataclass_fields__)
+        missing = sorted(fields - set(obj))
+        if missing:
+            raise StateError(f"loader state lacks {missing}")
+        state = cls(**{k: obj[k] for k in fields})
+        if state.epoch < 0 or state.sample_in_epoch < 0:
+            raise StateError(f"loader state has a negative position: epoch {state.epoch}, sample {state.sample_in_epoch}")
+        return state
+
+    def check_compatible(self, other: "LoaderState") -> None:
+        """Refuse to resume ``self`` (saved) on a loader described by ``other``."""
+        if self.dataset != other.dataset:
+            raise StateError(
+                f"the state was saved while reading {self.source} (index.json sha256 {self.dataset[:12]}...), "
+                f"but this loader reads {other.source} (sha256 {other.dataset[:12]}...): resuming on other "
+                "data would repeat or skip samples"
+            )
+        for name in ("shuffle", "shuffle_seed", "shuffle_algo"):
+            if getattr(self, name) != getattr(other, name):
+                raise StateError(
+                    f"the state was saved with {name}={getattr(self, name)!r} but this loader has "
+                    f"{name}={getattr(other, name)!r}: the remaining samples would come in another order"
+                )
