@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from etl.types import ColumnPlan, with_fixed_shape
+from etl.types import ColumnPlan, storage_order, with_fixed_shape
 
 __all__ = ["measure_array_shapes", "prepare_frame"]
 
@@ -52,7 +52,7 @@ def measure_array_shapes(df: Any, plans: Sequence[ColumnPlan]) -> list[ColumnPla
         lo, hi = row[f"mn{i}"], row[f"mx{i}"]
         if lo is not None and lo == hi and lo > 0:
             fixed[p.name] = int(lo)
-    return [with_fixed_shape(p, fixed[p.name]) if p.name in fixed else p for p in plans]
+    return storage_order([with_fixed_shape(p, fixed[p.name]) if p.name in fixed else p for p in plans])
 
 
 def _fill_literal(plan: ColumnPlan, dtype: Any):

@@ -22,7 +22,12 @@ from etl.layout import attempt_name, job_file, staging_prefix
 from etl.mds_format import compress, compression_extension, encode_shard, index_entry, shard_config
 from etl.types import ColumnPlan
 
-__all__ = ["TaskConfig", "TaskFailure", "run_task", "MANIFEST_FIELD", "ERROR_TAG"]
+__all__ = ["TaskConfig", "TaskFailure", "run_task", "task_function", "MANIFEST_FIELD", "ERROR_TAG",
+           "S3_ENV_KEYS"]
+
+#: Environment variables that tell boto3 (and Mosaic) where and how to reach the object store.
+S3_ENV_KEYS = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "AWS_REGION", "AWS_DEFAULT_REGION")
 
 MANIFEST_FIELD = "sparkbridge_manifest"
 #: Prefix of task error messages; the driver finds it in Spark's exception and re-raises it plainly.
@@ -48,6 +53,9 @@ class TaskConfig:
     shard_size: int
     nulls: str
     max_pending: int = 2
+    #: The driver's S3 settings (endpoint, region, credentials) for executors that were started
+    #: without them; applied in the task's Python worker only for remote outputs.
+    env: tuple[tuple[str, str], ...] = ()
 
     def config(self) -> dict[str, Any]:
         return shard_config(
@@ -244,6 +252,8 @@ def task_function(cfg: TaskConfig):
         from pyspark import TaskContext
 
         ctx = TaskContext.get()
+        for key, value in cfg.env:
+            os.environ[key] = value
         row = run_task(cfg, batches, partition=ctx.partitionId(), task_attempt_id=ctx.taskAttemptId(),
                        attempt_number=ctx.attemptNumber())
         yield pa.RecordBatch.from_arrays([pa.array([json.dumps(row)], pa.string())], [MANIFEST_FIELD])

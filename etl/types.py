@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 from etl.manifest import ColumnSpec
-from etl.mds_format import SCALAR_DTYPES, ndarray_encoding
+from etl.mds_format import ndarray_encoding
 
 __all__ = [
     "NULL_POLICIES",
@@ -27,6 +27,9 @@ __all__ = [
     "plan_columns",
     "storage_order",
     "fill_value",
+    "with_fixed_shape",
+    "logical_schema",
+    "FILL_VALUES",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,7 @@ _VECTOR_UDTS = ("VectorUDT",)
 FILL_VALUES: dict[str, Any] = {
     "bool": 0, "int8": 0, "int16": 0, "int32": 0, "int64": 0, "float32": 0.0, "float64": 0.0,
     "date": 0, "timestamp": 0, "timestamp_ntz": 0, "decimal": "0", "string": "", "binary": "",
-    "array": [], "vector": [], "json": "null",
+    "array": [], "vector": [], "json": "{} for structs and maps, [] for arrays",
 }
 
 
@@ -255,7 +258,3 @@ def logical_schema(plans: Sequence[ColumnPlan]) -> list[dict[str, Any]]:
                         "null_mask": s.null_mask, "spark_type": s.spark_type})
     return out
 
-
-__all__ += ["with_fixed_shape", "logical_schema", "FILL_VALUES"]
-
-_ = SCALAR_DTYPES  # the encodings above are all MDS scalar names

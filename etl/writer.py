@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -149,10 +150,11 @@ def write_mds(
     old_manifest = check_mode(storage, mode)
 
     from etl.prepare import measure_array_shapes, prepare_frame
-    from etl.task import MANIFEST_FIELD, TaskConfig, task_function
+    from etl.task import MANIFEST_FIELD, S3_ENV_KEYS, TaskConfig, task_function
 
     plans = measure_array_shapes(df, plans)
-    specs = [p.spec for p in plans if p.spec is not None]
+    order = list(columns) if columns is not None else [f.name for f in df.schema.fields]
+    specs = sorted((p.spec for p in plans if p.spec is not None), key=lambda c: order.index(c.name))
     if mode == "append" and old_manifest is not None:
         diffs = schema_diff(old_manifest.columns, specs)
         if diffs:
@@ -165,7 +167,9 @@ def write_mds(
     log.info("write_mds %s → %s (mode=%s, nulls=%s, compression=%s, shard_size=%d, job %s)",
              [p.name for p in plans], storage.root, mode, nulls, compression, size_limit, job.job_id)
     cfg = TaskConfig(storage=storage, job_id=job.job_id, plans=tuple(plans), compression=compression,
-                     hashes=hashes, shard_size=size_limit, nulls=nulls)
+                     hashes=hashes, shard_size=size_limit, nulls=nulls,
+                     env=() if storage.is_local else tuple((k, os.environ[k]) for k in S3_ENV_KEYS
+                                                           if os.environ.get(k)))
     try:
         try:
             result_rows = prepared.mapInArrow(task_function(cfg), f"{MANIFEST_FIELD} string").collect()

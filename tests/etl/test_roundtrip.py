@@ -1,0 +1,221 @@
+"""Every supported type, written by ``etl.write_mds`` with real Spark and read back by stock
+``streaming.StreamingDataset``: values must equal the source rows exactly, under each null policy."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from decimal import Decimal
+
+import numpy as np
+import pytest
+
+import etl
+from etl.manifest import Manifest
+
+pytestmark = pytest.mark.slow
+
+UTC = dt.timezone.utc
+EPOCH_DATE = dt.date(1970, 1, 1)
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _schema():
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql import types as T
+
+    return T.StructType([
+        T.StructField("id", T.LongType(), False),
+        T.StructField("b", T.ByteType()),
+        T.StructField("sh", T.ShortType()),
+        T.StructField("i", T.IntegerType()),
+        T.StructField("l", T.LongType()),
+        T.StructField("f", T.FloatType()),
+        T.StructField("d", T.DoubleType()),
+        T.StructField("bo", T.BooleanType()),
+        T.StructField("day", T.DateType()),
+        T.StructField("ts", T.TimestampType()),
+        T.StructField("ntz", T.TimestampNTZType()),
+        T.StructField("dec", T.DecimalType(38, 18)),
+        T.StructField("s", T.StringType()),
+        T.StructField("bin", T.BinaryType()),
+        T.StructField("arr", T.ArrayType(T.IntegerType())),
+        T.StructField("fixed", T.ArrayType(T.DoubleType())),
+        T.StructField("vec", VectorUDT()),
+        T.StructField("st", T.StructType([T.StructField("a", T.IntegerType()), T.StructField("b", T.StringType())])),
+        T.StructField("m", T.MapType(T.StringType(), T.IntegerType())),
+        T.StructField("words", T.ArrayType(T.StringType())),
+    ])
+
+
+def _rows(n: int = 24):
+    from pyspark.ml.linalg import Vectors
+
+    rows = []
+    for k in range(n):
+        sign = -1 if k % 2 else 1
+        rows.append((
+            k,
+            [-128, 127, -1, 0][k % 4] if k < 4 else sign * (k % 100),
+            [-32768, 32767][k % 2] if k < 2 else sign * k * 100,
+            sign * (2**31 - 1 - k),
+            sign * (2**63 - 1 - k),
+            float(np.float32(sign * k / 3)),
+            sign * k / 7,
+            k % 3 == 0,
+            dt.date(1969, 12, 31) + dt.timedelta(days=k * 400),
+            dt.datetime(1960, 1, 1, 0, 0, 0, 123456, tzinfo=UTC) + dt.timedelta(days=k * 1000, microseconds=k),
+            dt.datetime(2030, 6, 1, 12, 0, 0, 1) + dt.timedelta(hours=k),
+            Decimal(f"{'-' if sign < 0 else ''}1234567890123456789{k % 10}.12345678901234567{k % 10}"),
+            ["", "héllo wörld", "日本語テキスト", "emoji 🚀", "a\x00b"][k % 5] + ("" if k < 5 else str(k)),
+            bytes([k % 256, 0, 255]) * (k % 3),
+            list(range(-k, k % 5 - k)),  # includes empty arrays
+            [k + 0.5, -k - 0.25, 1e300],
+            Vectors.dense([k, -1.5]) if k % 2 else Vectors.sparse(2, {1: float(k)}),
+            (k, f"s{k}"),
+            {"k": k, "z": -k},
+            [f"w{k}", "", "ü"],
+        ))
+    return rows
+
+
+def _read(path: str) -> list[dict]:
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=path, batch_size=1, shuffle=False)
+    try:
+        return [ds[i] for i in range(len(ds))]
+    finally:
+        del ds
+
+
+def _micros(value: dt.datetime) -> int:
+    delta = value - (EPOCH if value.tzinfo else EPOCH.replace(tzinfo=None))
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _expect(row: tuple) -> dict:
+    (k, b, sh, i, l, f, d, bo, day, ts, ntz, dec, s, bin_, arr, fixed, vec, st, m, words) = row
+    return {
+        "id": k, "b": b, "sh": sh, "i": i, "l": l, "f": np.float32(f), "d": d, "bo": int(bo),
+        "day": (day - EPOCH_DATE).days, "ts": _micros(ts), "ntz": _micros(ntz), "dec": dec, "s": s,
+        "bin": bin_, "arr": arr, "fixed": fixed, "vec": [float(x) for x in vec.toArray()],
+        "st": {"a": st[0], "b": st[1]}, "m": m, "words": words,
+    }
+
+
+def _normal(sample: dict) -> dict:
+    out = {}
+    for key, value in sample.items():
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def test_every_type_round_trips_exactly(spark, tmp_path):
+    rows = _rows()
+    df = spark.createDataFrame(rows, _schema()).repartition(3, "id").sortWithinPartitions("id")
+    out = str(tmp_path / "ds")
+    result = etl.write_mds(df, out, shard_size="2KB")
+    assert result.rows == len(rows) and result.shards >= 3
+
+    manifest = Manifest.from_json(open(os.path.join(out, "manifest.json")).read())
+    enc = {c.name: c.encoding for c in manifest.columns}
+    assert enc["b"] == "int8" and enc["sh"] == "int16" and enc["bo"] == "uint8"
+    assert enc["day"] == "int32" and enc["ts"] == "int64" and enc["dec"] == "str_decimal"
+    assert enc["arr"] == "ndarray:int32"  # some rows are empty → variable shape
+    assert enc["fixed"] == "ndarray:float64:3" and enc["vec"] == "ndarray:float64:2"
+    assert enc["st"] == enc["m"] == enc["words"] == "json"
+    index = json.load(open(os.path.join(out, "index.json")))
+    names = index["shards"][0]["column_names"]
+    sizes = index["shards"][0]["column_sizes"]
+    assert all(s is not None for s in sizes[:sizes.index(None)])  # fixed-width columns come first
+    assert all(s is None for s in sizes[sizes.index(None):])
+    assert set(names) == {f.name for f in _schema().fields}
+
+    got = sorted((_normal(s) for s in _read(out)), key=lambda s: s["id"])
+    want = [_expect(r) for r in rows]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g == w, (g, w)
+    assert isinstance(got[0]["dec"], Decimal) and str(got[1]["dec"]) == "-12345678901234567891.123456789012345671"
+
+
+def _null_frame(spark):
+    from pyspark.sql import types as T
+
+    schema = T.StructType([
+        T.StructField("id", T.LongType(), False),
+        T.StructField("x", T.DoubleType()),
+        T.StructField("n", T.IntegerType()),
+        T.StructField("bo", T.BooleanType()),
+        T.StructField("day", T.DateType()),
+        T.StructField("s", T.StringType()),
+        T.StructField("dec", T.DecimalType(10, 2)),
+        T.StructField("arr", T.ArrayType(T.FloatType())),
+        T.StructField("st", T.StructType([T.StructField("a", T.IntegerType())])),
+    ])
+    rows = []
+    for k in range(12):
+        null = k % 3 == 1
+        rows.append((k, None if null else k * 1.5, None if k % 4 == 2 else -k, None if null else True,
+                     None if null else dt.date(2020, 1, 1), None if null else f"v{k}",
+                     None if null else Decimal(f"{k}.25"), None if null else [float(k), 1.0],
+                     None if null else (k,)))
+    return rows, spark.createDataFrame(rows, schema).coalesce(2)
+
+
+def test_nulls_error_names_each_column_and_count(spark, tmp_path):
+    _, df = _null_frame(spark)
+    out = tmp_path / "ds"
+    with pytest.raises(etl.writer.NullValuesError) as info:
+        etl.write_mds(df, str(out))
+    message = str(info.value)
+    for col, count in [("x", 4), ("n", 3), ("bo", 4), ("day", 4), ("s", 4), ("dec", 4), ("arr", 4), ("st", 4)]:
+        assert f"'{col}': {count} null" in message, message
+    assert "'id'" not in message
+    assert not (out / "index.json").exists()
+    assert not out.exists() or [p for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_nulls_fill_writes_documented_values(spark, tmp_path):
+    rows, df = _null_frame(spark)
+    out = str(tmp_path / "ds")
+    etl.write_mds(df, out, nulls="fill")
+    got = sorted((_normal(s) for s in _read(out)), key=lambda s: s["id"])
+    assert [g["id"] for g in got] == list(range(12))
+    for g, r in zip(got, rows):
+        k = r[0]
+        null = k % 3 == 1
+        assert g["x"] == (0.0 if null else k * 1.5)
+        assert g["n"] == (0 if k % 4 == 2 else -k)
+        assert g["bo"] == (0 if null else 1)
+        assert g["day"] == (0 if null else (dt.date(2020, 1, 1) - EPOCH_DATE).days)
+        assert g["s"] == ("" if null else f"v{k}")
+        assert g["dec"] == (Decimal(0) if null else Decimal(f"{k}.25"))
+        assert g["arr"] == ([0.0, 0.0] if null else [float(k), 1.0])  # fixed shape: zeros
+        assert g["st"] == ({} if null else {"a": k})
+    manifest = Manifest.from_json(open(os.path.join(out, "manifest.json")).read())
+    assert manifest.column("s").fill == "" and manifest.column("x").fill == 0.0
+    assert manifest.column("id").fill is None  # not nullable
+
+
+def test_nulls_mask_adds_null_columns(spark, tmp_path):
+    rows, df = _null_frame(spark)
+    out = str(tmp_path / "ds")
+    etl.write_mds(df, out, nulls="mask", columns=["id", "s", "x", "n"])
+    got = sorted((_normal(s) for s in _read(out)), key=lambda s: s["id"])
+    assert set(got[0]) == {"id", "s", "x", "n", "s__null", "x__null", "n__null"}
+    for g, r in zip(got, rows):
+        k = r[0]
+        null = k % 3 == 1
+        assert g["x__null"] == int(null) and g["s__null"] == int(null) and g["n__null"] == int(k % 4 == 2)
+        assert g["x"] == (0.0 if null else k * 1.5)
+        assert g["s"] == ("" if null else f"v{k}")
+    manifest = Manifest.from_json(open(os.path.join(out, "manifest.json")).read())
+    assert manifest.column("x").null_mask == "x__null"
+    assert [c.name for c in manifest.columns] == ["id", "s", "x", "n"]
