@@ -1,0 +1,71 @@
+"""``sparkbridge bench [etl|loader|all] [--rows N]``: run the benchmarks in ``bench/``.
+
+Each benchmark is a script that measures ours and its peers in one run and prints the ratios; this
+command runs them one after another as child processes of the same interpreter (the venv's python),
+so a benchmark's Spark JVM or DataLoader workers never share a process with another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["BENCHMARKS", "add_bench_arguments", "run_bench", "bench_command"]
+
+log = logging.getLogger("sparkbridge.bench")
+
+REPO = Path(__file__).resolve().parents[1]
+#: name -> script under bench/
+BENCHMARKS = {"etl": "bench/etl.py", "loader": "bench/loader.py"}
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("which", nargs="?", choices=(*BENCHMARKS, "all"), default="all",
+                        help="benchmark to run (default: all)")
+    parser.add_argument("--rows", type=int, default=None, help="rows to benchmark on (default: each script's own)")
+    parser.add_argument("--args", dest="extra", default="", metavar="'OPTS'",
+                        help="further options for the script(s), one quoted string, e.g. --args '--repeats 1'")
+
+
+def bench_command(name: str, *, rows: Optional[int] = None, extra: Sequence[str] = ()) -> list[str]:
+    """The argv that runs benchmark ``name`` with this interpreter."""
+    script = REPO / BENCHMARKS[name]
+    argv = [sys.executable, str(script)]
+    if rows is not None:
+        argv += ["--rows", str(rows)]
+    return argv + list(extra)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.rows is not None and args.rows <= 0:
+        print(f"error: --rows must be positive, got {args.rows}", file=sys.stderr)
+        return 2
+    names = list(BENCHMARKS) if args.which == "all" else [args.which]
+    env = dict(os.environ)
+    env.setdefault("PYSPARK_PYTHON", sys.executable)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    failed = []
+    for name in names:
+        script = REPO / BENCHMARKS[name]
+        if not script.exists():
+            print(f"error: {script} does not exist", file=sys.stderr)
+            failed.append(name)
+            continue
+        argv = bench_command(name, rows=args.rows, extra=shlex.split(args.extra or ""))
+        log.info("running %s: %s", name, " ".join(argv))
+        started = time.perf_counter()
+        code = subprocess.call(argv, cwd=str(REPO), env=env)
+        log.info("%s finished in %.1f s with exit code %d", name, time.perf_counter() - started, code)
+        if code != 0:
+            failed.append(name)
+    if failed:
+        print(f"benchmark(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

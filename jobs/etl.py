@@ -1,0 +1,292 @@
+"""The ETL job: CSV/Parquet → (select) → MDS dataset, as ``spark-submit jobs/etl.py`` or ``sparkbridge convert``.
+
+Both entries parse the same options and run :func:`convert`. Under spark-submit the master comes
+from spark-submit (``--master`` here only when given); ``sparkbridge convert`` defaults to
+``local[*]``. On a cluster the driver ships its copy of the ``etl`` package to the executors
+(``addPyFile``), so the executors run exactly the writer the driver planned with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import SparkSession
+
+__all__ = ["add_convert_arguments", "run_convert", "convert", "main", "SparkProgress"]
+
+log = logging.getLogger("sparkbridge.convert")
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_HERE)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("csv", "parquet"), help="input format (default: from the extension)")
+    parser.add_argument("--schema", help="input schema as DDL, e.g. 'id INT, name STRING' (CSV default: inferred)")
+    parser.add_argument("--mode", choices=("error", "overwrite", "append"), default="error",
+                        help="when OUTPUT already holds a dataset (default: error)")
+    parser.add_argument("--nulls", choices=("error", "fill", "mask"), default="error",
+                        help="null values: fail naming the columns, fill per type, or add <col>__null masks")
+    parser.add_argument("--bad-records", default="fail", metavar="fail|drop|DIR",
+                        help="malformed CSV rows: fail (default), drop and count, or keep them in folder DIR")
+    parser.add_argument("--select", nargs="+", metavar="COL",
+                        help="columns to keep, in this order (names, or comma-separated lists)")
+    parser.add_argument("--compression", default="zstd", help="shard compression, e.g. zstd, zstd:7, none")
+    parser.add_argument("--hashes", default="xxh64", help="comma-separated shard hashes (default xxh64; 'none')")
+    parser.add_argument("--shard-size", default="64MB", help="uncompressed shard size limit (default 64MB)")
+    parser.add_argument("--decimals", choices=("string", "float"), default="string",
+                        help="decimal columns as exact strings (default) or float64")
+    parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="extra Spark setting")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (last line of stdout)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """``sparkbridge convert INPUT OUTPUT [options]``."""
+    parser.add_argument("input", metavar="INPUT", help="CSV/Parquet file, folder or glob")
+    parser.add_argument("output", metavar="OUTPUT", help="dataset root: a folder or s3://bucket/prefix")
+    parser.add_argument("--master", default="local[*]", help="Spark master URL (default local[*])")
+    _add_common(parser)
+
+
+def _submit_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spark-submit jobs/etl.py", description="Convert CSV/Parquet into an MDS dataset (exactly once)."
+    )
+    parser.add_argument("--input", required=True, help="CSV/Parquet file, folder or glob")
+    parser.add_argument("--output", required=True, help="dataset root: a folder or s3://bucket/prefix")
+    parser.add_argument("--master", default=None, help="override spark-submit's master (normally not needed)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    _add_common(parser)
+    return parser
+
+
+def _columns(select: Optional[Sequence[str]]) -> Optional[list[str]]:
+    if not select:
+        return None
+    cols = [c.strip() for item in select for c in item.split(",") if c.strip()]
+    if len(set(cols)) != len(cols):
+        raise ValueError(f"--select names a column twice: {cols}")
+    return cols
+
+
+def _conf_pairs(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--conf expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class SparkProgress:
+    """A tqdm bar on stderr fed by Spark's status tracker: tasks done / tasks of the active stages.
+
+    Why not Spark's console progress bar: it is off under spark-submit by default and interleaves
+    with our logging; this one is a single bar named after the running stage.
+    """
+
+    def __init__(self, spark: "SparkSession", *, enabled: bool = True, interval: float = 0.5) -> None:
+        self._sc = spark.sparkContext
+        self._enabled = enabled
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.phase = "spark"  # shown in the bar: set it to what the job is doing
+
+    def __enter__(self) -> "SparkProgress":
+        if self._enabled:
+            self._thread = threading.Thread(target=self._run, name="spark-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from tqdm import tqdm
+
+        tracker = self._sc.statusTracker()
+        bar = None
+        current: Optional[tuple] = None
+        try:
+            while not self._stop.wait(self._interval):
+                try:
+                    infos = [tracker.getStageInfo(s) for s in tracker.getActiveStageIds()]
+                except Exception:  # the context is stopping
+                    break
+                infos = [i for i in infos if i is not None]
+                if not infos:
+                    continue
+                key = tuple(sorted(i.stageId for i in infos))
+                total = sum(i.numTasks for i in infos)
+                done = sum(i.numCompletedTasks for i in infos)
+                if key != current:
+                    if bar is not None:
+                        bar.close()
+                    bar = tqdm(total=total, desc=f"{self.phase} (stage {key[0]})", unit="task", file=sys.stderr,
+                               leave=False, dynamic_ncols=True)
+                    current = key
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _ship_etl_package(spark: "SparkSession") -> None:
+    """Zip this driver's ``etl`` package and add it to the executors' Python path."""
+    import tempfile
+    import zipfile
+
+    import etl
+
+    package_dir = os.path.dirname(os.path.abspath(etl.__file__))
+    fd, zpath = tempfile.mkstemp(prefix="sparkbridge-etl-", suffix=".zip")
+    os.close(fd)
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
+        for folder, _, files in os.walk(package_dir):
+            for name in files:
+                if name.endswith(".py"):
+                    full = os.path.join(folder, name)
+                    zf.write(full, os.path.relpath(full, os.path.dirname(package_dir)))
+    spark.sparkContext.addPyFile(zpath)
+    log.info("shipped the etl package to the executors (%s)", zpath)
+
+
+def build_session(*, master: Optional[str], conf: dict[str, str], app_name: str = "sparkbridge-convert") -> "SparkSession":
+    """A SparkSession for the job; ``master=None`` keeps what spark-submit configured."""
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(app_name)
+    if master is not None:
+        builder = builder.master(master)
+    # Our own progress bar (SparkProgress) replaces Spark's console one, which would interleave with it.
+    defaults = {"spark.sql.session.timeZone": "UTC", "spark.ui.showConsoleProgress": "false"}
+    if not os.environ.get("PYSPARK_PYTHON") and "spark.pyspark.python" not in conf:
+        # Python workers must import pyarrow and etl: run them with this interpreter. PySpark reads
+        # the variable (not the conf) when it creates the context; this is an entry point's own env.
+        os.environ["PYSPARK_PYTHON"] = sys.executable
+        log.info("PYSPARK_PYTHON=%s (default: this interpreter)", sys.executable)
+    for key, value in defaults.items():
+        if key not in conf:
+            log.info("Spark setting %s=%s (default of this job)", key, value)
+    # Executors reach an S3-compatible store through the same variables as the driver.
+    for key in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION",
+                "AWS_SESSION_TOKEN"):
+        if os.environ.get(key) and f"spark.executorEnv.{key}" not in conf:
+            builder = builder.config(f"spark.executorEnv.{key}", os.environ[key])
+    for key, value in {**defaults, **conf}.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("SPARKBRIDGE_SPARK_LOG_LEVEL", "WARN"))
+    return spark
+
+
+def convert(spark: "SparkSession", args: argparse.Namespace, *, progress: bool = True) -> Any:
+    """Read ``args.input``, keep ``--select`` columns, write ``args.output``; returns the WriteResult."""
+    import etl
+
+    columns = _columns(args.select)
+    compression = None if str(args.compression).lower() in ("none", "") else args.compression
+    hashes = tuple(h.strip() for h in str(args.hashes).split(",") if h.strip() and h.strip().lower() != "none")
+    with SparkProgress(spark, enabled=progress) as bar:
+        bar.phase = "read"
+        log.info("reading %s", args.input)
+        df = etl.read_source(spark, args.input, format=args.format, schema=args.schema, bad_records=args.bad_records)
+        if columns is not None:
+            missing = [c for c in columns if c not in df.columns]
+            if missing:
+                raise ValueError(f"--select: no column(s) {missing} in {args.input}; it has {df.columns}")
+        bar.phase = "write"
+        log.info("writing %s (mode=%s, nulls=%s, compression=%s, hashes=%s, shard size %s)",
+                 args.output, args.mode, args.nulls, compression, list(hashes), args.shard_size)
+        return etl.write_mds(
+            df,
+            args.output,
+            mode=args.mode,
+            columns=columns,
+            nulls=args.nulls,
+            compression=compression,
+            hashes=hashes,
+            shard_size=args.shard_size,
+            decimals=args.decimals,
+        )
+
+
+def _summary(result: Any) -> str:
+    mb = result.bytes / 1e6
+    return (f"wrote {result.rows:,} rows in {result.shards} shards ({mb:,.1f} MB) to {result.out} "
+            f"in {result.seconds:.1f} s ({result.rows_per_second:,.0f} rows/s)")
+
+
+def _run(args: argparse.Namespace, *, master: Optional[str]) -> int:
+    try:
+        conf = _conf_pairs(args.conf)
+        _columns(args.select)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    spark = build_session(master=master, conf=conf)
+    from etl.commit import ConcurrentWriteError, DatasetExistsError
+    from etl.writer import WriteError
+
+    try:
+        if not spark.sparkContext.master.startswith("local"):
+            _ship_etl_package(spark)
+        result = convert(spark, args, progress=not args.no_progress)
+    except (FileNotFoundError, DatasetExistsError, ValueError, TypeError, WriteError, ConcurrentWriteError) as exc:
+        # Bad input, options or a refused write: the message names the file/column; no JVM traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        spark.stop()
+    print(_summary(result))
+    if args.json:
+        print(json.dumps(result.to_dict(), sort_keys=True))
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    return _run(args, master=args.master)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """spark-submit entry."""
+    args = _submit_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    return _run(args, master=args.master)
+
+
+if __name__ == "__main__":
+    # Run as a script (spark-submit jobs/etl.py), this file's folder is sys.path[0] and its name
+    # would shadow the ``etl`` package: put the repository root first instead.
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+    sys.path.insert(0, _REPO)
+    sys.modules.pop("etl", None)
+    sys.exit(main())
