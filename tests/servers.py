@@ -304,7 +304,7 @@ def seaweedfs_server(
         log.info("SeaweedFS S3 at %s (bucket %s, log %s)", endpoint, bucket, proc.log_path)
         yield server
     finally:
-        _stop([proc])
+        _stop([proc], grace=1.0)  # its graceful gRPC shutdown can hang; the data dir is throwaway
 
 
 # --------------------------------------------------------------------------------------------
