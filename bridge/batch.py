@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from decimal import Decimal
 from typing import Any, Callable, Optional, Sequence
 
@@ -28,7 +29,7 @@ from etl.mds_format import (
     is_supported_encoding,
 )
 
-__all__ = ["BatchPlan", "PackedBatch", "FixedOut", "VarOut", "FEATURES_KEY"]
+__all__ = ["BatchPlan", "PackedBatch", "Block", "VarOut", "FEATURES_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +39,26 @@ _NUMERIC_KINDS = "biuf"
 
 
 @dataclass(frozen=True)
-class FixedOut:
-    """A fixed-width output: one column, or the assembled float32 feature matrix."""
+class Block:
+    """Fixed-width outputs of one dtype and per-row shape, stored together in the packed buffer:
+    ``(len(names), rows, *shape)`` (so one ``unbind`` makes every column's tensor), or the
+    ``(rows, F)`` float32 feature matrix."""
 
-    name: str
-    dtype: np.dtype  # element dtype
-    shape: tuple[int, ...]  # per-row shape, () for scalars
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    names: tuple[str, ...]
     as_bool: bool = False
+    features: bool = False
 
-    @property
-    def row_bytes(self) -> int:
+    @cached_property
+    def row_bytes(self) -> int:  # one member, one row
         return int(self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64)))
+
+    def dims(self, n: int) -> tuple[int, ...]:
+        return (n,) + self.shape if self.features else (len(self.names), n) + self.shape
+
+    def nbytes(self, n: int) -> int:
+        return len(self.names) * n * self.row_bytes
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,9 @@ class BatchPlan:
                 raise ValueError("give either `columns` or `features`/`label`, not both")
             if not features:
                 raise ValueError("`features` must name at least one column")
-            wanted = list(features) + [label]
+            if len(set(features)) != len(features):
+                raise ValueError(f"features are listed twice: {list(features)}")
+            wanted = list(dict.fromkeys([*features, label]))
         else:
             wanted = list(order) if columns is None else list(columns)
         unknown = [c for c in wanted if c not in encodings]
@@ -148,9 +160,9 @@ class BatchPlan:
                     with_masks.append(m)
             wanted = with_masks
         self.columns = wanted
-        self.fixed: list[FixedOut] = []
         self.var: list[VarOut] = []
         self.feature_parts: list[tuple[str, int]] = []  # (column, values per row)
+        blocks: list[Block] = []
         if features is not None:
             width = 0
             for c in features:
@@ -163,31 +175,35 @@ class BatchPlan:
                 k = int(np.prod(dt.shape, dtype=np.int64))
                 self.feature_parts.append((c, k))
                 width += k
-            self.fixed.append(FixedOut(FEATURES_KEY, np.dtype("<f4"), (width,)))
+            blocks.append(Block(np.dtype("<f4"), (width,), (FEATURES_KEY,), features=True))
             out_cols = [label]
         else:
             out_cols = wanted
+        groups: dict[tuple, list[str]] = {}
         for c in out_cols:
             enc = encodings[c]
             if encoding_dtype(enc) is not None:
                 dt, shape = _dtype_for(enc)
-                self.fixed.append(FixedOut(c, dt, shape, as_bool=c in bool_cols and dt.itemsize == 1))
+                groups.setdefault((dt.str, shape, c in bool_cols and dt.itemsize == 1), []).append(c)
             else:
                 self.var.append(VarOut(c, enc))
-        self._gather_names = [f.name for f in self.fixed if f.name != FEATURES_KEY]
+        for (dts, shape, as_bool), names in groups.items():
+            blocks.append(Block(np.dtype(dts), shape, tuple(names), as_bool=as_bool))
+        self.blocks = blocks
         self._layout_cache: dict[int, tuple[list[int], int]] = {}
+        self._copy_plans: dict[ShardLayout, tuple] = {}
 
     # ------------------------------------------------------------------ packing
 
     def layout(self, n: int) -> tuple[list[int], int]:
-        """Byte offset of each fixed output in a packed buffer of ``n`` rows, and its size."""
+        """Byte offset of each block in a packed buffer of ``n`` rows, and the buffer size."""
         got = self._layout_cache.get(n)
         if got is None:
             offs = []
             pos = 0
-            for f in self.fixed:
+            for blk in self.blocks:
                 offs.append(pos)
-                pos += -(-(n * f.row_bytes) // _ALIGN) * _ALIGN
+                pos += -(-blk.nbytes(n) // _ALIGN) * _ALIGN
             got = (offs, max(pos, _ALIGN))
             if len(self._layout_cache) < 8:
                 self._layout_cache[n] = got
@@ -195,10 +211,61 @@ class BatchPlan:
 
     def views(self, buf: np.ndarray, n: int) -> list[np.ndarray]:
         offs, _ = self.layout(n)
-        return [
-            buf[o:o + n * f.row_bytes].view(f.dtype).reshape((n,) + f.shape)
-            for f, o in zip(self.fixed, offs)
-        ]
+        return [buf[o:o + blk.nbytes(n)].view(blk.dtype).reshape(blk.dims(n)) for blk, o in zip(self.blocks, offs)]
+
+    def _copy_plan(self, layout: ShardLayout) -> tuple:
+        """For an all-fixed-width row layout: per block, runs of members that sit next to each
+        other in the row (copied with one transposing copy each)."""
+        plan = self._copy_plans.get(layout)
+        if plan is not None:
+            return plan
+        where: dict[str, int] = {}
+        pos = 0
+        for name, size in zip(layout.column_names, layout.column_sizes):
+            where[name] = pos
+            pos += int(size)
+        plan_blocks = []
+        for blk in self.blocks:
+            runs: list[list] = []
+            if blk.features:
+                k = 0
+                for c, width in self.feature_parts:
+                    src = encoding_dtype(self.encodings[c]).base
+                    off = where[c]
+                    last = runs[-1] if runs else None
+                    if last is not None and last[3] == src and last[2] + last[1] * src.itemsize == off:
+                        last[1] += width
+                    else:
+                        runs.append([k, width, off, src])
+                    k += width
+            else:
+                rb = blk.row_bytes
+                for i, c in enumerate(blk.names):
+                    off = where[c]
+                    last = runs[-1] if runs else None
+                    if last is not None and last[2] + last[1] * rb == off:
+                        last[1] += 1
+                    else:
+                        runs.append([i, 1, off])
+            plan_blocks.append(tuple(tuple(r) for r in runs))
+        plan = tuple(plan_blocks)
+        self._copy_plans[layout] = plan
+        return plan
+
+    def _fill_rows(self, views: list[np.ndarray], g: np.ndarray, layout: ShardLayout, sel) -> None:
+        """Scatter gathered whole rows ``g`` ((m, row bytes) uint8) into the block views."""
+        m = len(g)
+        for blk, dst, runs in zip(self.blocks, views, self._copy_plan(layout)):
+            if blk.features:
+                for k0, width, off, src in runs:
+                    dst[sel, k0:k0 + width] = g[:, off:off + width * src.itemsize].view(src)
+                continue
+            rb = blk.row_bytes
+            for r0, k, off in runs:
+                src = g[:, off:off + k * rb].view(blk.dtype)
+                if blk.shape:
+                    src = src.reshape((m, k) + blk.shape)
+                dst[r0:r0 + k, sel] = src.swapaxes(0, 1)
 
     def gather(
         self,
@@ -211,17 +278,23 @@ class BatchPlan:
         _, total = self.layout(n)
         buf = alloc(total)
         views = self.views(buf, n)
-        fixed = self.fixed
+        first = groups[0][0]
+        if first.rows is not None and all(sh.layout == first.layout for sh, _, _ in groups):
+            # every row packed and alike: one gather of whole rows, one scatter into columns
+            if len(groups) == 1:
+                g = first.rows.take(groups[0][1])
+            else:
+                g = np.empty(n, dtype=first.rows.dtype)
+                for shard, rows, pos in groups:
+                    g[pos] = shard.rows.take(rows)
+            self._fill_rows(views, g.view(np.uint8).reshape(n, -1), first.layout, slice(None))
+            return PackedBatch(n, buf, {})
         var_values: dict[str, list] = {v.name: [None] * n for v in self.var} if len(groups) > 1 else {}
         for shard, rows, pos in groups:
             sel = slice(None) if pos is None else pos
             if shard.rows is not None:
-                g = shard.rows[rows]
-                for f, view in zip(fixed, views):
-                    if f.name == FEATURES_KEY:
-                        self._fill_features(view, sel, lambda c: g[c], len(rows))
-                    else:
-                        view[sel] = g[f.name]
+                g = shard.rows.take(rows)
+                self._fill_rows(views, g.view(np.uint8).reshape(len(rows), -1), shard.layout, sel)
                 continue
             layout = shard.layout
             starts, sizes = column_starts(shard.buf, shard.offsets, layout, rows)
@@ -230,11 +303,12 @@ class BatchPlan:
             def col(c: str) -> np.ndarray:
                 return gather_fixed(shard.buf, starts[:, index[c]], self.encodings[c])
 
-            for f, view in zip(fixed, views):
-                if f.name == FEATURES_KEY:
-                    self._fill_features(view, sel, col, len(rows))
+            for blk, dst in zip(self.blocks, views):
+                if blk.features:
+                    self._fill_features(dst, sel, col, len(rows))
                 else:
-                    view[sel] = col(f.name)
+                    for i, c in enumerate(blk.names):
+                        dst[i, sel] = col(c)
             for v in self.var:
                 c = index[v.name]
                 values = _decode_var(v, *gather_var(shard.buf, starts[:, c], sizes[:, c]), shard.name)
@@ -268,11 +342,14 @@ class BatchPlan:
             buf_tensor = batch.buf if isinstance(batch.buf, torch.Tensor) else torch.from_numpy(batch.buf)
         offs, _ = self.layout(n)
         out: dict[str, Any] = {}
-        for f, o in zip(self.fixed, offs):
-            t = buf_tensor[o:o + n * f.row_bytes].view(_TORCH_DTYPES[f.dtype.str]).view((n,) + f.shape)
-            if f.as_bool:
+        for blk, o in zip(self.blocks, offs):
+            t = buf_tensor[o:o + blk.nbytes(n)].view(_TORCH_DTYPES[blk.dtype.str]).view(blk.dims(n))
+            if blk.features:
+                out[FEATURES_KEY] = t
+                continue
+            if blk.as_bool:
                 t = t.view(torch.bool)
-            out[f.name] = t
+            out.update(zip(blk.names, t.unbind(0)))
         for v in self.var:
             out[v.name] = _var_to_torch(v, batch.extras[v.name])
         if self.features is not None:

@@ -126,11 +126,16 @@ class BatchDataset(StreamingDataset):
         self.sb_sample_in_epoch = 0
         self.sb_work: Optional[tuple[tuple, np.ndarray]] = None
         self.sb_pinned_alloc = False
+        # set by the loader when it runs persistent DataLoader workers: shared int64 tensors with
+        # the pass to read (see sync_from_control) and the epoch's sample ids
+        self.sb_control: Any = None
+        self.sb_work_shared: Any = None
         self._sb_cache: Optional[ShardCache] = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_sb_cache"] = None  # holds a lock; each process builds its own
+        state["sb_work"] = None  # workers read the pass from the shared control block
         return state
 
     # ------------------------------------------------------------------ Mosaic hooks
@@ -167,11 +172,34 @@ class BatchDataset(StreamingDataset):
             work = self.sb_work[1]
         else:
             work = self.compute_work(epoch, sample_in_epoch, p.workers_per_rank)
-        return work[p.node, p.rank_of_node, p.worker_of_rank].reshape(-1)
+        return np.array(work[p.node, p.rank_of_node, p.worker_of_rank], dtype=np.int64).reshape(-1)
 
     # ------------------------------------------------------------------ iteration
 
+    def publish(self, epoch: int, start: int, work: np.ndarray) -> None:
+        """Hand a pass to persistent worker processes through the shared control block."""
+        import torch
+
+        flat = work.reshape(-1)
+        self.sb_work_shared[:flat.size].copy_(torch.from_numpy(flat))
+        ctl = [epoch, start, *work.shape, _none(self.num_canonical_nodes), _none(self.shuffle_block_size),
+               _none(self.initial_physical_nodes)]
+        self.sb_control[:len(ctl)] = torch.tensor(ctl, dtype=torch.int64)
+
+    def sync_from_control(self) -> None:
+        if self.sb_control is None:
+            return
+        ctl = self.sb_control.tolist()
+        epoch, start, shape = ctl[0], ctl[1], tuple(ctl[2:7])
+        self.num_canonical_nodes, self.shuffle_block_size, self.initial_physical_nodes = (
+            None if v < 0 else v for v in ctl[7:10])
+        size = int(np.prod(shape))
+        work = self.sb_work_shared[:size].numpy().reshape(shape)
+        self.sb_epoch, self.sb_sample_in_epoch = epoch, start
+        self.sb_work = ((epoch, start, shape[2]), work)
+
     def __iter__(self) -> Iterator[PackedBatch]:
+        self.sync_from_control()
         self._unique_worker_world = self._unique_rank_world.detect_workers()
         self._parallel_worker_world = self._parallel_rank_world.detect_workers()
         epoch, start = self._resume_incr_epoch()
@@ -208,7 +236,8 @@ class BatchDataset(StreamingDataset):
             return decode_shard(files, self.plan_layout(shard_id), buf)
 
         shard = self._cache().get(shard_id, load)
-        self._shard_access_times[shard_id] = time_ns()
+        if self.cache_limit:  # Mosaic evicts the least recently used shard files first
+            self._shard_access_times[shard_id] = time_ns()
         return shard
 
     def plan_layout(self, shard_id: int) -> ShardLayout:
@@ -243,9 +272,15 @@ class BatchDataset(StreamingDataset):
                 if n == 0 or (n < B and self.drop_last):
                     ahead.position = b
                     continue
-                s0 = s[0]
-                if s[-1] == s0 and not (s != s0).any():
-                    groups = [(self.decoded(s0), rows, None)]
+                lo, hi = int(s.min()), int(s.max())
+                if lo == hi:
+                    groups = [(self.decoded(lo), rows, None)]
+                elif hi - lo < 8:  # py1e/py1b keep a batch within a few neighbouring shards
+                    groups = []
+                    for sh in range(lo, hi + 1):
+                        pos = np.flatnonzero(s == sh)
+                        if len(pos):
+                            groups.append((self.decoded(sh), rows[pos], pos))
                 else:
                     order = np.argsort(s, kind="stable")
                     ss = s[order]
@@ -265,6 +300,10 @@ class BatchDataset(StreamingDataset):
             ahead.stop()
 
 
+def _none(value: Optional[int]) -> int:
+    return -1 if value is None else int(value)
+
+
 def _in_dataloader_worker() -> bool:
     from torch.utils.data import get_worker_info
 
@@ -280,21 +319,22 @@ class _ReadAhead(threading.Thread):
     def __init__(self, ds: BatchDataset, shard_ids: np.ndarray, positions: np.ndarray) -> None:
         super().__init__(name="sparkbridge-read-ahead", daemon=True)
         self.ds = ds
-        if len(shard_ids):
-            uniq, first = np.unique(shard_ids, return_index=True)
-            order = np.argsort(first, kind="stable")
-            self.plan = list(zip(uniq[order].tolist(), positions[first[order]].tolist()))
-        else:
-            self.plan = []
+        self.shard_ids = shard_ids
+        self.positions = positions
         self.position = 0
         self._halt = threading.Event()
         cache = ds._cache()
-        if all(sh in cache for sh, _ in self.plan):
-            self.plan = []
+        self.needed = not all(sh in cache for sh in range(len(ds.shards)))
 
     def start(self) -> None:
-        if self.plan:
+        if self.needed and len(self.shard_ids):
             super().start()
+
+    def _plan(self) -> list[tuple[int, int]]:
+        """Each shard once, with the first position that needs it, in that order."""
+        uniq, first = np.unique(self.shard_ids, return_index=True)
+        order = np.argsort(first, kind="stable")
+        return list(zip(uniq[order].tolist(), self.positions[first[order]].tolist()))
 
     def stop(self) -> None:
         self._halt.set()
@@ -303,7 +343,7 @@ class _ReadAhead(threading.Thread):
         ds = self.ds
         window = int(ds.predownload or 0)
         try:
-            for shard_id, pos in self.plan:
+            for shard_id, pos in self._plan():
                 while pos > self.position + window:
                     if self._halt.wait(_TICK):
                         return

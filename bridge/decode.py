@@ -44,7 +44,7 @@ class ShardFiles:
 @dataclass
 class DecodedShard:
     """A shard's bytes plus what a gather needs: sample offsets and, when every column is
-    fixed-width, a packed structured view with one record per sample."""
+    fixed-width, ``rows``: one opaque record (``void`` of the row size) per sample."""
 
     name: str
     buf: Union[np.ndarray]
@@ -134,7 +134,8 @@ def decode_shard(files: ShardFiles, layout: ShardLayout, buf: np.ndarray) -> Dec
                 f"shard {files.name!r}: samples are not all {row_dtype.itemsize} bytes although "
                 "every column is fixed-width: the file is corrupt"
             )
-        rows = np.frombuffer(buf, dtype=row_dtype, count=n, offset=int(offsets[0]))
+        # opaque fixed-size records: numpy's take() copies them with one memcpy each
+        rows = np.frombuffer(buf, dtype=np.dtype((np.void, row_dtype.itemsize)), count=n, offset=int(offsets[0]))
     return DecodedShard(files.name, buf, offsets, layout, rows)
 
 

@@ -122,6 +122,8 @@ class StreamingLoader:
         self._futures: dict[tuple, Future] = {}
         self._lock = threading.Lock()
         self._len: Optional[int] = None
+        self._dl: Any = None  # persistent DataLoader (num_workers > 0): workers keep decoded shards
+        self._dl_capacity = 0
 
     # ------------------------------------------------------------------ facts
 
@@ -205,28 +207,42 @@ class StreamingLoader:
         self._active = True
         return self._run(token, epoch)
 
+    def _workers(self, epoch: int, start: int, work: np.ndarray) -> Any:
+        """The persistent DataLoader, told which pass to read through shared memory."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        ds = self.dataset
+        if self._dl is None or work.size > self._dl_capacity:
+            self._shutdown_workers()
+            ds.sb_control = torch.zeros(16, dtype=torch.int64).share_memory_()
+            ds.sb_work_shared = torch.empty(max(1, work.size), dtype=torch.int64).share_memory_()
+            self._dl_capacity = work.size
+            self._dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                  prefetch_factor=self.prefetch, persistent_workers=True)
+        ds.publish(epoch, start, work)
+        return iter(self._dl)
+
+    def _shutdown_workers(self) -> None:
+        if self._dl is not None:
+            it = getattr(self._dl, "_iterator", None)
+            if it is not None:
+                it._shutdown_workers()
+            self._dl = None
+
     def _run(self, token: object, epoch: int) -> Iterator[Any]:
-        loader = None
         if self.num_workers == 0:
             source: Any = iter(self.dataset)
         else:
-            from torch.utils.data import DataLoader
-
-            loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                prefetch_factor=self.prefetch, persistent_workers=False)
-            source = iter(loader)
+            source = self._workers(epoch, self.dataset.sb_sample_in_epoch, self.dataset.sb_work[1])
         self._submit(epoch + 1, 0)  # after the workers are forked: never fork under a busy thread
-        try:
-            for out in to_batches(source, self.dataset.plan, device=self.device, pin_memory=self.pin_memory,
-                                  prefetch=self.prefetch):
-                if self._token is token:
-                    self._consumed += 1
-                yield out
+        for out in to_batches(source, self.dataset.plan, device=self.device, pin_memory=self.pin_memory,
+                              prefetch=self.prefetch):
             if self._token is token:
-                self._finish_pass(epoch)
-        finally:
-            if loader is not None:
-                del source
+                self._consumed += 1
+            yield out
+        if self._token is token:
+            self._finish_pass(epoch)
 
     def _finish_pass(self, epoch: int) -> None:
         self._epoch, self._start, self._consumed, self._active = epoch + 1, 0, 0, False
@@ -276,10 +292,17 @@ class StreamingLoader:
         self._token = None
 
     def close(self) -> None:
-        """Stop the background epoch-order thread (also done at interpreter exit)."""
+        """Stop the worker processes and the background epoch-order thread."""
+        self._shutdown_workers()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __repr__(self) -> str:
         return (f"StreamingLoader({self.dataset.source!r}, batch_size={self.batch_size}, "

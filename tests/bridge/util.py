@@ -1,0 +1,74 @@
+"""Test datasets for the loader, written with stock ``streaming.MDSWriter`` (Mosaic's own writer)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+EVERY_ENCODING = {
+    "id": "int64",
+    "u8": "uint8", "u16": "uint16", "u32": "uint32", "u64": "uint64",
+    "i8": "int8", "i16": "int16", "i32": "int32", "big": "int",
+    "f16": "float16", "f32": "float32", "f64": "float64",
+    "name": "str", "blob": "bytes", "doc": "json",
+    "grid": "ndarray:float32:2,3", "seq": "ndarray:int16", "any": "ndarray",
+    "si": "str_int", "sf": "str_float", "sd": "str_decimal",
+}
+
+
+def every_encoding_row(k: int) -> dict:
+    rng = np.random.default_rng(k)
+    return {
+        "id": np.int64(k),
+        "u8": np.uint8(k % 256), "u16": np.uint16(k * 7 % 65536), "u32": np.uint32(k * 100003), "u64": np.uint64(k) << np.uint64(40),
+        "i8": np.int8(k % 256 - 128), "i16": np.int16(-k), "i32": np.int32(-k * 1000), "big": -(k << 33),
+        "f16": np.float16(k / 8), "f32": np.float32(k * 0.5 - 3), "f64": np.float64(k) / 3,
+        "name": f"row {k} é" * (k % 3), "blob": bytes(range(k % 17)), "doc": {"k": k, "v": [k, str(k)], "n": None},
+        "grid": rng.standard_normal((2, 3)).astype(np.float32),
+        "seq": np.arange(k % 5 + 1, dtype=np.int16) - 2,
+        "any": rng.integers(0, 9, size=(k % 3 + 1, 2)).astype(np.float64 if k % 2 else np.uint32),
+        "si": k * 37 - 500, "sf": k / 7, "sd": Decimal(k) / Decimal(8),
+    }
+
+
+def write_every_encoding(out: Path, rows: int, *, compression: Optional[str], size_limit: int = 4096) -> Path:
+    from streaming import MDSWriter
+
+    with MDSWriter(out=str(out), columns=EVERY_ENCODING, compression=compression, hashes=["xxh64"],
+                   size_limit=size_limit) as w:
+        for k in range(rows):
+            w.write(every_encoding_row(k))
+    return out
+
+
+def write_numeric(out: Path, rows: int, *, compression: Optional[str] = None, size_limit: int = 1 << 14,
+                  hashes=("xxh64",)) -> Path:
+    """``id`` int64, ``x`` float32, ``y`` int32: small and all fixed-width (the fast path)."""
+    from streaming import MDSWriter
+
+    with MDSWriter(out=str(out), columns={"id": "int64", "x": "float32", "y": "int32"}, compression=compression,
+                   hashes=list(hashes), size_limit=size_limit) as w:
+        for k in range(rows):
+            w.write({"id": np.int64(k), "x": np.float32(k) / 4, "y": np.int32(k % 7)})
+    return out
+
+
+def equal(a, b) -> bool:
+    """Value equality across python/numpy/torch scalars and arrays."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        a = a.numpy()
+    if isinstance(b, torch.Tensor):
+        b = b.numpy()
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a), np.asarray(b)
+        return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, np.generic):
+        a = a.item()
+    if isinstance(b, np.generic):
+        b = b.item()
+    return type(a) is type(b) and a == b
