@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
 
-__all__ = ["add_convert_arguments", "run_convert", "convert", "main", "SparkProgress"]
+__all__ = ["add_convert_arguments", "run_convert", "convert", "preflight", "build_session", "main", "SparkProgress"]
 
 log = logging.getLogger("sparkbridge.convert")
 
@@ -241,16 +241,40 @@ def _summary(result: Any) -> str:
             f"in {result.seconds:.1f} s ({result.rows_per_second:,.0f} rows/s)")
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """Checks that need no Spark, so a typo fails in a second instead of after a JVM start.
+
+    Raises FileNotFoundError for a missing local input and DatasetExistsError when ``--mode error``
+    meets an existing dataset (write_mds checks both again; this is only the early answer).
+    """
+    from etl.commit import check_mode
+    from etl.storage import is_remote, open_storage
+
+    source = str(args.input)
+    if not is_remote(source) and not any(ch in source for ch in "*?[{"):
+        local = source[len("file://"):] if source.startswith("file://") else source
+        if not os.path.exists(local):
+            raise FileNotFoundError(f"input not found: {source}")
+    if args.mode == "error":
+        check_mode(open_storage(str(args.output)), "error")
+
+
 def _run(args: argparse.Namespace, *, master: Optional[str]) -> int:
+    from etl.commit import ConcurrentWriteError, DatasetExistsError
+    from etl.writer import WriteError
+
     try:
         conf = _conf_pairs(args.conf)
         _columns(args.select)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        preflight(args)
+    except (FileNotFoundError, DatasetExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     spark = build_session(master=master, conf=conf)
-    from etl.commit import ConcurrentWriteError, DatasetExistsError
-    from etl.writer import WriteError
 
     try:
         if not spark.sparkContext.master.startswith("local"):
