@@ -1,0 +1,51 @@
+"""A real 2-process torchrun (gloo, CPU): disjoint equal rank shares that cover the data."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.bridge.util import write_numeric
+
+HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks(tmp_path):
+    even = write_numeric(tmp_path / "even", 1000, compression="zstd", size_limit=4000)
+    uneven = write_numeric(tmp_path / "uneven", 1001, size_limit=4000)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parents[1]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(HERE / "rank_reader.py"), str(out), str(even), str(uneven)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+    a, b = (r[str(even)] for r in ranks)
+    assert a["world"] == b["world"] == 2
+    assert a["batches"] == b["batches"] == a["len"] == b["len"] == 32  # 500 samples each in batches of 16
+    assert len(a["ids"]) == len(b["ids"]) == 500
+    assert not set(a["ids"]) & set(b["ids"])  # disjoint
+    assert sorted(a["ids"] + b["ids"]) == list(range(1000))  # complete
+    assert a["state"] == b["state"] and a["state"]["epoch"] == 1
+
+    a, b = (r[str(uneven)] for r in ranks)
+    # 1001 samples over 2 ranks: Mosaic repeats one sample so both ranks take 501 (no DDP hang)
+    assert a["batches"] == b["batches"] == a["len"] == 32
+    assert len(a["ids"]) == len(b["ids"]) == 501
+    assert set(a["ids"]) | set(b["ids"]) == set(range(1001))
+    assert len(set(a["ids"]) & set(b["ids"])) <= 1

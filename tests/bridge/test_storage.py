@@ -1,0 +1,111 @@
+"""Where shards come from and what happens when they are bad: S3 with a bounded local cache,
+flipped bytes, missing files, and stale shared memory from a crashed run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bridge import StreamingLoader
+from bridge.decode import CorruptShardError
+from tests.bridge.util import write_numeric
+
+
+def _shard_files(root: Path, suffix: str) -> list[Path]:
+    return sorted(p for p in root.rglob(f"*{suffix}") if p.name.startswith("shard."))
+
+
+def _check_values(loader, n: int) -> None:
+    ids = []
+    for batch in loader:
+        got = batch["id"].numpy()
+        assert np.array_equal(batch["x"].numpy(), (got / 4).astype(np.float32))
+        assert np.array_equal(batch["y"].numpy(), (got % 7).astype(np.int32))
+        ids.append(got)
+    ids = np.concatenate(ids)
+    assert len(ids) == n and np.array_equal(np.sort(ids), np.arange(n))
+
+
+@pytest.mark.slow
+def test_s3_source_with_cache_limit_smaller_than_the_data(s3_bucket, tmp_path):
+    n = 6000
+    src = write_numeric(tmp_path / "src", n, compression="zstd", size_limit=6000)
+    client = s3_bucket.server.client()
+    for path in src.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), s3_bucket.name, f"flights/{path.relative_to(src)}")
+    index = json.loads((src / "index.json").read_text())
+    largest = max(s["raw_data"]["bytes"] + s["zip_data"]["bytes"] for s in index["shards"])
+    total = sum(s["raw_data"]["bytes"] for s in index["shards"])
+    limit = 4 * largest + (src / "index.json").stat().st_size + 1
+    assert limit < total / 2 and len(index["shards"]) >= 10
+
+    cache = tmp_path / "cache"
+    # small shuffle blocks keep a batch within a few neighbouring shards, as on real data sizes
+    loader = StreamingLoader(s3_bucket.url("flights"), local=cache, batch_size=64, shuffle=True,
+                             shuffle_block_size=1500, cache_limit=limit, decoded_cache_bytes=3 * largest)
+    for _ in range(2):  # the second epoch downloads evicted shards again
+        _check_values(loader, n)
+        on_disk = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+        assert on_disk <= limit
+        assert len(_shard_files(cache, ".mds")) + len(_shard_files(cache, ".zstd")) < len(index["shards"])
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_flipped_byte_names_the_shard(tmp_path, compression):
+    root = write_numeric(tmp_path / "ds", 800, compression=compression, size_limit=3000)
+    victim = _shard_files(root, ".zstd" if compression else ".mds")[2]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    victim.write_bytes(bytes(data))
+    loader = StreamingLoader(root, batch_size=50, shuffle=True)
+    with pytest.raises(CorruptShardError, match=rf"shard '{victim.name}'.*xxh64.*corrupt"):
+        for _ in loader:
+            pass
+
+
+def test_truncated_shard_without_hashes_is_caught_by_its_layout(tmp_path):
+    root = write_numeric(tmp_path / "ds", 500, size_limit=3000, hashes=())
+    victim = _shard_files(root, ".mds")[1]
+    victim.write_bytes(victim.read_bytes()[:-7])
+    with pytest.raises(CorruptShardError, match=rf"{victim.name}.*truncated or corrupt"):
+        for _ in StreamingLoader(root, batch_size=50):
+            pass
+
+
+def test_missing_shard_and_missing_index(tmp_path):
+    root = write_numeric(tmp_path / "ds", 500, size_limit=3000)
+    victim = _shard_files(root, ".mds")[1]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{victim.name}.*missing"):
+        for _ in StreamingLoader(root, batch_size=50):
+            pass
+    with pytest.raises(FileNotFoundError, match="no index.json"):
+        StreamingLoader(tmp_path, batch_size=50)
+
+
+def test_stale_shared_memory_is_cleaned_but_live_segments_are_kept():
+    from multiprocessing import shared_memory
+
+    from bridge.distributed import clean_stale_shared_memory, stale_shared_memory
+
+    stale = "987654_shard_states"
+    fd = os.open(f"/dev/shm/{stale}", os.O_CREAT | os.O_RDWR, 0o600)  # what a SIGKILLed run leaves
+    os.ftruncate(fd, 64)
+    os.close(fd)
+    live = shared_memory.SharedMemory(name="987653_shard_states", create=True, size=64)
+    try:
+        found = stale_shared_memory()
+        assert stale in found and live.name not in found
+        assert clean_stale_shared_memory() >= 1
+        assert not os.path.exists(f"/dev/shm/{stale}")
+        assert os.path.exists(f"/dev/shm/{live.name}")
+    finally:
+        live.close()
+        live.unlink()
+        if os.path.exists(f"/dev/shm/{stale}"):
+            os.unlink(f"/dev/shm/{stale}")
