@@ -1,0 +1,29 @@
+"""``sparkbridge bench``: which scripts it runs and with what (the benchmarks themselves live in bench/)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs import bench
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_bench_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_arguments_and_command_lines():
+    args = parse()
+    assert (args.which, args.rows, args.extra) == ("all", None, "")
+    args = parse("loader", "--rows", "5000", "--args", "--repeats 1 --out /tmp/x")
+    assert (args.which, args.rows) == ("loader", 5000)
+    assert bench.bench_command("loader", rows=5000, extra=["--repeats", "1"]) == [
+        sys.executable, str(bench.REPO / "bench" / "loader.py"), "--rows", "5000", "--repeats", "1"]
+    assert bench.bench_command("etl") == [sys.executable, str(bench.REPO / "bench" / "etl.py")]
+
+
+def test_rejects_non_positive_rows(capsys):
+    assert bench.run_bench(parse("loader", "--rows", "0")) == 2
+    assert "--rows must be positive" in capsys.readouterr().err
