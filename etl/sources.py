@@ -57,10 +57,12 @@ def _hadoop_fs(spark: "SparkSession", path: str):
         fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
     except Exception as exc:  # py4j error: no FileSystem for the scheme
         scheme = urlparse(path).scheme
+        java = getattr(exc, "java_exception", None)
+        detail = java.getMessage() if java is not None else (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ValueError(
             f"Spark cannot read {path!r}: no Hadoop filesystem for scheme {scheme!r}"
             + (" (S3 needs the hadoop-aws jars and an s3a:// URL)" if scheme in ("s3", "s3a") else "")
-            + f": {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            + f" ({detail})"
         ) from None
     return fs, hpath
 

@@ -95,6 +95,15 @@ def test_missing_path(spark, tmp_path):
         etl.read_source(spark, missing)
 
 
+def test_unknown_filesystem_and_globs(spark, tmp_path, csv_file):
+    with pytest.raises(ValueError, match="no Hadoop filesystem for scheme 's3'"):
+        etl.read_source(spark, "s3://bucket/rows.csv")
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        etl.read_source(spark, str(tmp_path / "nothing-*.csv"))
+    df = etl.read_source(spark, str(tmp_path / "row*.csv"), schema=SCHEMA, bad_records="drop")
+    assert rows(df) == GOOD
+
+
 def test_invalid_ddl(spark, csv_file):
     with pytest.raises(ValueError, match="invalid schema DDL"):
         etl.read_source(spark, csv_file, schema="id INTEGR,")
