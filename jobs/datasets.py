@@ -16,7 +16,7 @@ import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 __all__ = [
     "DatasetNotFoundError",

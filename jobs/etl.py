@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
