@@ -70,11 +70,14 @@ class VarOut:
 @dataclass
 class PackedBatch:
     """What a worker hands over: ``rows`` samples, their fixed-width outputs packed in ``buf``
-    (numpy uint8 or a torch uint8 tensor) and the variable-width ones as Python values."""
+    (numpy uint8 or a torch uint8 tensor) and the variable-width ones as Python values. From a
+    DataLoader worker, ``buf`` may instead stay in a shared slot ``(worker, slot)`` that the
+    receiving process copies out (see :mod:`bridge.loader`)."""
 
     rows: int
     buf: Any
     extras: dict[str, Any] = field(default_factory=dict)
+    slot: Optional[tuple[int, int]] = None
 
 
 def _dtype_for(encoding: str) -> tuple[np.dtype, tuple[int, ...]]:

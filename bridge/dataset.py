@@ -130,6 +130,11 @@ class BatchDataset(StreamingDataset):
         # the pass to read (see sync_from_control) and the epoch's sample ids
         self.sb_control: Any = None
         self.sb_work_shared: Any = None
+        # (workers, slots, bytes) shared uint8 tensor: workers gather straight into a slot and
+        # send only its number, instead of a new shared-memory segment per batch
+        self.sb_slots: Any = None
+        self._sb_slot_next = 0
+        self._sb_last_slot: Optional[tuple[int, int]] = None
         self._sb_cache: Optional[ShardCache] = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -245,6 +250,16 @@ class BatchDataset(StreamingDataset):
         return ShardLayout(tuple(s.column_names), tuple(s.column_encodings), tuple(s.column_sizes))
 
     def _alloc(self, nbytes: int) -> np.ndarray:
+        self._sb_last_slot = None
+        if self.sb_slots is not None and nbytes <= self.sb_slots.shape[2]:
+            from torch.utils.data import get_worker_info
+
+            info = get_worker_info()
+            if info is not None:
+                k = self._sb_slot_next % self.sb_slots.shape[1]
+                self._sb_slot_next += 1
+                self._sb_last_slot = (info.id, k)
+                return self.sb_slots[info.id, k, :nbytes].numpy()
         if self.sb_pinned_alloc:
             import torch
 
@@ -292,9 +307,12 @@ class BatchDataset(StreamingDataset):
                 ahead.position = b
                 batch = self.plan.gather(groups, n, self._alloc)
                 if in_worker:
-                    import torch
+                    if self._sb_last_slot is not None:
+                        batch.buf, batch.slot = None, self._sb_last_slot
+                    else:
+                        import torch
 
-                    batch.buf = torch.from_numpy(batch.buf)
+                        batch.buf = torch.from_numpy(batch.buf)
                 yield batch
         finally:
             ahead.stop()

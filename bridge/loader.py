@@ -34,6 +34,7 @@ __all__ = ["StreamingLoader", "StateError"]
 logger = logging.getLogger(__name__)
 
 _SHUFFLE_ALGOS = ("py1b", "py1br", "py1e", "py1s", "py2s", "naive")
+_MAX_SLOT_BYTES = 512 << 20
 
 
 class StreamingLoader:
@@ -218,6 +219,16 @@ class StreamingLoader:
             ds.sb_control = torch.zeros(16, dtype=torch.int64).share_memory_()
             ds.sb_work_shared = torch.empty(max(1, work.size), dtype=torch.int64).share_memory_()
             self._dl_capacity = work.size
+            # a DataLoader keeps at most prefetch * workers batches outstanding, all possibly at
+            # one worker once the others are done: that many slots plus two are never overwritten
+            # before this process has copied them out
+            slots = self.prefetch * self.num_workers + 2
+            slot_bytes = ds.plan.layout(self.batch_size)[1]
+            if self.num_workers * slots * slot_bytes <= _MAX_SLOT_BYTES:
+                ds.sb_slots = torch.empty((self.num_workers, slots, slot_bytes), dtype=torch.uint8).share_memory_()
+            else:
+                ds.sb_slots = None
+                logger.info("batches of %d bytes are too large for shared slots; using torch's IPC", slot_bytes)
             self._dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                   prefetch_factor=self.prefetch, persistent_workers=True)
         ds.publish(epoch, start, work)
@@ -230,11 +241,28 @@ class StreamingLoader:
                 it._shutdown_workers()
             self._dl = None
 
+    def _owned(self, source: Iterator[Any]) -> Iterator[Any]:
+        """Copy each batch out of its worker's shared slot as soon as it arrives (before the
+        DataLoader can hand that slot out again), into pinned memory when bound for a GPU."""
+        import torch
+
+        slots = self.dataset.sb_slots.numpy() if self.dataset.sb_slots is not None else None
+        layout = self.dataset.plan.layout
+        for batch in source:
+            if batch.slot is not None:
+                w, k = batch.slot
+                total = layout(batch.rows)[1]
+                buf = torch.empty(total, dtype=torch.uint8, pin_memory=self.pin_memory)
+                # a plain memcpy: torch's copy_ may wake its thread pool, which costs more here
+                np.copyto(buf.numpy(), slots[w, k, :total])
+                batch.buf, batch.slot = buf, None
+            yield batch
+
     def _run(self, token: object, epoch: int) -> Iterator[Any]:
         if self.num_workers == 0:
             source: Any = iter(self.dataset)
         else:
-            source = self._workers(epoch, self.dataset.sb_sample_in_epoch, self.dataset.sb_work[1])
+            source = self._owned(self._workers(epoch, self.dataset.sb_sample_in_epoch, self.dataset.sb_work[1]))
         self._submit(epoch + 1, 0)  # after the workers are forked: never fork under a busy thread
         for out in to_batches(source, self.dataset.plan, device=self.device, pin_memory=self.pin_memory,
                               prefetch=self.prefetch):
