@@ -7,14 +7,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["StreamingLoader"]
+__all__ = ["StreamingLoader", "StateError", "CorruptShardError"]
 
 _LAZY = {
     "StreamingLoader": "bridge.loader",
+    "StateError": "bridge.state",
+    "CorruptShardError": "bridge.decode",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from bridge.decode import CorruptShardError
     from bridge.loader import StreamingLoader
+    from bridge.state import StateError
 
 
 def __getattr__(name: str) -> Any:
