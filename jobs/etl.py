@@ -1,4 +1,4 @@
-"""The ETL job: CSV/Parquet → (select) → MDS dataset, as ``spark-submit jobs/etl.py`` or ``sparkbridge convert``.
+"""The ETL job: CSV/Parquet → (select, features) → MDS dataset, as ``spark-submit jobs/etl.py`` or ``sparkbridge convert``.
 
 Both entries parse the same options and run :func:`convert`. Under spark-submit the master comes
 from spark-submit (``--master`` here only when given); ``sparkbridge convert`` defaults to
@@ -9,6 +9,7 @@ from spark-submit (``--master`` here only when given); ``sparkbridge convert`` d
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
 
-__all__ = ["add_convert_arguments", "run_convert", "convert", "preflight", "build_session", "main", "SparkProgress"]
+__all__ = ["add_convert_arguments", "run_convert", "convert", "add_features", "preflight", "build_session", "main", "SparkProgress"]
 
 log = logging.getLogger("sparkbridge.convert")
 
@@ -41,6 +42,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="malformed CSV rows: fail (default), drop and count, or keep them in folder DIR")
     parser.add_argument("--select", nargs="+", metavar="COL",
                         help="columns to keep, in this order (names, or comma-separated lists)")
+    parser.add_argument("--features", nargs="+", metavar="COL",
+                        help="numeric columns packed into one fixed-shape array column (a model's input); "
+                             "a row with a null feature gets a null array, handled by --nulls; "
+                             "without --select the feature columns themselves are not kept")
+    parser.add_argument("--features-name", default="features", help="name of that column (default: features)")
+    parser.add_argument("--features-dtype", choices=("float32", "float64"), default="float32",
+                        help="element type of the features array (default float32, what models take)")
     parser.add_argument("--compression", default="zstd", help="shard compression, e.g. zstd, zstd:7, none")
     parser.add_argument("--hashes", default="xxh64", help="comma-separated shard hashes (default xxh64; 'none')")
     parser.add_argument("--shard-size", default="64MB", help="uncompressed shard size limit (default 64MB)")
@@ -71,13 +79,36 @@ def _submit_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _columns(select: Optional[Sequence[str]]) -> Optional[list[str]]:
+def _columns(select: Optional[Sequence[str]], *, option: str = "--select") -> Optional[list[str]]:
     if not select:
         return None
     cols = [c.strip() for item in select for c in item.split(",") if c.strip()]
     if len(set(cols)) != len(cols):
-        raise ValueError(f"--select names a column twice: {cols}")
+        raise ValueError(f"{option} names a column twice: {cols}")
     return cols
+
+
+def add_features(df: Any, columns: Sequence[str], *, name: str, dtype: str) -> Any:
+    """``df`` plus column ``name``: the listed numeric columns as one array (null if any is null).
+
+    Why null and not NaN: a missing feature must meet the ``--nulls`` policy (error, fill, mask),
+    never become a silent NaN inside a tensor.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import NumericType
+
+    fields = {f.name: f for f in df.schema.fields}
+    for col in columns:
+        if col not in fields:
+            raise ValueError(f"--features: no column {col!r}; the input has {df.columns}")
+        if not isinstance(fields[col].dataType, NumericType):
+            raise ValueError(f"--features: column {col!r} is {fields[col].dataType.simpleString()}, not numeric")
+    if name in fields:
+        raise ValueError(f"--features-name {name!r} is already a column of the input; pick another name")
+    element = "float" if dtype == "float32" else "double"
+    values = [F.col(c).cast(element) for c in columns]
+    any_null = functools.reduce(lambda a, b: a | b, [F.col(c).isNull() for c in columns])
+    return df.withColumn(name, F.when(any_null, F.lit(None)).otherwise(F.array(*values)))
 
 
 def _conf_pairs(items: Sequence[str]) -> dict[str, str]:
@@ -208,6 +239,7 @@ def convert(spark: "SparkSession", args: argparse.Namespace, *, progress: bool =
     import etl
 
     columns = _columns(args.select)
+    features = _columns(getattr(args, "features", None), option="--features")
     compression = None if str(args.compression).lower() in ("none", "") else args.compression
     hashes = tuple(h.strip() for h in str(args.hashes).split(",") if h.strip() and h.strip().lower() != "none")
     with SparkProgress(spark, enabled=progress) as bar:
@@ -218,6 +250,12 @@ def convert(spark: "SparkSession", args: argparse.Namespace, *, progress: bool =
             missing = [c for c in columns if c not in df.columns]
             if missing:
                 raise ValueError(f"--select: no column(s) {missing} in {args.input}; it has {df.columns}")
+        if features:
+            df = add_features(df, features, name=args.features_name, dtype=args.features_dtype)
+            if columns is None:
+                columns = [c for c in df.columns if c not in features and c != args.features_name]
+            columns = columns + [args.features_name]
+            log.info("features: %s → %s (%s array)", features, args.features_name, args.features_dtype)
         bar.phase = "write"
         log.info("writing %s (mode=%s, nulls=%s, compression=%s, hashes=%s, shard size %s)",
                  args.output, args.mode, args.nulls, compression, list(hashes), args.shard_size)
@@ -265,6 +303,7 @@ def _run(args: argparse.Namespace, *, master: Optional[str]) -> int:
     try:
         conf = _conf_pairs(args.conf)
         _columns(args.select)
+        _columns(args.features, option="--features")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

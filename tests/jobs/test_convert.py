@@ -15,6 +15,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jobs.datasets import inspect_dataset, validate_dataset
@@ -50,7 +51,7 @@ def read_back(remote: str, local: Path, *columns: str) -> list[tuple]:
     rows = []
     for i in range(ds.num_samples):
         sample = ds[i]
-        rows.append(tuple(sample[c].item() if hasattr(sample[c], "item") else sample[c] for c in columns))
+        rows.append(tuple(sample[c].item() if isinstance(sample[c], np.generic) else sample[c] for c in columns))
     return rows
 
 
@@ -64,11 +65,12 @@ def test_convert_cli_then_inspect_and_validate(tmp_path):
     out = tmp_path / "ds"
     cmd = [sys.executable, "-m", "jobs.cli", "convert", str(src), str(out), "--master", "local[2]",
            "--schema", "id INT, name STRING, score DOUBLE, city STRING", "--bad-records", "drop",
-           "--select", "id,score", "name", "--shard-size", "1KB", "--json", "--no-progress"]
+           "--select", "id,score", "name", "--features", "score,id", "--shard-size", "1KB", "--json",
+           "--no-progress"]
     proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (result["rows"], result["columns"]) == (50, ["id", "score", "name"])
+    assert (result["rows"], result["columns"]) == (50, ["id", "score", "features", "name"])  # fixed-width first
     assert "wrote 50 rows in" in proc.stdout
     assert "dropped 1 malformed CSV row(s)" in proc.stderr
 
@@ -76,11 +78,14 @@ def test_convert_cli_then_inspect_and_validate(tmp_path):
     assert (info["rows"], info["shards"]) == (50, result["shards"])
     assert info["shards"] > 1  # 1 KB shards
     assert [(c["name"], c["logical"], c["mds"]) for c in info["columns"]] == [
-        ("id", "int32", "int32"), ("score", "float64", "float64"), ("name", "string", "str")]
+        ("id", "int32", "int32"), ("score", "float64", "float64"), ("name", "string", "str"),
+        ("features", "array", "ndarray:float32:2")]  # the manifest keeps the user's order
     assert validate_dataset(str(out), progress=False).ok
 
-    rows = read_back(str(out), tmp_path / "cache", "id", "score", "name")
-    assert sorted(rows) == [(i, i * 0.5, f"name {i}") for i in range(1, 51)]
+    rows = read_back(str(out), tmp_path / "cache", "id", "score", "name", "features")
+    assert sorted((i, s, n) for i, s, n, _ in rows) == [(i, i * 0.5, f"name {i}") for i in range(1, 51)]
+    for i, score, _, features in rows:
+        assert features.dtype.name == "float32" and features.tolist() == [score, float(i)]
 
     # Same output again in the default mode "error": refused with a clear message, dataset intact.
     proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
