@@ -90,6 +90,18 @@ class _Proc:
             )
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the test process dies, even without teardown
+    (a hard timeout, a killed pytest). Linux only; elsewhere teardown alone has to do."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _spawn(name: str, argv: Sequence[str], *, log_path: Path, env: Mapping[str, str], cwd: Path) -> _Proc:
     """Start ``argv`` in its own session (= process group) so teardown can kill all its children."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +114,7 @@ def _spawn(name: str, argv: Sequence[str], *, log_path: Path, env: Mapping[str, 
             env=dict(env),
             cwd=str(cwd),
             start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
     log.debug("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
     return _Proc(name, popen, log_path)
