@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 import threading
-from time import sleep, time_ns
+from time import time_ns
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np

@@ -47,7 +47,7 @@ class DecodedShard:
     fixed-width, ``rows``: one opaque record (``void`` of the row size) per sample."""
 
     name: str
-    buf: Union[np.ndarray]
+    buf: np.ndarray
     offsets: np.ndarray
     layout: ShardLayout
     rows: Optional[np.ndarray]
