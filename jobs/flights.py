@@ -428,4 +428,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - spark-submit entry
+    # As a script, this file's folder is sys.path[0], where jobs/etl.py would shadow the ``etl``
+    # package: put the repository root there instead (harmless when sparkbridge is installed).
+    import sys
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
     raise SystemExit(main())
