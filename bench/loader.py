@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "bench-output" / "loader")
     args = parser.parse_args(argv)
+    if args.rows < BATCH or args.stock_batches < 1 or args.repeats < 1:
+        parser.error(f"--rows must be at least {BATCH}; --stock-batches and --repeats at least 1")
 
     import torch
     import streaming
@@ -216,6 +218,7 @@ def main(argv=None) -> int:
         print(f"fresh process, {kind}: first batch after {r['first_batch_s']:.2f}s (imports included){extra}")
     print(f"raw table in RAM for the bound: {sum(v.nbytes for v in table.values()) / 2**20:.0f} MB")
     print("summary: " + json.dumps({k: round(v, 3) for k, v in results.items()}))
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"targets (later epochs): >=100x stock: {results['ours_w0_later'] / results['stock_w0']:.0f}x; "
           f">=1.0x bound: {results['ours_w0_later'] / results['bound_vs_w0']:.2f}x (workers=0), "
           f"{results['ours_w2_later'] / results['bound_vs_w2']:.2f}x (workers=2)")
