@@ -40,7 +40,23 @@ _MAX_SLOT_BYTES = 512 << 20
 class StreamingLoader:
     """An iterable of batches: ``dict`` column -> tensor (str/bytes/json columns as lists, variable
     ndarrays as lists of tensors), or ``(features float32 [B, F], label)`` with ``features=`` and
-    ``label=``. ``len(loader)`` is the number of batches one epoch gives this rank."""
+    ``label=``. ``len(loader)`` is the number of batches one epoch gives this rank.
+
+    * Order: Mosaic's, for every ``shuffle_algo`` and ``seed``; a new shuffle each epoch. Calling
+      ``iter()`` again before a pass is finished starts the next epoch (as Mosaic does).
+    * Distributed (torchrun): each rank reads a disjoint share; when the sample count does not
+      divide by the world size Mosaic repeats up to ``world_size - 1`` samples so that every rank
+      gets as many samples, and batches, as the others (a DDP step never waits for a rank that has
+      run out). ``drop_last=True`` drops each rank's final partial batch; otherwise it is smaller.
+    * Types: bool columns (manifest.json) and ``<col>__null`` masks come as ``torch.bool``; dates
+      as int32 days and timestamps as int64 microseconds since the epoch; ``str_int``/``str_float``
+      as int64/float64 tensors, ``str_decimal`` as a list of ``Decimal``.
+    * Integrity: shards are checked against index.json hashes (``validate_hash=None`` picks xxh64
+      when present, a name forces one, False skips) and their layout; a bad shard raises
+      :class:`~bridge.decode.CorruptShardError` naming it. Without hashes only layout damage shows.
+    * Memory: each process keeps up to ``decoded_cache_bytes`` (default 1 GiB) of decoded shards;
+      ``cache_limit`` bounds the local disk cache of a remote dataset (Mosaic evicts old shards).
+    """
 
     def __init__(
         self,

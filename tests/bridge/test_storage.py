@@ -109,3 +109,16 @@ def test_stale_shared_memory_is_cleaned_but_live_segments_are_kept():
         live.unlink()
         if os.path.exists(f"/dev/shm/{stale}"):
             os.unlink(f"/dev/shm/{stale}")
+
+
+def test_corrupt_shard_in_a_worker_process_names_the_shard(tmp_path):
+    root = write_numeric(tmp_path / "ds", 600, compression="zstd", size_limit=3000)
+    victim = _shard_files(root, ".zstd")[0]
+    data = bytearray(victim.read_bytes())
+    data[-20] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    loader = StreamingLoader(root, batch_size=50, num_workers=2)
+    with pytest.raises(CorruptShardError, match=victim.name):
+        for _ in loader:
+            pass
+    loader.close()
