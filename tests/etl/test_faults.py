@@ -216,12 +216,12 @@ KILLED_JOB = textwrap.dedent('''
 
     def slow(batches):
         for batch in batches:
-            time.sleep(0.2)
+            time.sleep(0.1)
             yield batch
 
     df = (spark.range(1000, 5000, numPartitions=2).selectExpr("id", "id * 3 AS x", "repeat('p', 500) AS pad")
           .mapInArrow(slow, "id long, x long, pad string"))
-    etl.write_mds(df, out, mode="overwrite", shard_size="16KB", columns=["id", "x"])
+    etl.write_mds(df, out, mode="overwrite", shard_size="32KB")
     print("V2", flush=True)
 ''')
 
