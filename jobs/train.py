@@ -78,6 +78,8 @@ def run_train(args: argparse.Namespace) -> int:
     for name in ("epochs", "batch_size", "hidden", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"sparkbridge train: --{name.replace('_', '-')} must be at least 1")
+    if args.batch_size < 2:
+        raise SystemExit("sparkbridge train: --batch-size must be at least 2 (the model uses BatchNorm)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device is None:
@@ -133,6 +135,10 @@ def run_train(args: argparse.Namespace) -> int:
                    dynamic_ncols=True)
         loss_sum, loss_rows = 0.0, 0
         for x, y in loader:
+            if x.shape[0] < 2:
+                # BatchNorm cannot train on one row; every rank gets the same batch sizes (Mosaic
+                # pads rank shares to equal length), so all ranks skip it together and DDP stays in step
+                continue
             y = y.float().reshape(-1, 1)
             ok = torch.isfinite(y).all(dim=1) & torch.isfinite(x).all(dim=1)
             out = model(torch.nan_to_num(x))
