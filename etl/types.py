@@ -66,7 +66,7 @@ _VECTOR_UDTS = ("VectorUDT",)
 FILL_VALUES: dict[str, Any] = {
     "bool": 0, "int8": 0, "int16": 0, "int32": 0, "int64": 0, "float32": 0.0, "float64": 0.0,
     "date": 0, "timestamp": 0, "timestamp_ntz": 0, "decimal": "0", "string": "", "binary": "",
-    "array": [], "vector": [], "json": "{} for structs and maps, [] for arrays",
+    "array": [], "vector": [], "json": "{}",
 }
 
 
@@ -105,9 +105,17 @@ def _type_name(dt: Any) -> str:
     return type(dt).__name__
 
 
-def fill_value(logical: str) -> Any:
-    """The value ``nulls="fill"`` writes for a null of this logical type."""
-    return FILL_VALUES[logical]
+def fill_value(spec: ColumnSpec) -> Any:
+    """The value ``nulls="fill"`` (and ``"mask"``, under the mask) writes for a null: zero of the
+    type (0, false, 1970-01-01, the epoch), "" / b"", an empty array (zeros when the array has a
+    fixed shape), ``{}`` for structs and maps, ``[]`` for other arrays stored as json."""
+    if spec.logical == "json":
+        return "[]" if spec.spark_type.startswith("array") else "{}"
+    if spec.logical == "decimal":
+        return "0" if spec.encoding == "str_decimal" else 0.0
+    if spec.logical in ("array", "vector") and spec.shape:
+        return [0] * spec.shape[0]
+    return FILL_VALUES[spec.logical]
 
 
 def _scalar_plan(name: str, dt: Any, nullable: bool, decimals: str) -> ColumnPlan:
@@ -210,7 +218,7 @@ def plan_columns(
     if problems:
         raise UnsupportedTypeError("; ".join(problems))
     if nulls == "fill":
-        plans = [replace(p, spec=replace(p.spec, fill=fill_value(p.spec.logical))) if p.nullable else p
+        plans = [replace(p, spec=replace(p.spec, fill=fill_value(p.spec))) if p.nullable else p
                  for p in plans]
     if nulls == "mask":
         masks = []
@@ -242,6 +250,8 @@ def with_fixed_shape(plan: ColumnPlan, length: int) -> ColumnPlan:
     """The plan for an array column whose every row has ``length`` (>= 1) elements."""
     encoding = ndarray_encoding(plan.element, (length,))
     spec = replace(plan.spec, encoding=encoding, shape=[length])
+    if spec.fill is not None:
+        spec = replace(spec, fill=fill_value(spec))
     return replace(plan, kind="ndarray_fixed", encoding=encoding, spec=spec)
 
 

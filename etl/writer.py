@@ -205,6 +205,8 @@ def write_mds(
         seconds=time.perf_counter() - started, out=storage.root, mode=mode, job_id=job.job_id,
         columns=tuple(p.name for p in plans), raw_bytes=raw, partitions=len(tasks),
     )
+    if result.rows == 0:
+        log.warning("the DataFrame was empty: %s holds a committed dataset with 0 rows", result.out)
     log.info("wrote %d rows in %d shards (%d bytes) to %s in %.2f s", result.rows, result.shards,
              result.bytes, result.out, result.seconds)
     return result

@@ -201,6 +201,8 @@ def test_nulls_fill_writes_documented_values(spark, tmp_path):
         assert g["st"] == ({} if null else {"a": k})
     manifest = Manifest.from_json(open(os.path.join(out, "manifest.json")).read())
     assert manifest.column("s").fill == "" and manifest.column("x").fill == 0.0
+    assert manifest.column("arr").fill == [0, 0] and manifest.column("st").fill == "{}"
+    assert manifest.column("dec").fill == "0" and manifest.column("day").fill == 0
     assert manifest.column("id").fill is None  # not nullable
 
 
@@ -219,3 +221,20 @@ def test_nulls_mask_adds_null_columns(spark, tmp_path):
     manifest = Manifest.from_json(open(os.path.join(out, "manifest.json")).read())
     assert manifest.column("x").null_mask == "x__null"
     assert [c.name for c in manifest.columns] == ["id", "s", "x", "n"]
+
+
+def test_uncompressed_float_decimals_and_several_hashes(spark, tmp_path):
+    import hashlib
+
+    df = spark.sql("SELECT id, CAST(id / 3 AS DECIMAL(20, 4)) AS d, CAST(id AS STRING) AS s FROM range(100)")
+    out = str(tmp_path / "ds")
+    result = etl.write_mds(df, out, compression=None, hashes=("xxh64", "sha1"), decimals="float", shard_size=2048)
+    assert result.rows == 100 and result.bytes == result.raw_bytes
+    index = json.load(open(os.path.join(out, "index.json")))
+    for shard in index["shards"]:
+        assert shard["zip_data"] is None and shard["compression"] is None
+        with open(os.path.join(out, shard["raw_data"]["basename"]), "rb") as f:
+            assert hashlib.sha1(f.read()).hexdigest() == shard["raw_data"]["hashes"]["sha1"]
+    got = sorted((_normal(s) for s in _read(out)), key=lambda s: s["id"])
+    assert [(g["id"], g["s"]) for g in got] == [(k, str(k)) for k in range(100)]
+    assert all(g["d"] == float(Decimal(k) / 3).__round__(4) for g, k in zip(got, range(100)))
