@@ -33,7 +33,7 @@ __all__ = ["StreamingLoader", "StateError"]
 
 logger = logging.getLogger(__name__)
 
-_SHUFFLE_ALGOS = ("py1b", "py1br", "py1e", "py1s", "py2s", "naive")
+_SHUFFLE_ALGOS = ("py1br", "py1e", "py1s", "py2s", "naive")  # streaming.base.shuffle.algos
 _MAX_SLOT_BYTES = 512 << 20
 
 
