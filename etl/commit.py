@@ -16,12 +16,12 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict
 from typing import Any, Optional, Sequence
 
 from etl.layout import (
-    JobInfo,
+    STALE_AFTER_SECONDS,
     STAGING,
+    JobInfo,
     find_orphans,
     is_job_id,
     is_live,
@@ -99,6 +99,7 @@ class Job:
         self.stop()
         self.storage.delete_prefix(f"{self.job_id}/")
         self.storage.delete_prefix(f"{staging_prefix(self.job_id)}/")
+        _prune_empty_dirs(self.storage)
 
 
 def _sha(data: bytes) -> str:
@@ -120,7 +121,7 @@ def start_job(storage: Any, job_id: str, mode: str) -> Job:
         raise ConcurrentWriteError(
             f"{storage.root} is being written by another {blockers[0].describe()}; wait for it to "
             "finish (or, if it crashed on another host, for its heartbeat to go stale after "
-            f"{int(120)} s) and retry"
+            f"{int(STALE_AFTER_SECONDS)} s) and retry"
         )
     return Job(storage, info, _sha(current[0]) if current else None)
 
@@ -200,16 +201,22 @@ def _rename_attempts(storage: Any, job_id: str, attempts: Sequence[str]) -> None
 
 
 def _prune_empty_dirs(storage: Any) -> None:
-    if not storage.is_local:
+    """Remove empty folders left by deletes (local only), never those of a running job."""
+    if not storage.is_local or not os.path.isdir(storage.root):
         return
-    for name in os.listdir(storage.root):
-        path = os.path.join(storage.root, name)
-        if os.path.isdir(path) and (name == STAGING or is_job_id(name)):
-            for folder, _, _ in sorted(os.walk(path), key=lambda t: -len(t[0])):
-                try:
-                    os.rmdir(folder)
-                except OSError:
-                    pass
+    live = {j.job_id for j in read_jobs(storage) if is_live(j)}
+    tops = [n for n in os.listdir(storage.root) if is_job_id(n) and n not in live]
+    staging = os.path.join(storage.root, STAGING)
+    if os.path.isdir(staging):
+        tops += [os.path.join(STAGING, n) for n in os.listdir(staging) if n not in live]
+        tops.append(STAGING)
+    for top in tops:
+        path = os.path.join(storage.root, top)
+        for folder, _, _ in sorted(os.walk(path), key=lambda t: -len(t[0])):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty
+                pass
 
 
 def commit(
@@ -301,6 +308,3 @@ def _cleanup(storage: Any, job: Job, expired_files: Sequence[str]) -> None:
     except Exception as exc:  # the commit already happened; leftovers are reported by validate
         log.warning("cleanup after committing %s failed: %s (run `sparkbridge validate`)", storage.root, exc)
 
-
-def manifest_dict(manifest: Manifest) -> dict[str, Any]:
-    return asdict(manifest)

@@ -31,6 +31,8 @@ from etl.mds_format import INDEX_BASENAME
 __all__ = [
     "STAGING",
     "JOB_FILE",
+    "STALE_AFTER_SECONDS",
+    "shard_files",
     "new_job_id",
     "is_job_id",
     "attempt_name",

@@ -17,9 +17,9 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from etl.encode import encode_batch, null_counts
+from etl.encode import EncodeError, encode_batch, null_counts
 from etl.layout import attempt_name, job_file, staging_prefix
-from etl.mds_format import compress, compression_extension, encode_shard, index_entry, shard_config
+from etl.mds_format import ShardFormatError, compress, compression_extension, encode_shard, index_entry, shard_config
 from etl.types import ColumnPlan
 
 __all__ = ["TaskConfig", "TaskFailure", "run_task", "task_function", "MANIFEST_FIELD", "ERROR_TAG",
@@ -254,8 +254,11 @@ def task_function(cfg: TaskConfig):
         ctx = TaskContext.get()
         for key, value in cfg.env:
             os.environ[key] = value
-        row = run_task(cfg, batches, partition=ctx.partitionId(), task_attempt_id=ctx.taskAttemptId(),
-                       attempt_number=ctx.attemptNumber())
+        try:
+            row = run_task(cfg, batches, partition=ctx.partitionId(), task_attempt_id=ctx.taskAttemptId(),
+                           attempt_number=ctx.attemptNumber())
+        except (EncodeError, ShardFormatError) as exc:  # explained to the user by the driver
+            raise TaskFailure(str(exc)) from None
         yield pa.RecordBatch.from_arrays([pa.array([json.dumps(row)], pa.string())], [MANIFEST_FIELD])
 
     return fn

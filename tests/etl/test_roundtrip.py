@@ -13,6 +13,7 @@ import pytest
 
 import etl
 from etl.manifest import Manifest
+from etl.writer import NullValuesError, WriteError
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +173,7 @@ def _null_frame(spark):
 def test_nulls_error_names_each_column_and_count(spark, tmp_path):
     _, df = _null_frame(spark)
     out = tmp_path / "ds"
-    with pytest.raises(etl.writer.NullValuesError) as info:
+    with pytest.raises(NullValuesError) as info:
         etl.write_mds(df, str(out))
     message = str(info.value)
     for col, count in [("x", 4), ("n", 3), ("bo", 4), ("day", 4), ("s", 4), ("dec", 4), ("arr", 4), ("st", 4)]:
@@ -238,3 +239,19 @@ def test_uncompressed_float_decimals_and_several_hashes(spark, tmp_path):
     got = sorted((_normal(s) for s in _read(out)), key=lambda s: s["id"])
     assert [(g["id"], g["s"]) for g in got] == [(k, str(k)) for k in range(100)]
     assert all(g["d"] == float(Decimal(k) / 3).__round__(4) for g, k in zip(got, range(100)))
+
+
+def test_source_changing_between_passes_is_a_clear_error(spark, tmp_path):
+    from pyspark.sql import functions as F
+
+    out = tmp_path / "ds"
+    staging = str(out / "_staging")
+
+    @F.udf("array<double>")
+    def arr(i):  # 2 elements while shapes are measured, 3 once the write has started
+        return [float(i)] * (3 if os.path.isdir(staging) else 2)
+
+    df = spark.range(20, numPartitions=2).select("id", arr("id").alias("a"))
+    with pytest.raises(WriteError, match=r"column 'a': every array was expected to have 2 elements"):
+        etl.write_mds(df, str(out))
+    assert not (out / "index.json").exists() and not os.path.exists(staging)
