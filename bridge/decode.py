@@ -8,7 +8,6 @@ by the foreground gather and the background read-ahead thread of one process.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -83,22 +82,19 @@ def _pick_algo(hashes: dict, validate_hash: Union[str, bool, None]) -> Optional[
     return "xxh64" if "xxh64" in hashes else sorted(hashes)[0]
 
 
-def _map_file(path: str):
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return np.empty(0, dtype=np.uint8)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return np.frombuffer(mm, dtype=np.uint8)
+def _read_file(path: str) -> np.ndarray:
+    # read, not mmap: a mapping keeps a file descriptor open per cached shard, and processes
+    # reading many datasets run out of them; the copy costs about what hashing it costs
+    return np.fromfile(path, dtype=np.uint8)
 
 
 def read_shard(files: ShardFiles, *, validate_hash: Union[str, bool, None] = None) -> np.ndarray:
-    """The uncompressed shard bytes, validated. Raw files are memory-mapped (the page cache holds
-    them); compressed ones are decompressed in memory, never written back beside the zip.
+    """The uncompressed shard bytes, validated. Compressed shards are decompressed in memory,
+    never written back beside the zip.
 
     Raises FileNotFoundError when neither form is present (the caller then downloads it)."""
     if os.path.isfile(files.raw_path):
-        buf = _map_file(files.raw_path)
+        buf = _read_file(files.raw_path)
         _check_hash(files, "raw", buf, files.raw_hashes, _pick_algo(files.raw_hashes, validate_hash))
         return buf
     if files.zip_path is not None and os.path.isfile(files.zip_path):

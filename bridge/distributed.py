@@ -12,7 +12,7 @@ import os
 import re
 from typing import Optional
 
-__all__ = ["world_info", "clean_stale_shared_memory", "stale_shared_memory"]
+__all__ = ["world_info", "clean_stale_shared_memory", "stale_shared_memory", "release_shared_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,3 +93,31 @@ def clean_stale_shared_memory() -> int:
     if destroy:
         dist.destroy_process_group()
     return removed
+
+
+def release_shared_memory(dataset) -> int:
+    """Close a ``StreamingDataset``'s shared memory now (unlinking what this process created).
+
+    Mosaic registers every segment it opens with ``atexit``, so each dataset keeps its file
+    descriptors until the interpreter exits, and every later dataset in the process opens the
+    segments of all earlier ones again: a process that builds many loaders runs out of file
+    descriptors. Call this when a dataset is no longer used (``StreamingLoader.close`` does)."""
+    import atexit
+
+    holders = [getattr(dataset, "_locals_shm", None), getattr(dataset, "_resume_shm", None)]
+    for name in ("_next_epoch", "_cache_usage"):
+        holders.append(getattr(getattr(getattr(dataset, name, None), "arr", None), "shm", None))
+    for name in ("_shard_states", "_shard_access_times"):
+        holders.append(getattr(getattr(dataset, name, None), "shm", None))
+    holders.append(getattr(getattr(getattr(dataset, "_shared_barrier", None), "_arr", None), "shm", None))
+    released = 0
+    for shm in holders:
+        if shm is None or not hasattr(shm, "cleanup"):
+            continue
+        try:
+            shm.cleanup()
+        except (BufferError, OSError):  # still exported to a live array: leave it to atexit
+            continue
+        atexit.unregister(shm.cleanup)
+        released += 1
+    return released

@@ -141,6 +141,7 @@ class StreamingLoader:
         self._len: Optional[int] = None
         self._dl: Any = None  # persistent DataLoader (num_workers > 0): workers keep decoded shards
         self._dl_capacity = 0
+        self._closed = False
 
     # ------------------------------------------------------------------ facts
 
@@ -206,6 +207,8 @@ class StreamingLoader:
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[Any]:
+        if self._closed:
+            raise RuntimeError("this StreamingLoader was closed; build a new one (load_state_dict resumes it)")
         if self._active:
             logger.info("epoch %d was left unfinished after %d batches; starting epoch %d",
                         self._epoch, self._consumed, self._epoch + 1)
@@ -336,11 +339,18 @@ class StreamingLoader:
         self._token = None
 
     def close(self) -> None:
-        """Stop the worker processes and the background epoch-order thread."""
+        """Stop the worker processes and the background epoch-order thread and release Mosaic's
+        shared memory. The loader cannot be iterated afterwards (``state_dict`` still works)."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
         self._shutdown_workers()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        from bridge.distributed import release_shared_memory
+
+        release_shared_memory(self.dataset)
 
     def __del__(self) -> None:
         try:
