@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# Run as a script, bench/ is sys.path[0] and bench/etl.py would shadow the etl package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+sys.path.insert(0, str(REPO))
 
 BATCH = 1024
 FLOATS = [f"f{i:02d}" for i in range(16)]
