@@ -145,9 +145,11 @@ class FlightFeatures:
     counts: dict[str, int]  # source rows, dropped rows by reason, rows and positives per split
     weather_fill: dict[str, float]  # the mean each missing weather value was replaced with
     columns: list[str] = field(default_factory=lambda: CATEGORICAL + NUMERIC + [LABEL])
+    cached: list["DataFrame"] = field(default_factory=list)  # what train/test are computed from
 
     def unpersist(self) -> None:
-        for df in (self.train, self.test):
+        """Release the cached inputs once both splits are written."""
+        for df in self.cached:
             df.unpersist()
 
 
@@ -197,11 +199,15 @@ def _read_weather(spark: "SparkSession", path: Path) -> tuple["DataFrame", dict[
     from pyspark.sql import functions as F
 
     raw = etl.read_source(spark, str(path), format="csv", schema=WEATHER_SCHEMA)
-    _check_numbers(raw, path, WEATHER, raw.agg(*[F.sum(_unparseable(c)).alias(f"bad_{c}") for c in WEATHER]).first())
+    stats = raw.agg(  # one pass: unparseable values, means and standard deviations
+        *[F.sum(_unparseable(c)).alias(f"bad_{c}") for c in WEATHER],
+        *[F.avg(_na(c)).alias(f"mean_{c}") for c in WEATHER],
+        *[F.stddev(_na(c)).alias(f"std_{c}") for c in WEATHER],
+    ).first()
+    _check_numbers(raw, path, WEATHER, stats)
     typed = raw.select("origin", "year", "month", "day", "hour", *[_na(c).alias(c) for c in WEATHER])
     # A few hours appear twice (daylight-saving change): average them so the join cannot duplicate flights.
     hourly = typed.groupBy("origin", "year", "month", "day", "hour").agg(*[F.avg(c).alias(c) for c in WEATHER])
-    stats = typed.agg(*[F.avg(c).alias(f"mean_{c}") for c in WEATHER], *[F.stddev(c).alias(f"std_{c}") for c in WEATHER]).first()
     means, stds = {}, {}
     for c in WEATHER:
         mean, std = stats[f"mean_{c}"], stats[f"std_{c}"]
@@ -218,7 +224,7 @@ def build_features(
     *,
     partitions: Optional[int] = None,
 ) -> FlightFeatures:
-    """Read, clean, join and index; return cached train/test DataFrames of CATEGORICAL+NUMERIC+LABEL.
+    """Read, clean, join and index; return train/test DataFrames of CATEGORICAL+NUMERIC+LABEL.
 
     Missing values, explicitly:
     - no ``arr_delay`` (cancelled: no ``dep_time``; diverted: departed, never arrived) → no label,
@@ -236,48 +242,76 @@ def build_features(
     n_parts = partitions or max(2, spark.sparkContext.defaultParallelism)
     source = etl.read_source(spark, str(raw.flights), format="csv", schema=FLIGHTS_SCHEMA)
     # Parse once, keep only what the features need, spread over the cores: the passes below
-    # (accounting, StringIndexer fit, split counts, two writes) then start from memory.
+    # (StringIndexer fit, two writes) then start from memory.
+    arr_delay = F.col("arr_delay")
     flights = source.select(
         "year", "month", "day", "hour", "minute", "sched_arr_time", "carrier", "flight", "origin", "dest",
         "distance", _na("dep_time").alias("dep_time"), _na("arr_delay").alias("arr_delay"),
         _unparseable("dep_time").alias("bad_dep_time"), _unparseable("arr_delay").alias("bad_arr_delay"),
+        ((F.col("flight") + F.col("day")) % 5 == 0).alias("is_test"),
     ).repartition(n_parts).persist()
 
-    accounting = flights.agg(
+    def _count(cond):
+        return F.sum(F.when(cond, 1).otherwise(0))
+
+    labelled_train = arr_delay.isNotNull() & ~F.col("is_test")
+    labelled_test = arr_delay.isNotNull() & F.col("is_test")
+    accounting = flights.agg(  # one pass for every count the job reports
         F.sum("bad_dep_time").alias("bad_dep_time"),
         F.sum("bad_arr_delay").alias("bad_arr_delay"),
-        F.count(F.lit(1)).alias("source"),
-        F.sum(F.when(F.col("dep_time").isNull(), 1).otherwise(0)).alias("cancelled"),
-        F.sum(F.when(F.col("dep_time").isNotNull() & F.col("arr_delay").isNull(), 1).otherwise(0)).alias("diverted"),
+        F.count(F.lit(1)).alias("rows_source"),
+        _count(F.col("dep_time").isNull()).alias("rows_dropped_cancelled"),
+        _count(F.col("dep_time").isNotNull() & arr_delay.isNull()).alias("rows_dropped_diverted"),
+        _count(labelled_train).alias("rows_train"),
+        _count(labelled_train & (arr_delay > 15)).alias("positives_train"),
+        _count(labelled_test).alias("rows_test"),
+        _count(labelled_test & (arr_delay > 15)).alias("positives_test"),
     ).first()
     if accounting["bad_dep_time"] or accounting["bad_arr_delay"]:
         flights.unpersist()
         _check_numbers(source, raw.flights, ["dep_time", "arr_delay"], accounting)
     counts = {
-        "rows_source": int(accounting["source"]),
-        "rows_dropped_cancelled": int(accounting["cancelled"] or 0),
-        "rows_dropped_diverted": int(accounting["diverted"] or 0),
+        key: int(accounting[key] or 0)
+        for key in ("rows_source", "rows_dropped_cancelled", "rows_dropped_diverted",
+                    "rows_train", "positives_train", "rows_test", "positives_test")
     }
     log.info(
         "flights: %d rows; dropping %d cancelled and %d diverted flights (no arrival delay, so no label)",
         counts["rows_source"], counts["rows_dropped_cancelled"], counts["rows_dropped_diverted"],
     )
+    if counts["rows_train"] == 0 or counts["rows_test"] == 0:
+        flights.unpersist()
+        raise ValueError(
+            f"{raw.flights}: the split {TEST_FRACTION_RULE} left {counts['rows_train']} training and "
+            f"{counts['rows_test']} test rows; use more rows"
+        )
+    log.info("split %s: %d train rows, %d test rows", TEST_FRACTION_RULE, counts["rows_train"], counts["rows_test"])
 
     hourly, means, stds = _read_weather(spark, raw.weather)
+    hourly = hourly.persist()  # small; both writes join it
     log.info("weather gaps are filled with the column mean (plus a *_missing flag): %s",
              {c: round(v, 3) for c, v in means.items()})
 
-    labelled = flights.where(F.col("arr_delay").isNotNull())
-    keys = ["origin", "year", "month", "day", "hour"]
-    joined = labelled.join(F.broadcast(hourly), on=keys, how="left")
+    labelled = flights.where(arr_delay.isNotNull())
+    indexer = StringIndexer(
+        inputCols=["carrier", "origin", "dest"],
+        outputCols=["carrier_i", "origin_i", "dest_i"],
+        handleInvalid="keep",  # unseen in training → index len(labels)
+        stringOrderType="alphabetAsc",  # deterministic indices (frequency order breaks ties arbitrarily)
+    )
+    # Fitted on the training split only; labels are computed on the executors, only the lists come back.
+    model = indexer.fit(labelled.where(~F.col("is_test")))
+    vocab = {name: list(labels) for name, labels in zip(["carrier", "origin", "dest"], model.labelsArray)}
 
+    keys = ["origin", "year", "month", "day", "hour"]
+    joined = model.transform(labelled).join(F.broadcast(hourly), on=keys, how="left")
     wx = []
     for c in WEATHER:
         wx.append(((F.coalesce(F.col(c), F.lit(means[c])) - F.lit(means[c])) / F.lit(stds[c])).cast("float").alias(f"wx_{c}"))
         wx.append(F.col(c).isNull().cast("float").alias(f"wx_{c}_missing"))
     date = F.make_date("year", "month", "day")
-    base = joined.select(
-        "carrier", "origin", "dest", "flight", "day",
+    final = joined.select(
+        *[F.col(f"{n}_i").cast("int").alias(f"{n}_idx") for n in ("carrier", "origin", "dest")],
         (F.col("month") - 1).cast("int").alias("month_idx"),
         (F.dayofweek(date) - 1).cast("int").alias("dow_idx"),  # 0 = Sunday
         F.col("hour").cast("int").alias("hour_idx"),  # scheduled departure hour, 0-23
@@ -285,39 +319,9 @@ def build_features(
         (F.col("minute") / F.lit(60.0)).cast("float").alias("dep_minute"),
         (F.floor(F.col("sched_arr_time") / 100) / F.lit(24.0)).cast("float").alias("arr_hour"),
         *wx,
-        (F.col("arr_delay") > 15).cast("int").alias(LABEL),
-        ((F.col("flight") + F.col("day")) % 5 == 0).alias("is_test"),
+        (arr_delay > 15).cast("int").alias(LABEL),
+        "is_test",
     )
-
-    train_raw = base.where(~F.col("is_test"))
-    indexer = StringIndexer(
-        inputCols=["carrier", "origin", "dest"],
-        outputCols=["carrier_i", "origin_i", "dest_i"],
-        handleInvalid="keep",  # unseen in training → index len(labels)
-        stringOrderType="alphabetAsc",  # deterministic indices (frequency order breaks ties arbitrarily)
-    )
-    model = indexer.fit(train_raw)  # labels are computed on the executors; only the label lists come back
-    vocab = {name: list(labels) for name, labels in zip(["carrier", "origin", "dest"], model.labelsArray)}
-    indexed = model.transform(base)
-    cols = [F.col(f"{n}_i").cast("int").alias(f"{n}_idx") for n in ("carrier", "origin", "dest")]
-    final = indexed.select(*cols, "month_idx", "dow_idx", "hour_idx", *NUMERIC, LABEL, "is_test")
-    final = final.persist()
-
-    per_split = final.groupBy("is_test").agg(F.count(F.lit(1)).alias("n"), F.sum(LABEL).alias("pos")).collect()
-    for row in per_split:  # at most two metadata rows
-        split = "test" if row["is_test"] else "train"
-        counts[f"rows_{split}"] = int(row["n"])
-        counts[f"positives_{split}"] = int(row["pos"] or 0)
-    for split in ("train", "test"):
-        counts.setdefault(f"rows_{split}", 0)
-        counts.setdefault(f"positives_{split}", 0)
-    if counts["rows_train"] == 0 or counts["rows_test"] == 0:
-        raise ValueError(
-            f"{raw.flights}: the split {TEST_FRACTION_RULE} left {counts['rows_train']} training and "
-            f"{counts['rows_test']} test rows; use more rows"
-        )
-    log.info("split %s: %d train rows, %d test rows", TEST_FRACTION_RULE, counts["rows_train"], counts["rows_test"])
-    flights.unpersist()  # ``final`` is materialized now
 
     cardinality = {f"{n}_idx": len(vocab[n]) + 1 for n in ("carrier", "origin", "dest")}
     cardinality.update({"month_idx": 12, "dow_idx": 7, "hour_idx": 24})
@@ -329,6 +333,7 @@ def build_features(
         vocab=vocab,
         counts=counts,
         weather_fill=means,
+        cached=[flights, hourly],
     )
 
 

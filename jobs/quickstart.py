@@ -166,18 +166,32 @@ def train_model(
 ) -> TrainResult:
     """Train FlightDelayNet streaming shuffled batches from ``train_dir`` (local folder or s3:// URL)."""
     import torch
-    from tqdm.auto import tqdm
-
-    import bridge
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     torch.manual_seed(seed)
+    previous_threads = torch.get_num_threads()
     if torch_threads:
         # A ~20k-parameter MLP on 1024-row batches: one thread is fastest; on 2 busy cores, 2 threads
         # measured 30x slower per step (56 ms vs 1.8 ms) from synchronization.
         log.info("training with %d torch thread(s)", torch_threads)
         torch.set_num_threads(torch_threads)
+    try:
+        return _train(
+            train_dir, local=local, cardinality=cardinality, numeric=numeric, label=label, epochs=epochs,
+            batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers, device=device, progress=progress,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)  # the caller's process-wide setting, as it was
+
+
+def _train(train_dir: str, *, local, cardinality, numeric, label, epochs, batch_size, lr, seed, num_workers,
+           device, progress) -> TrainResult:
+    import torch
+    from tqdm.auto import tqdm
+
+    import bridge
+
     categorical = list(cardinality)
     columns = categorical + list(numeric) + [label]
     loader = bridge.StreamingLoader(
