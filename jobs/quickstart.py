@@ -198,61 +198,64 @@ def _train(train_dir: str, *, local, cardinality, numeric, label, epochs, batch_
         train_dir, local=local, batch_size=batch_size, shuffle=True, seed=seed, columns=columns,
         num_workers=num_workers, device=device,
     )
-    model = FlightDelayNet(cardinality, len(numeric)).to(device or "cpu")
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    history: dict[str, list[float]] = {"step": [], "loss": [], "rows_per_second": [], "epoch": []}
-    rows = steps = positives = 0
-    wait = 0.0
-    last_losses: list[float] = []
-    bar = tqdm(total=epochs * len(loader), desc="training", unit="batch", disable=not progress, dynamic_ncols=True)
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        t_prev = time.perf_counter()
-        it = iter(loader)
-        while True:
-            t_fetch = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            wait += time.perf_counter() - t_fetch
-            cats, nums, y = _split_batch(batch, categorical, numeric, label)
-            loss = loss_fn(model(cats, nums), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n = int(y.shape[0])
-            rows += n
-            steps += 1
-            if epoch == 0:
-                positives += int(y.sum().item())
-            now = time.perf_counter()
-            value = float(loss.item())
-            history["step"].append(steps)
-            history["loss"].append(value)
-            history["rows_per_second"].append(n / max(now - t_prev, 1e-9))
-            history["epoch"].append(epoch + 1)
-            t_prev = now
-            last_losses = (last_losses + [value])[-50:]
-            bar.update(1)
-            if steps % 20 == 0:
-                bar.set_postfix(epoch=epoch + 1, loss=f"{sum(last_losses) / len(last_losses):.4f}")
-    bar.close()
-    seconds = time.perf_counter() - start
-    if steps == 0:
-        raise RuntimeError(f"{train_dir}: the loader produced no batches; is the dataset empty?")
-    return TrainResult(
-        model=model,
-        rows=rows,
-        steps=steps,
-        seconds=seconds,
-        loader_wait_seconds=wait,
-        final_loss=sum(last_losses) / len(last_losses),
-        positives=positives,
-        history=history,
-    )
+    try:
+        model = FlightDelayNet(cardinality, len(numeric)).to(device or "cpu")
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        history: dict[str, list[float]] = {"step": [], "loss": [], "rows_per_second": [], "epoch": []}
+        rows = steps = positives = 0
+        wait = 0.0
+        last_losses: list[float] = []
+        bar = tqdm(total=epochs * len(loader), desc="training", unit="batch", disable=not progress, dynamic_ncols=True)
+        start = time.perf_counter()
+        for epoch in range(epochs):
+            model.train()
+            t_prev = time.perf_counter()
+            it = iter(loader)
+            while True:
+                t_fetch = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                wait += time.perf_counter() - t_fetch
+                cats, nums, y = _split_batch(batch, categorical, numeric, label)
+                loss = loss_fn(model(cats, nums), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                n = int(y.shape[0])
+                rows += n
+                steps += 1
+                if epoch == 0:
+                    positives += int(y.sum().item())
+                now = time.perf_counter()
+                value = float(loss.item())
+                history["step"].append(steps)
+                history["loss"].append(value)
+                history["rows_per_second"].append(n / max(now - t_prev, 1e-9))
+                history["epoch"].append(epoch + 1)
+                t_prev = now
+                last_losses = (last_losses + [value])[-50:]
+                bar.update(1)
+                if steps % 20 == 0:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{sum(last_losses) / len(last_losses):.4f}")
+        bar.close()
+        seconds = time.perf_counter() - start
+        if steps == 0:
+            raise RuntimeError(f"{train_dir}: the loader produced no batches; is the dataset empty?")
+        return TrainResult(
+            model=model,
+            rows=rows,
+            steps=steps,
+            seconds=seconds,
+            loader_wait_seconds=wait,
+            final_loss=sum(last_losses) / len(last_losses),
+            positives=positives,
+            history=history,
+        )
+    finally:
+        loader.close()  # worker processes, the epoch-order thread, Mosaic shared memory
 
 
 def evaluate_model(
@@ -279,15 +282,18 @@ def evaluate_model(
     model.eval()
     rows = correct = baseline = positives = 0
     loss_sum = 0.0
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, dynamic_ncols=True):
-            cats, nums, y = _split_batch(batch, categorical, numeric, label)
-            logits = model(cats, nums)
-            loss_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum"))
-            correct += int(((logits > 0).float() == y).sum())
-            baseline += int((y == majority_class).sum())
-            positives += int(y.sum())
-            rows += int(y.shape[0])
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, dynamic_ncols=True):
+                cats, nums, y = _split_batch(batch, categorical, numeric, label)
+                logits = model(cats, nums)
+                loss_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum"))
+                correct += int(((logits > 0).float() == y).sum())
+                baseline += int((y == majority_class).sum())
+                positives += int(y.sum())
+                rows += int(y.shape[0])
+    finally:
+        loader.close()
     if rows == 0:
         raise RuntimeError(f"{test_dir}: the test dataset produced no rows")
     return {

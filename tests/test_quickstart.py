@@ -71,12 +71,17 @@ def _demo_in_process(spark, *args: str) -> int:
 def _stock_read(root: str, columns: list[str]) -> dict[str, np.ndarray]:
     from streaming import StreamingDataset
 
+    from bridge.distributed import release_shared_memory
+
     ds = StreamingDataset(local=root, shuffle=False, batch_size=1)
-    out = {c: [] for c in columns}
-    for i in range(ds.num_samples):
-        sample = ds.get_item(i)
-        for c in columns:
-            out[c].append(sample[c])
+    try:
+        out = {c: [] for c in columns}
+        for i in range(ds.num_samples):
+            sample = ds.get_item(i)
+            for c in columns:
+                out[c].append(sample[c])
+    finally:
+        release_shared_memory(ds)  # Mosaic keeps it (and a descriptor) until exit otherwise
     return {c: np.asarray(v) for c, v in out.items()}
 
 
