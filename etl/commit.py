@@ -73,6 +73,7 @@ class Job:
         self.storage = storage
         self.info = info
         self.base_index_sha = base_index_sha
+        self.committed = False  # once index.json names this job's shards, abort must keep them
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"sparkbridge-heartbeat-{info.job_id}",
                                         daemon=True)
@@ -97,6 +98,8 @@ class Job:
     def abort(self) -> None:
         """Remove everything this job wrote (its staging and, on S3, its uploaded shards)."""
         self.stop()
+        if self.committed:
+            return
         self.storage.delete_prefix(f"{self.job_id}/")
         self.storage.delete_prefix(f"{staging_prefix(self.job_id)}/")
         _prune_empty_dirs(self.storage)
@@ -288,6 +291,7 @@ def commit(
     )
     storage.write_bytes_atomic(MANIFEST_BASENAME, manifest.to_json().encode("utf-8"))
     storage.write_bytes_atomic(INDEX_BASENAME, index_bytes)  # the commit point
+    job.committed = True
     job.stop()
     _cleanup(storage, job, expired_files)
     return manifest, index

@@ -165,74 +165,79 @@ class _ShardSink:
         return self.entries
 
 
-def _header_bytes(n: int, config_len: int) -> int:
-    return 4 + 4 * (n + 1) + config_len
+class _ShardCutter:
+    """Accumulates packed batches and cuts them into shards under the size limit (header included,
+    as Mosaic's ``size_limit``); each closed shard goes to the sink."""
+
+    def __init__(self, sink: _ShardSink, size_limit: int) -> None:
+        self.sink = sink
+        self.size_limit = size_limit
+        self.config_len = len(json.dumps(sink.config, sort_keys=True).encode("utf-8"))
+        self.number = 0
+        self.chunks: list[np.ndarray] = []
+        self.sizes: list[np.ndarray] = []
+        self.rows = 0
+        self.bytes = 0
+
+    def _flush(self) -> None:
+        if self.rows:
+            self.sink.submit(self.number, self.chunks, self.sizes)
+            self.number += 1
+        self.chunks, self.sizes, self.rows, self.bytes = [], [], 0, 0
+
+    def add(self, data: np.ndarray, sizes: np.ndarray) -> None:
+        n = len(sizes)
+        ends = np.cumsum(sizes)
+        start = 0
+        while start < n:
+            base = int(ends[start - 1]) if start else 0
+            room = self.size_limit - (self.bytes + 4 + 4 * (self.rows + 1) + self.config_len)
+            # the shard grows by each row's bytes plus 4 bytes of offset per row
+            fits = (ends[start:] - base) + 4 * np.arange(1, n - start + 1) <= room
+            take = n - start if fits.all() else int(np.argmin(fits))
+            if take == 0 and self.rows == 0:
+                take = 1  # a sample larger than the limit gets a shard of its own
+            if take == 0:
+                self._flush()
+                continue
+            hi = int(ends[start + take - 1])
+            self.chunks.append(data[base:hi])
+            self.sizes.append(sizes[start:start + take])
+            self.rows += take
+            self.bytes += hi - base
+            start += take
+
+    def close(self) -> None:
+        self._flush()
 
 
 def run_task(cfg: TaskConfig, batches: Iterator[Any], *, partition: int, task_attempt_id: int,
              attempt_number: int) -> dict[str, Any]:
     """Write one partition; returns the manifest row (attempt folder, index entries, counts)."""
     attempt = attempt_name(partition, task_attempt_id)
-    target = _Target(cfg, attempt)
-    sink = _ShardSink(cfg, target)
-    config_len = len(json.dumps(sink.config, sort_keys=True).encode("utf-8"))
+    sink = _ShardSink(cfg, _Target(cfg, attempt))
+    cutter = _ShardCutter(sink, cfg.shard_size)
     plans: Sequence[ColumnPlan] = cfg.plans
     nulls: dict[str, int] = {}
     rows = 0
-    shard_no = 0
-    chunks: list[np.ndarray] = []
-    sizes: list[np.ndarray] = []
-    shard_rows = 0
-    shard_bytes = 0
-    failed_nulls = False
     try:
         for batch in batches:
-            n = batch.num_rows
-            if n == 0:
+            if batch.num_rows == 0:
                 continue
-            rows += n
+            rows += batch.num_rows
             if cfg.nulls == "error":
-                counts = null_counts(batch, plans)
-                if counts:
-                    for k, v in counts.items():
-                        nulls[k] = nulls.get(k, 0) + v
-                    failed_nulls = True  # the job fails on the driver; stop writing shards
-            if failed_nulls:
+                for k, v in null_counts(batch, plans).items():
+                    nulls[k] = nulls.get(k, 0) + v
+            if nulls:  # the driver fails the job before commit; just count the rest
                 continue
             enc = encode_batch(batch, plans)
-            data, row_sizes = enc.data, enc.sizes
-            # cut the batch where the shard would exceed the size limit (Mosaic's size_limit)
-            start = 0
-            ends = np.cumsum(row_sizes)
-            while start < n:
-                used = shard_bytes + _header_bytes(shard_rows, config_len)
-                base = int(ends[start - 1]) if start else 0
-                # rows that still fit: header grows 4 bytes per row too
-                room = cfg.shard_size - used
-                fits = (ends[start:] - base) + 4 * np.arange(1, n - start + 1) <= room
-                take = int(np.argmin(fits)) if not fits.all() else n - start
-                if take == 0 and shard_rows == 0:
-                    take = 1  # a single sample larger than the limit gets a shard of its own
-                if take == 0:
-                    sink.submit(shard_no, chunks, sizes)
-                    shard_no += 1
-                    chunks, sizes, shard_rows, shard_bytes = [], [], 0, 0
-                    continue
-                lo = base
-                hi = int(ends[start + take - 1])
-                chunks.append(data[lo:hi])
-                sizes.append(row_sizes[start:start + take])
-                shard_rows += take
-                shard_bytes += hi - lo
-                start += take
-        if shard_rows and not failed_nulls:
-            sink.submit(shard_no, chunks, sizes)
+            cutter.add(enc.data, enc.sizes)
+        if not nulls:
+            cutter.close()
         entries = sink.close()
     except BaseException:
         sink.queue.put(None)
         raise
-    if failed_nulls:
-        entries = []
     return {
         "attempt": attempt,
         "partition": partition,
@@ -240,7 +245,7 @@ def run_task(cfg: TaskConfig, batches: Iterator[Any], *, partition: int, task_at
         "attempt_number": attempt_number,
         "rows": rows,
         "nulls": nulls,
-        "entries": entries,
+        "entries": [] if nulls else entries,
     }
 
 

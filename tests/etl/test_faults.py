@@ -78,8 +78,11 @@ def test_task_failing_on_its_first_attempt(spark, tmp_path):
         for i, batch in enumerate(batches):
             yield batch
             if ctx.partitionId() == 1 and ctx.attemptNumber() == 0 and i == 5:
-                time.sleep(1.0)  # let the writer flush the shards it already has
-                files = glob.glob(os.path.join(out, "_staging", "*", "p00001-a*", "shard.*"))
+                deadline = time.time() + 60
+                files = []
+                while not files and time.time() < deadline:  # wait for the writer's first shard
+                    time.sleep(0.1)
+                    files = glob.glob(os.path.join(out, "_staging", "*", "p00001-a*", "shard.*"))
                 with open(marker, "w") as f:
                     json.dump(files, f)
                 raise RuntimeError("injected failure on the first attempt of partition 1")

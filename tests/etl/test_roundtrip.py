@@ -255,3 +255,42 @@ def test_source_changing_between_passes_is_a_clear_error(spark, tmp_path):
     with pytest.raises(WriteError, match=r"column 'a': every array was expected to have 2 elements"):
         etl.write_mds(df, str(out))
     assert not (out / "index.json").exists() and not os.path.exists(staging)
+
+
+def test_task_cuts_shards_under_the_size_limit_without_spark(tmp_path):
+    """The executor-side writer on plain Arrow batches: every shard within the limit (header
+    included), rows in order, each shard's bytes decode back to its rows."""
+    import pyarrow as pa
+    from pyspark.sql import types as T
+
+    from etl import mds_format as mf
+    from etl.storage import open_storage
+    from etl.task import TaskConfig, run_task
+    from etl.types import plan_columns
+
+    plans = plan_columns(T.StructType([T.StructField("id", T.LongType(), False), T.StructField("s", T.StringType())]))
+    storage = open_storage(str(tmp_path))
+    os.makedirs(storage.local_path("_staging/j20260101T000000-00000000"))
+    cfg = TaskConfig(storage=storage, job_id="j20260101T000000-00000000", plans=tuple(plans), compression="zstd",
+                     hashes=("xxh64",), shard_size=4096, nulls="error")
+    texts = ["é" * (k % 37) for k in range(1000)]
+    batches = [pa.RecordBatch.from_arrays([pa.array(range(i, i + 100), pa.int64()), pa.array(texts[i:i + 100])],
+                                          ["id", "s"]) for i in range(0, 1000, 100)]
+    row = run_task(cfg, iter(batches), partition=3, task_attempt_id=7, attempt_number=0)
+    assert row["attempt"] == "p00003-a7" and row["rows"] == 1000 and row["nulls"] == {}
+    got_ids, got_texts = [], []
+    for k, entry in enumerate(row["entries"]):
+        assert entry["raw_data"]["basename"] == f"shard.{k:05d}.mds"
+        assert entry["raw_data"]["bytes"] <= 4096
+        with open(os.path.join(tmp_path, "_staging", cfg.job_id, "p00003-a7", entry["zip_data"]["basename"]), "rb") as f:
+            raw = mf.decompress("zstd", f.read())
+        assert len(raw) == entry["raw_data"]["bytes"]
+        assert mf.hash_bytes("xxh64", raw) == entry["raw_data"]["hashes"]["xxh64"]
+        layout = mf.ShardLayout.from_index_entry(entry)
+        offsets = mf.sample_offsets(raw)
+        starts, sizes = mf.column_starts(raw, offsets, layout)
+        got_ids += mf.gather_fixed(raw, starts[:, 0], "int64").tolist()
+        var_offsets, data = mf.gather_var(raw, starts[:, 1], sizes[:, 1])
+        got_texts += [bytes(data[a:b]).decode() for a, b in zip(var_offsets[:-1], var_offsets[1:])]
+    assert len(row["entries"]) > 5
+    assert got_ids == list(range(1000)) and got_texts == texts
