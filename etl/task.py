@@ -81,8 +81,9 @@ class _Target:
                 os.mkdir(self.folder)  # not makedirs: fails once the job's staging is removed
             except FileNotFoundError:
                 raise TaskFailure(
-                    f"staging folder {parent} is gone: job {cfg.job_id} has already finished or was "
-                    "aborted, so this task attempt must not write"
+                    f"staging folder {parent} does not exist on this executor: either job {cfg.job_id} "
+                    "already finished or was aborted (this attempt must not write), or the output is not "
+                    "on a filesystem shared by the driver and the executors (use a shared folder or s3://)"
                 ) from None
         else:
             self._check_job()

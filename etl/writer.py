@@ -135,10 +135,17 @@ def write_mds(
 ) -> WriteResult:
     """Write ``df`` to ``out`` (local folder or ``s3://bucket/prefix``) as an MDS dataset.
 
-    ``mode``: ``error`` (refuse an existing dataset), ``overwrite`` (old shards kept readable for
-    ``retention_seconds``), ``append`` (same logical schema required). ``nulls``: ``error`` (one error
-    naming each column and its null count), ``fill`` (0, false, "", 1970-01-01, empty array, {} ...),
-    ``mask`` (extra ``<col>__null`` uint8 columns). ``decimals``: ``string`` (exact) or ``float``.
+    ``mode``: ``error`` (refuse an existing dataset), ``append`` (same logical schema required; the
+    new index lists the old shards then the new ones), ``overwrite`` (the new index replaces the old
+    one atomically; the old version's shards stay readable for ``retention_seconds``, default one
+    hour, so a reader mid-epoch is not cut off — they are listed under ``retained`` in
+    ``manifest.json``, never reported as orphans, and deleted by the first write after they expire).
+    ``nulls``: ``error`` (one error naming each column and its null count, nothing committed),
+    ``fill`` (0, false, "", 1970-01-01, the epoch, empty or zero arrays, ``{}``/``[]`` for json;
+    recorded per column in the manifest), ``mask`` (same values plus a ``<col>__null`` uint8 column).
+    ``decimals``: ``string`` (exact ``str_decimal``) or ``float`` (float64). ``columns``: which
+    columns to write, in this order. ``shard_size``: bytes per uncompressed shard, int or "64MB".
+    S3 outputs honour ``S3_ENDPOINT_URL``/``AWS_*`` of the driver (forwarded to the tasks).
     """
     started = time.perf_counter()
     compression, hashes = _check_options(compression, hashes)
