@@ -125,7 +125,6 @@ class BatchDataset(StreamingDataset):
         self.sb_epoch = 0
         self.sb_sample_in_epoch = 0
         self.sb_work: Optional[tuple[tuple, np.ndarray]] = None
-        self.sb_pinned_alloc = False
         # set by the loader when it runs persistent DataLoader workers: shared int64 tensors with
         # the pass to read (see sync_from_control) and the epoch's sample ids
         self.sb_control: Any = None
@@ -260,10 +259,6 @@ class BatchDataset(StreamingDataset):
                 self._sb_slot_next += 1
                 self._sb_last_slot = (info.id, k)
                 return self.sb_slots[info.id, k, :nbytes].numpy()
-        if self.sb_pinned_alloc:
-            import torch
-
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
         return np.empty(nbytes, dtype=np.uint8)
 
     def _iter_batches(self, ids: np.ndarray) -> Iterator[PackedBatch]:

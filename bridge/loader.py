@@ -128,7 +128,6 @@ class StreamingLoader:
             if is_cuda:
                 logger.info("pin_memory defaults to True for device %s", self.device)
         self.pin_memory = bool(pin_memory) and is_cuda
-        self.dataset.sb_pinned_alloc = self.pin_memory and num_workers == 0
         self._epoch = 0
         self._start = 0
         self._consumed = 0
@@ -262,18 +261,15 @@ class StreamingLoader:
 
     def _owned(self, source: Iterator[Any]) -> Iterator[Any]:
         """Copy each batch out of its worker's shared slot as soon as it arrives (before the
-        DataLoader can hand that slot out again), into pinned memory when bound for a GPU."""
-        import torch
-
+        DataLoader can hand that slot out again); pinned staging for a GPU is bridge.device's."""
         slots = self.dataset.sb_slots.numpy() if self.dataset.sb_slots is not None else None
         layout = self.dataset.plan.layout
         for batch in source:
             if batch.slot is not None:
                 w, k = batch.slot
                 total = layout(batch.rows)[1]
-                buf = torch.empty(total, dtype=torch.uint8, pin_memory=self.pin_memory)
-                # a plain memcpy: torch's copy_ may wake its thread pool, which costs more here
-                np.copyto(buf.numpy(), slots[w, k, :total])
+                buf = np.empty(total, dtype=np.uint8)  # pinned staging happens in bridge.device
+                np.copyto(buf, slots[w, k, :total])
                 batch.buf, batch.slot = buf, None
             yield batch
 
