@@ -38,6 +38,7 @@ __all__ = [
     "shard_config",
     "pack_rows",
     "encode_shard",
+    "encode_shard_chunks",
     "sample_offsets",
     "column_starts",
     "gather_fixed",
@@ -268,6 +269,15 @@ def encode_shard(config: dict[str, Any], data: np.ndarray, sizes: np.ndarray) ->
     return b"".join(
         (np.uint32(n).tobytes(), offsets.astype(_U32).tobytes(), config_bytes, memoryview(data))
     )
+
+
+def encode_shard_chunks(config: dict[str, Any], chunks: Sequence[np.ndarray], sizes: np.ndarray) -> bytes:
+    """:func:`encode_shard` for packed samples that arrive in several chunks (one per batch): the
+    shard is joined once, without concatenating the chunks first."""
+    if sum(int(c.nbytes) for c in chunks) != int(np.sum(sizes, dtype=np.int64)):
+        raise ShardFormatError("the chunks' total length does not match the sample sizes")
+    header = encode_shard(config, np.empty(0, dtype=np.uint8), sizes)  # header + config only
+    return b"".join([header, *(memoryview(c) for c in chunks)])
 
 
 # --------------------------------------------------------------------------- reading

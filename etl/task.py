@@ -19,7 +19,14 @@ import numpy as np
 
 from etl.encode import EncodeError, encode_batch, null_counts
 from etl.layout import attempt_name, job_file, staging_prefix
-from etl.mds_format import ShardFormatError, compress, compression_extension, encode_shard, index_entry, shard_config
+from etl.mds_format import (
+    ShardFormatError,
+    compress,
+    compression_extension,
+    encode_shard_chunks,
+    index_entry,
+    shard_config,
+)
 from etl.types import ColumnPlan
 
 __all__ = ["TaskConfig", "TaskFailure", "run_task", "task_function", "MANIFEST_FIELD", "ERROR_TAG",
@@ -132,9 +139,9 @@ class _ShardSink:
                 self.error = exc
 
     def _write(self, number: int, chunks: list[np.ndarray], sizes: list[np.ndarray]) -> None:
-        data = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
         size_arr = sizes[0] if len(sizes) == 1 else np.concatenate(sizes)
-        raw = encode_shard(self.config, data, size_arr)
+        raw = encode_shard_chunks(self.config, chunks, size_arr)
+        del chunks[:]  # the batches' buffers can go before compressing
         raw_name = f"shard.{number:05d}.mds"
         if self.ext:
             zipped = compress(self.cfg.compression, raw)

@@ -293,4 +293,9 @@ def test_task_cuts_shards_under_the_size_limit_without_spark(tmp_path):
         var_offsets, data = mf.gather_var(raw, starts[:, 1], sizes[:, 1])
         got_texts += [bytes(data[a:b]).decode() for a, b in zip(var_offsets[:-1], var_offsets[1:])]
     assert len(row["entries"]) > 5
+    parts = [np.arange(k, k + 10, dtype=np.uint8) for k in range(3)]
+    sizes = np.array([5, 5, 10, 10], dtype=np.int64)
+    assert mf.encode_shard_chunks({"a": 1}, parts, sizes) == mf.encode_shard({"a": 1}, np.concatenate(parts), sizes)
+    with pytest.raises(mf.ShardFormatError, match="do not match|does not match"):
+        mf.encode_shard_chunks({"a": 1}, parts, sizes[:3])
     assert got_ids == list(range(1000)) and got_texts == texts
