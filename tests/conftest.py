@@ -44,3 +44,26 @@ def spark():
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(autouse=True)
+def _release_stock_datasets(monkeypatch):
+    """Release the shared memory of every stock ``StreamingDataset`` a test made.
+
+    Mosaic keeps each segment (one file descriptor) until interpreter exit, and every new dataset
+    re-opens those of the live ones, so a long test session would run out of descriptors."""
+    import streaming
+
+    from bridge.distributed import release_shared_memory
+
+    made = []
+    original = streaming.StreamingDataset.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(streaming.StreamingDataset, "__init__", tracking_init)
+    yield
+    for ds in made:
+        release_shared_memory(ds)
