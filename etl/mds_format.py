@@ -463,72 +463,65 @@ def _split_compression(algo: str) -> tuple[str, Optional[int]]:
     return family, (int(level) if level else None)
 
 
-_COMPRESSION_FAMILIES = {"zstd": "zstd", "gz": "gz", "bz2": "bz2", "br": "br", "snappy": "snappy"}
+def _zstd_codec():
+    import zstd
+
+    return (lambda d, lvl: zstd.compress(d, 3 if lvl is None else lvl)), zstd.decompress
+
+
+def _gzip_codec():
+    import gzip
+
+    return (lambda d, lvl: gzip.compress(d, 9 if lvl is None else lvl)), gzip.decompress
+
+
+def _bz2_codec():
+    import bz2
+
+    return (lambda d, lvl: bz2.compress(d, 9 if lvl is None else lvl)), bz2.decompress
+
+
+def _brotli_codec():
+    import brotli
+
+    return (lambda d, lvl: brotli.compress(bytes(d), quality=11 if lvl is None else lvl)), \
+        (lambda d: brotli.decompress(bytes(d)))
+
+
+def _snappy_codec():
+    import snappy
+
+    return (lambda d, lvl: snappy.compress(bytes(d))), (lambda d: snappy.decompress(bytes(d)))
+
+
+#: Mosaic's compression families → codec factory (imported on first use), with Mosaic's defaults.
+_CODECS = {"zstd": _zstd_codec, "gz": _gzip_codec, "bz2": _bz2_codec, "br": _brotli_codec, "snappy": _snappy_codec}
 
 
 def compression_extension(algo: str) -> str:
     """File extension of a Mosaic compression name such as ``zstd`` or ``zstd:7``."""
     family, _ = _split_compression(algo)
-    if family not in _COMPRESSION_FAMILIES:
+    if family not in _CODECS:
         raise ShardFormatError(
-            f"unsupported compression {algo!r}; choose one of {sorted(_COMPRESSION_FAMILIES)}"
+            f"unsupported compression {algo!r}; choose one of {sorted(_CODECS)}"
             " optionally with ':level'"
         )
-    return _COMPRESSION_FAMILIES[family]
+    return family
 
 
 def compress(algo: Optional[str], data: Union[bytes, memoryview]) -> bytes:
     """Compress as Mosaic does (zstd default level 3). The C codecs release the GIL."""
     if algo is None:
         return bytes(data)
-    family, level = _split_compression(algo)
-    compression_extension(algo)
-    if family == "zstd":
-        import zstd
-
-        return zstd.compress(data, 3 if level is None else level)
-    if family == "gz":
-        import gzip
-
-        return gzip.compress(data, 9 if level is None else level)
-    if family == "bz2":
-        import bz2
-
-        return bz2.compress(data, 9 if level is None else level)
-    if family == "br":
-        import brotli
-
-        return brotli.compress(bytes(data), quality=11 if level is None else level)
-    import snappy
-
-    return snappy.compress(bytes(data))
+    family = compression_extension(algo)  # validates the name
+    return _CODECS[family]()[0](data, _split_compression(algo)[1])
 
 
 def decompress(algo: Optional[str], data: Union[bytes, memoryview]) -> bytes:
     """Inverse of :func:`compress`."""
     if algo is None:
         return bytes(data)
-    family, _ = _split_compression(algo)
-    compression_extension(algo)
-    if family == "zstd":
-        import zstd
-
-        return zstd.decompress(data)
-    if family == "gz":
-        import gzip
-
-        return gzip.decompress(data)
-    if family == "bz2":
-        import bz2
-
-        return bz2.decompress(data)
-    if family == "br":
-        import brotli
-
-        return brotli.decompress(bytes(data))
-    import snappy
-
-    return snappy.decompress(bytes(data))
+    return _CODECS[compression_extension(algo)]()[1](data)
 
 
 def hash_bytes(algo: str, data: Union[bytes, memoryview]) -> str:
