@@ -141,7 +141,7 @@ class TrainResult:
     loader_wait_seconds: float
     final_loss: float
     positives: int
-    history: dict[str, list[float]] = field(default_factory=dict)  # step, loss, rows_per_second, epoch
+    history: dict[str, list[float]] = field(default_factory=dict)  # per step: step, loss, rows, seconds, epoch
 
     @property
     def rows_per_second(self) -> float:
@@ -202,7 +202,7 @@ def _train(train_dir: str, *, local, cardinality, numeric, label, epochs, batch_
         model = FlightDelayNet(cardinality, len(numeric)).to(device or "cpu")
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         loss_fn = torch.nn.BCEWithLogitsLoss()
-        history: dict[str, list[float]] = {"step": [], "loss": [], "rows_per_second": [], "epoch": []}
+        history: dict[str, list[float]] = {"step": [], "loss": [], "rows": [], "seconds": [], "epoch": []}
         rows = steps = positives = 0
         wait = 0.0
         last_losses: list[float] = []
@@ -233,7 +233,8 @@ def _train(train_dir: str, *, local, cardinality, numeric, label, epochs, batch_
                 value = float(loss.item())
                 history["step"].append(steps)
                 history["loss"].append(value)
-                history["rows_per_second"].append(n / max(now - t_prev, 1e-9))
+                history["rows"].append(n)
+                history["seconds"].append(now - t_prev)  # fetch + forward + backward + step
                 history["epoch"].append(epoch + 1)
                 t_prev = now
                 last_losses = (last_losses + [value])[-50:]
@@ -326,8 +327,9 @@ def plot_training(history: dict[str, list[float]], path: Path, *, title: str = "
     ax_loss.plot(sx, sm, color="tab:blue", label=f"moving average ({window} steps)")
     ax_loss.set_ylabel("BCE loss")
     ax_loss.legend(loc="upper right")
-    rate, rx = smooth(history["rows_per_second"])
-    ax_rate.plot(rx, rate / 1000.0, color="tab:green")
+    rows, rx = smooth(history["rows"])
+    secs, _ = smooth(history["seconds"])
+    ax_rate.plot(rx, rows / np.maximum(secs, 1e-9) / 1000.0, color="tab:green")  # rows / time over the window
     ax_rate.set_ylabel("training rows/s (thousands)")
     ax_rate.set_xlabel("step")
     epochs = np.asarray(history["epoch"])
