@@ -94,6 +94,19 @@ def time_stock(data: Path, work: Path, workers: int, max_batches: int) -> dict:
     return {"rows": rows, "seconds": dt, "rows_per_s": rows / dt}
 
 
+def time_stock_isolated(data: Path, work: Path, workers: int, max_batches: int) -> dict:
+    """:func:`time_stock` in a child process. An abandoned stock iteration leaves Mosaic's
+    threads spinning: measured in one process, the in-memory bound then fell from 4.2M to 0.33M
+    rows/s, which made every later figure of this run wrong."""
+    code = (
+        "import sys, json; from pathlib import Path; sys.path.insert(0, {repo!r}); "
+        "from bench.loader import time_stock; "
+        "print(json.dumps(time_stock(Path({data!r}), Path({work!r}), {w}, {n})))"
+    ).format(repo=str(REPO), data=str(data), work=str(work), w=workers, n=max_batches)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def bound_epoch(table: dict, rng: np.random.Generator) -> tuple[int, float]:
     import torch
 
@@ -172,7 +185,7 @@ def main(argv=None) -> int:
 
     results: dict = {}
     for w in (0, 2):
-        r = time_stock(data, args.out, w, args.stock_batches)
+        r = time_stock_isolated(data, args.out, w, args.stock_batches)
         results[f"stock_w{w}"] = r["rows_per_s"]
         print(f"stock Mosaic StreamingDataset+DataLoader workers={w}: {r['rows_per_s']:,.0f} rows/s "
               f"({r['rows']:,} rows in {r['seconds']:.2f}s, first batches of a fresh copy)")
