@@ -28,19 +28,11 @@ import etl
 from etl.layout import find_orphans
 from etl.storage import open_storage
 
+from tests.etl.helpers import arrow_batch_rows, stock_ids
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _ids(path: str) -> list[int]:
-    from streaming import StreamingDataset
-
-    ds = StreamingDataset(local=path, batch_size=1, shuffle=False)
-    try:
-        return [int(ds[i]["id"]) for i in range(len(ds))]
-    finally:
-        del ds
 
 
 def _index(path: str) -> dict:
@@ -54,17 +46,6 @@ def _folders_by_partition(index: dict) -> dict[str, set[str]]:
         job, attempt, _ = shard["zip_data"]["basename"].split("/")
         out.setdefault(attempt.split("-")[0], set()).add(f"{job}/{attempt}")
     return out
-
-
-@contextlib.contextmanager
-def _batch_rows(spark, rows: int):
-    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    old = spark.conf.get(key)
-    spark.conf.set(key, str(rows))
-    try:
-        yield
-    finally:
-        spark.conf.set(key, old)
 
 
 def test_task_failing_on_its_first_attempt(spark, tmp_path):
@@ -91,14 +72,14 @@ def test_task_failing_on_its_first_attempt(spark, tmp_path):
     # the writer before the injected failure
     df = spark.range(0, 2000, numPartitions=4).selectExpr("id", "repeat('x', 1000) AS pad").mapInArrow(
         flaky, "id long, pad string")
-    with _batch_rows(spark, 50):
+    with arrow_batch_rows(spark, 50):
         result = etl.write_mds(df, out, shard_size="64KB")
     assert result.rows == 2000 and result.partitions == 4
     with open(marker) as f:
         failed_files = json.load(f)
     assert failed_files, "the failing attempt should have written shards before it failed"
     assert not any(os.path.exists(p) for p in failed_files)
-    ids = _ids(out)
+    ids = stock_ids(out)
     assert len(ids) == 2000 and sorted(ids) == list(range(2000))
     folders = _folders_by_partition(_index(out))
     assert sorted(folders) == ["p00000", "p00001", "p00002", "p00003"]
@@ -192,7 +173,7 @@ def test_speculative_attempts_are_never_mixed_in(tmp_path):
     attempts = sorted(os.listdir(markers))
     assert any(m.startswith("p1-n1-") for m in attempts), f"no speculative attempt was launched: {attempts}"
     assert result["rows"] == 2000
-    ids = _ids(out)
+    ids = stock_ids(out)
     assert len(ids) == 2000 and sorted(ids) == list(range(2000))
     folders = _folders_by_partition(_index(out))
     assert all(len(v) == 1 for v in folders.values()) and len(folders) == 4
@@ -252,7 +233,7 @@ def test_sigkill_mid_write_keeps_the_previous_version(spark, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     with open(os.path.join(out, "index.json"), "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == v1_sha  # nothing half-committed
-    assert sorted(_ids(out)) == list(range(200))
+    assert sorted(stock_ids(out)) == list(range(200))
     storage = open_storage(out)
     leftovers = find_orphans(storage)
     assert leftovers and all(p.startswith("_staging/") for p in leftovers)  # the dead job's staging
@@ -260,6 +241,6 @@ def test_sigkill_mid_write_keeps_the_previous_version(spark, tmp_path):
     result = etl.write_mds(spark.range(7000, 7100, numPartitions=2).selectExpr("id", "id * 3 AS x"), out,
                            mode="overwrite")
     assert result.rows == 100
-    assert sorted(_ids(out)) == list(range(7000, 7100))
+    assert sorted(stock_ids(out)) == list(range(7000, 7100))
     assert not os.path.exists(os.path.join(out, "_staging"))
     assert find_orphans(storage) == []

@@ -16,17 +16,9 @@ from etl.layout import find_orphans, is_job_id
 from etl.manifest import Manifest
 from etl.storage import open_storage
 
+from tests.etl.helpers import stock_ids
+
 pytestmark = pytest.mark.slow
-
-
-def _ids(path: str) -> list[int]:
-    from streaming import StreamingDataset
-
-    ds = StreamingDataset(local=path, batch_size=1, shuffle=False)
-    try:
-        return [int(ds[i]["id"]) for i in range(len(ds))]
-    finally:
-        del ds
 
 
 def _sha(path: str) -> str:
@@ -62,7 +54,7 @@ def test_error_mode_and_append(spark, tmp_path):
 
     second = etl.write_mds(_frame(spark, 100, 250, parts=3), out, mode="append")
     assert second.rows == 150
-    assert sorted(_ids(out)) == list(range(250))
+    assert sorted(stock_ids(out)) == list(range(250))
     manifest = _manifest(out)
     assert manifest.rows == 250 and manifest.shards == first.shards + second.shards
     jobs = {name for name in os.listdir(out) if is_job_id(name)}
@@ -111,7 +103,7 @@ def test_overwrite_keeps_old_shards_for_a_reader_mid_epoch(spark, tmp_path):
     v4 = etl.write_mds(_frame(spark, 3000, 3010), out, mode="overwrite")
     top = {name for name in os.listdir(out) if is_job_id(name)}
     assert top == {v1.job_id, v3.job_id, v4.job_id}  # v2 expired and was deleted; v1 not yet
-    assert sorted(_ids(out)) == list(range(3000, 3010))
+    assert sorted(stock_ids(out)) == list(range(3000, 3010))
     assert find_orphans(open_storage(out)) == []
 
 
@@ -145,7 +137,7 @@ def test_second_concurrent_job_is_refused_and_leaves_the_first_alone(spark, tmp_
     thread.join(timeout=120)
     assert "error" not in result, result.get("error")
     assert result["ok"].job_id == job_dir
-    assert sorted(_ids(out)) == list(range(400))
+    assert sorted(stock_ids(out)) == list(range(400))
     assert not os.path.exists(staging) and find_orphans(open_storage(out)) == []
     with open(os.path.join(out, "index.json")) as f:
         assert all(s["zip_data"]["basename"].startswith(job_dir + "/") for s in json.load(f)["shards"])

@@ -3,7 +3,6 @@ attempt's uploads are removed after commit, stock ``StreamingDataset`` streams t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -14,18 +13,9 @@ import etl
 from etl.layout import find_orphans, is_job_id
 from etl.storage import open_storage
 
+from tests.etl.helpers import arrow_batch_rows
+
 pytestmark = pytest.mark.slow
-
-
-@contextlib.contextmanager
-def _batch_rows(spark, rows: int):
-    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    old = spark.conf.get(key)
-    spark.conf.set(key, str(rows))
-    try:
-        yield
-    finally:
-        spark.conf.set(key, old)
 
 
 def test_write_to_s3_with_a_failed_attempt_then_overwrite(spark, s3_bucket, tmp_path):
@@ -56,7 +46,7 @@ def test_write_to_s3_with_a_failed_attempt_then_overwrite(spark, s3_bucket, tmp_
 
     df = (spark.range(0, 1500, numPartitions=3).selectExpr("id", "cast(id as double) / 4 AS x", "repeat('s', 800) AS pad")
           .mapInArrow(flaky, "id long, x double, pad string"))
-    with _batch_rows(spark, 50):
+    with arrow_batch_rows(spark, 50):
         result = etl.write_mds(df, url, shard_size="64KB")
     assert (result.rows, result.partitions, result.out) == (1500, 3, url)
 
