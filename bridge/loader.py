@@ -208,7 +208,11 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[Any]:
         if self._closed:
             raise RuntimeError("this StreamingLoader was closed; build a new one (load_state_dict resumes it)")
-        if self._active:
+        if self._active and self._consumed == 0:
+            # An iterator that never yielded is not a pass: tqdm.auto, for one, calls iter() once
+            # in its constructor and again when the loop starts. Read the same epoch again.
+            logger.debug("epoch %d: the previous iterator yielded no batch; starting it again", self._epoch)
+        elif self._active:
             logger.info("epoch %d was left unfinished after %d batches; starting epoch %d",
                         self._epoch, self._consumed, self._epoch + 1)
             self._epoch, self._start = self._epoch + 1, 0

@@ -45,6 +45,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        # Mosaic announces each default it picks and py4j each connection it closes: useful with
+        # -v, noise in a command's output otherwise. (The library modules never touch logging.)
+        for chatty in ("streaming", "py4j"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     module = importlib.import_module(args._module)
     runner = getattr(module, args._runner, None) or module.run
     try:

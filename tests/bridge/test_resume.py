@@ -106,6 +106,18 @@ def test_unfinished_pass_then_iter_starts_next_epoch(data, reference):
     assert np.array_equal(np.concatenate(take(loader)), reference[1])
 
 
+def test_an_iterator_that_yielded_nothing_is_not_an_epoch(data, reference):
+    """tqdm.auto calls iter() in its constructor and again in its loop."""
+    from tqdm.auto import tqdm
+
+    loader = make(data)
+    unused = iter(loader)
+    assert np.array_equal(np.concatenate([b["id"].numpy().copy() for b in tqdm(loader, disable=False)]), reference[0])
+    assert loader.epoch == 1
+    del unused
+    assert np.array_equal(np.concatenate(take(loader)), reference[1])
+
+
 def test_state_refuses_other_data_and_other_order(data, tmp_path):
     loader = make(data)
     take(loader, 2)
