@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -380,7 +380,7 @@ def _decode_var(v: VarOut, offsets: np.ndarray, data: np.ndarray, shard: str) ->
             return [float(raw[a:b]) for a, b in bounds]
         if enc == "str_decimal":
             return [Decimal(raw[a:b].decode("utf-8")) for a, b in bounds]
-    except (ValueError, UnicodeDecodeError, ShardFormatError) as exc:
+    except (ValueError, UnicodeDecodeError, ShardFormatError, IndexError, InvalidOperation) as exc:
         raise ShardFormatError(f"shard {shard!r}, column {v.name!r} ({enc}): cannot decode a value ({exc})") from None
     raise ShardFormatError(f"column {v.name!r}: encoding {enc!r} is not supported")
 

@@ -91,35 +91,51 @@ class BatchDataset(StreamingDataset):
                     "so sparkbridge refuses it (rewrite the column as json, str or ndarray)"
                 ) from None
             raise
-        stream = self.streams[0]
-        root = os.path.join(stream.local, stream.split or "")
-        self.root_local = root
-        self.source = remote or local
-        with open(os.path.join(root, INDEX_BASENAME), "rb") as f:
-            self.index_sha256 = hashlib.sha256(f.read()).hexdigest()
-        self.manifest = _load_manifest(stream, root)
-        self.drop_last = bool(drop_last)
-        self.validate_hash = validate_hash
-        self.shard_files: list[ShardFiles] = []
-        layouts = []
-        for shard in self.shards:
-            raw_info, zip_info = shard.file_pairs[0]
-            self.shard_files.append(ShardFiles(
-                name=zip_info.basename if zip_info else raw_info.basename,
-                raw_path=os.path.join(root, raw_info.basename),
-                zip_path=os.path.join(root, zip_info.basename) if zip_info else None,
-                raw_hashes=dict(raw_info.hashes or {}),
-                zip_hashes=dict(zip_info.hashes or {}) if zip_info else {},
-                compression=shard.compression,
-                samples=int(shard.samples),
-            ))
-            layouts.append(ShardLayout(tuple(shard.column_names), tuple(shard.column_encodings),
-                                       tuple(shard.column_sizes)))
-        if validate_hash is None and not any(f.raw_hashes or f.zip_hashes for f in self.shard_files):
-            logger.info("%s: shards carry no hashes in index.json, so corruption inside a shard "
-                        "cannot be detected (sparkbridge's writer adds xxh64)", self.source)
-        self.plan = BatchPlan(layouts, shard_names=[f.name for f in self.shard_files], manifest=self.manifest,
-                              columns=columns, features=features, label=label)
+        try:
+            stream = self.streams[0]
+            root = os.path.join(stream.local, stream.split or "")
+            self.root_local = root
+            self.source = remote or local
+            with open(os.path.join(root, INDEX_BASENAME), "rb") as f:
+                self.index_sha256 = hashlib.sha256(f.read()).hexdigest()
+            self.manifest = _load_manifest(stream, root, self.index_sha256)
+            self.drop_last = bool(drop_last)
+            self.validate_hash = validate_hash
+            self.shard_files: list[ShardFiles] = []
+            layouts = []
+            for shard in self.shards:
+                raw_info, zip_info = shard.file_pairs[0]
+                self.shard_files.append(ShardFiles(
+                    name=zip_info.basename if zip_info else raw_info.basename,
+                    raw_path=os.path.join(root, raw_info.basename),
+                    zip_path=os.path.join(root, zip_info.basename) if zip_info else None,
+                    raw_hashes=dict(raw_info.hashes or {}),
+                    zip_hashes=dict(zip_info.hashes or {}) if zip_info else {},
+                    compression=shard.compression,
+                    samples=int(shard.samples),
+                ))
+                layouts.append(ShardLayout(tuple(shard.column_names), tuple(shard.column_encodings),
+                                           tuple(shard.column_sizes)))
+            if isinstance(validate_hash, str):
+                lacking = [f.name for f in self.shard_files
+                           if validate_hash not in f.zip_hashes and validate_hash not in f.raw_hashes]
+                if lacking:
+                    raise ValueError(
+                        f"validate_hash={validate_hash!r} but {len(lacking)} shard(s) of {self.source} have no "
+                        f"such hash in index.json (first: {lacking[0]!r}); pass validate_hash=None to use "
+                        "what the index has"
+                    )
+            if validate_hash is None and not any(f.raw_hashes or f.zip_hashes for f in self.shard_files):
+                logger.info("%s: shards carry no hashes in index.json, so corruption inside a shard "
+                            "cannot be detected (sparkbridge's writer adds xxh64)", self.source)
+            self.plan = BatchPlan(layouts, shard_names=[f.name for f in self.shard_files], manifest=self.manifest,
+                                  columns=columns, features=features, label=label)
+        except BaseException:
+            # Mosaic has already made its shared memory: give it back now, not at interpreter exit
+            from bridge.distributed import release_shared_memory
+
+            release_shared_memory(self)
+            raise
         self.shard_ends = np.cumsum(self.samples_per_shard)
         self.decoded_cache_bytes = int(decoded_cache_bytes or _DEFAULT_DECODED_CACHE)
         self.sb_epoch = 0
@@ -231,7 +247,7 @@ class BatchDataset(StreamingDataset):
                             f"shard {files.name!r} is listed in {self.source}/index.json but is missing "
                             f"({files.raw_path}); the dataset is incomplete"
                         ) from None
-                    self.prepare_shard(shard_id, blocking=True)
+                    self.fetch_shard(shard_id, blocking=True)
             else:
                 raise RuntimeError(
                     f"shard {files.name!r} was evicted again before it could be read {1 + retry} times: "
@@ -243,6 +259,28 @@ class BatchDataset(StreamingDataset):
         if self.cache_limit:  # Mosaic evicts the least recently used shard files first
             self._shard_access_times[shard_id] = time_ns()
         return shard
+
+    def fetch_shard(self, shard_id: int, *, blocking: bool) -> None:
+        """Mosaic's ``prepare_shard`` (download, cache_limit eviction), except that a failed
+        download raises an error naming the shard and does not leave it PREPARING: Mosaic leaves
+        that state behind on error, and every process waiting for the shard would spin forever."""
+        try:
+            self.prepare_shard(shard_id, blocking=blocking)
+        except Exception as exc:
+            lock = getattr(self, "_cache_filelock", None)
+            if lock is not None:
+                lock.acquire()
+            try:
+                if self._shard_states[shard_id] == _ShardState.PREPARING:
+                    self._shard_states[shard_id] = _ShardState.REMOTE
+            finally:
+                if lock is not None:
+                    lock.release()
+            name = self.shard_files[shard_id].name
+            message = f"shard {name!r} of {self.source} could not be downloaded: {type(exc).__name__}: {exc}"
+            if _is_missing(exc):
+                raise FileNotFoundError(message + " (the dataset is incomplete)") from None
+            raise RuntimeError(message) from exc
 
     def plan_layout(self, shard_id: int) -> ShardLayout:
         s = self.shards[shard_id]
@@ -326,8 +364,9 @@ def _in_dataloader_worker() -> bool:
 class _ReadAhead(threading.Thread):
     """Downloads (through Mosaic) and decodes the shards a worker will need, in the order it
     first needs them, at most ``predownload`` samples ahead of the batch being gathered.
-    Decompression and hashing release the GIL, so this overlaps with the gather loop. Errors are
-    left for the foreground, which loads the same shard itself and raises them there."""
+    Decompression and hashing release the GIL, so this overlaps with the gather loop. On an error
+    it stops; the foreground then loads the same shard itself and raises the error there
+    (:meth:`BatchDataset.fetch_shard` never leaves a failed shard PREPARING)."""
 
     def __init__(self, ds: BatchDataset, shard_ids: np.ndarray, positions: np.ndarray) -> None:
         super().__init__(name="sparkbridge-read-ahead", daemon=True)
@@ -362,27 +401,51 @@ class _ReadAhead(threading.Thread):
                         return
                 if self._halt.is_set():
                     return
-                if ds._shard_states[shard_id] == _ShardState.REMOTE:
-                    ds.prepare_shard(shard_id, blocking=False)
                 while ds._shard_states[shard_id] != _ShardState.LOCAL:
-                    if self._halt.wait(_TICK):
+                    if ds._shard_states[shard_id] == _ShardState.REMOTE:  # not fetched yet, or evicted
+                        ds.fetch_shard(shard_id, blocking=False)
+                    elif self._halt.wait(_TICK):
                         return
                 ds.decoded(shard_id)
         except Exception as exc:  # the foreground raises it when it needs the shard
             logger.debug("read-ahead stopped: %s", exc)
 
 
-def _load_manifest(stream: Any, root: str) -> Optional[Manifest]:
+def _is_missing(exc: BaseException) -> bool:
+    """Whether a download error means "no such file" (Mosaic raises FileNotFoundError for local
+    and some stores, botocore's ClientError with these codes for S3)."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+    return code in ("403", "404", "NoSuchKey", "NotFound")
+
+
+def _load_manifest(stream: Any, root: str, index_sha256: str) -> Optional[Manifest]:
+    """The dataset's manifest.json, or None for stock datasets (no manifest). A manifest written
+    for another index.json (a stale cache, or a writer that died between the two files) is
+    downloaded again once, then ignored with a warning: its logical types may not fit."""
     path = os.path.join(root, MANIFEST_BASENAME)
-    if not os.path.exists(path) and stream.remote is not None:
-        try:
-            stream._download_file(MANIFEST_BASENAME)
-        except Exception as exc:  # a stock MDSWriter dataset has no manifest: read the index encodings
-            logger.info("%s has no %s (%s); using index.json encodings only",
-                        stream.remote, MANIFEST_BASENAME, type(exc).__name__)
+    for attempt in range(2):
+        if not os.path.exists(path) and stream.remote is not None:
+            try:
+                stream._download_file(MANIFEST_BASENAME)
+            except Exception as exc:
+                if not _is_missing(exc):  # e.g. a timeout: guessing "no manifest" would drop types
+                    raise RuntimeError(f"{stream.remote}/{MANIFEST_BASENAME} could not be read: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+                # a stock MDSWriter dataset has no manifest
+        if not os.path.exists(path):
+            logger.info("%s has no %s; using index.json encodings only", stream.remote or root, MANIFEST_BASENAME)
             return None
-    if not os.path.exists(path):
-        logger.info("%s has no %s; using index.json encodings only", root, MANIFEST_BASENAME)
-        return None
-    with open(path, encoding="utf-8") as f:
-        return Manifest.from_json(f.read(), source=path)
+        with open(path, encoding="utf-8") as f:
+            manifest = Manifest.from_json(f.read(), source=path)
+        if manifest.index_sha256 == index_sha256:
+            return manifest
+        if attempt == 0 and stream.remote is not None:
+            os.unlink(path)  # a stale local copy: fetch the remote one again
+            continue
+        break
+    logger.warning("%s belongs to another index.json (index_sha256 %s, this index is %s); ignoring it "
+                   "and using index.json encodings only (bool columns come back as uint8)",
+                   path, manifest.index_sha256[:12], index_sha256[:12])
+    return None

@@ -90,6 +90,8 @@ class StreamingLoader:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if not isinstance(download_retry, int) or download_retry < 1:
+            raise ValueError(f"download_retry is the number of download attempts (>= 1), got {download_retry!r}")
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
         if shuffle_algo not in _SHUFFLE_ALGOS:
@@ -105,6 +107,7 @@ class StreamingLoader:
             from bridge.distributed import clean_stale_shared_memory
 
             clean_stale_shared_memory()
+        device = resolve_device(device)  # before Mosaic allocates shared memory: fail cheaply
         from bridge.dataset import BatchDataset
 
         if decoded_cache_bytes is None:
@@ -121,7 +124,7 @@ class StreamingLoader:
         self.num_workers = num_workers
         self.drop_last = bool(drop_last)
         self.prefetch = prefetch
-        self.device = resolve_device(device)
+        self.device = device
         is_cuda = self.device is not None and self.device.type == "cuda"
         if pin_memory is None:
             pin_memory = is_cuda
@@ -351,6 +354,7 @@ class StreamingLoader:
         from bridge.distributed import release_shared_memory
 
         release_shared_memory(self.dataset)
+        self.dataset._sb_cache = None  # up to decoded_cache_bytes of decoded shards
 
     def __del__(self) -> None:
         try:

@@ -122,3 +122,42 @@ def test_corrupt_shard_in_a_worker_process_names_the_shard(tmp_path):
         for _ in loader:
             pass
     loader.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_missing_remote_shard_raises_instead_of_hanging(tmp_path):
+    """Mosaic leaves a shard PREPARING when its download fails, and every waiter spins forever."""
+    remote = write_numeric(tmp_path / "remote", 200, size_limit=1500)
+    victim = _shard_files(remote, ".mds")[1]
+    victim.unlink()
+    for attempt in range(3):  # the read-ahead thread or the foreground may hit it first
+        loader = StreamingLoader(str(remote), local=str(tmp_path / f"cache{attempt}"), batch_size=16,
+                                 download_retry=1)
+        with pytest.raises(FileNotFoundError, match=rf"{victim.name}.*could not be downloaded"):
+            for _ in loader:
+                pass
+        loader.close()
+
+
+def test_manifest_of_another_index_is_ignored(tmp_path, caplog):
+    from etl.manifest import ColumnSpec, Manifest
+
+    root = write_numeric(tmp_path / "ds", 50)
+    stale = Manifest(rows=50, shards=1, columns=[ColumnSpec(name="y", logical="bool", encoding="int32",
+                                                            spark_type="boolean")],
+                     index_sha256="0" * 64, schema_fingerprint="x", nulls="error", compression=None,
+                     hashes=["xxh64"], created_at="2026-01-01T00:00:00Z")
+    (root / "manifest.json").write_text(stale.to_json())
+    loader = StreamingLoader(root, batch_size=50)
+    batch = next(iter(loader))
+    assert batch["y"].dtype.is_floating_point is False and batch["y"].dtype != __import__("torch").bool
+    assert np.array_equal(batch["y"].numpy(), np.arange(50) % 7)
+    assert "belongs to another index.json" in caplog.text
+    loader.close()
+
+
+def test_a_named_hash_the_index_lacks_is_refused(tmp_path):
+    root = write_numeric(tmp_path / "ds", 50, hashes=())
+    with pytest.raises(ValueError, match="validate_hash='xxh64' but 1 shard"):
+        StreamingLoader(root, batch_size=10, validate_hash="xxh64")
