@@ -102,7 +102,7 @@ class BatchDataset(StreamingDataset):
             self.drop_last = bool(drop_last)
             self.validate_hash = validate_hash
             self.shard_files: list[ShardFiles] = []
-            layouts = []
+            self.layouts: list[ShardLayout] = []
             for shard in self.shards:
                 raw_info, zip_info = shard.file_pairs[0]
                 self.shard_files.append(ShardFiles(
@@ -114,8 +114,12 @@ class BatchDataset(StreamingDataset):
                     compression=shard.compression,
                     samples=int(shard.samples),
                 ))
-                layouts.append(ShardLayout(tuple(shard.column_names), tuple(shard.column_encodings),
-                                           tuple(shard.column_sizes)))
+                try:
+                    self.layouts.append(ShardLayout.from_index_entry({
+                        "column_names": shard.column_names, "column_encodings": shard.column_encodings,
+                        "column_sizes": shard.column_sizes}))
+                except ShardFormatError as exc:
+                    raise ShardFormatError(f"{self.source}/index.json, shard {self.shard_files[-1].name!r}: {exc}") from None
             if isinstance(validate_hash, str):
                 lacking = [f.name for f in self.shard_files
                            if validate_hash not in f.zip_hashes and validate_hash not in f.raw_hashes]
@@ -128,7 +132,7 @@ class BatchDataset(StreamingDataset):
             if validate_hash is None and not any(f.raw_hashes or f.zip_hashes for f in self.shard_files):
                 logger.info("%s: shards carry no hashes in index.json, so corruption inside a shard "
                             "cannot be detected (sparkbridge's writer adds xxh64)", self.source)
-            self.plan = BatchPlan(layouts, shard_names=[f.name for f in self.shard_files], manifest=self.manifest,
+            self.plan = BatchPlan(self.layouts, shard_names=[f.name for f in self.shard_files], manifest=self.manifest,
                                   columns=columns, features=features, label=label)
         except BaseException:
             # Mosaic has already made its shared memory: give it back now, not at interpreter exit
@@ -253,7 +257,7 @@ class BatchDataset(StreamingDataset):
                     f"shard {files.name!r} was evicted again before it could be read {1 + retry} times: "
                     f"cache_limit={self.cache_limit} is too small for the read-ahead window"
                 )
-            return decode_shard(files, self.plan_layout(shard_id), buf)
+            return decode_shard(files, self.layouts[shard_id], buf)
 
         shard = self._cache().get(shard_id, load)
         if self.cache_limit:  # Mosaic evicts the least recently used shard files first
@@ -281,10 +285,6 @@ class BatchDataset(StreamingDataset):
             if _is_missing(exc):
                 raise FileNotFoundError(message + " (the dataset is incomplete)") from None
             raise RuntimeError(message) from exc
-
-    def plan_layout(self, shard_id: int) -> ShardLayout:
-        s = self.shards[shard_id]
-        return ShardLayout(tuple(s.column_names), tuple(s.column_encodings), tuple(s.column_sizes))
 
     def _alloc(self, nbytes: int) -> np.ndarray:
         self._sb_last_slot = None
