@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from etl.mds_format import ShardFormatError, ShardLayout, decompress, hash_bytes, sample_offsets
+from etl.mds_format import ShardFormatError, ShardLayout, column_starts, decompress, hash_bytes, sample_offsets
 
 __all__ = ["CorruptShardError", "DecodedShard", "ShardFiles", "ShardCache", "read_shard", "decode_shard"]
 
@@ -132,6 +132,18 @@ def decode_shard(files: ShardFiles, layout: ShardLayout, buf: np.ndarray) -> Dec
             )
         # opaque fixed-size records: numpy's take() copies them with one memcpy each
         rows = np.frombuffer(buf, dtype=np.dtype((np.void, row_dtype.itemsize)), count=n, offset=int(offsets[0]))
+    elif n:
+        # Each row's size header must add up to the row: without hashes (stock MDSWriter writes
+        # none) a damaged header would otherwise read a neighbour's bytes or index out of range.
+        nvar = len(layout.var_columns)
+        if int(np.diff(offsets).min()) < 4 * nvar:
+            raise CorruptShardError(f"shard {files.name!r}: a sample is shorter than its size header: the file is corrupt")
+        starts, sizes = column_starts(buf, offsets, layout)
+        if not np.array_equal(starts[:, -1] + sizes[:, -1], offsets[1:]):
+            raise CorruptShardError(
+                f"shard {files.name!r}: the column sizes of some samples do not add up to the sample: "
+                "the file is corrupt"
+            )
     return DecodedShard(files.name, buf, offsets, layout, rows)
 
 

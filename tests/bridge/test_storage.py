@@ -161,3 +161,23 @@ def test_a_named_hash_the_index_lacks_is_refused(tmp_path):
     root = write_numeric(tmp_path / "ds", 50, hashes=())
     with pytest.raises(ValueError, match="validate_hash='xxh64' but 1 shard"):
         StreamingLoader(root, batch_size=10, validate_hash="xxh64")
+
+
+def test_damaged_size_header_without_hashes_is_caught(tmp_path):
+    from streaming import MDSWriter
+
+    root = tmp_path / "ds"
+    with MDSWriter(out=str(root), columns={"id": "int64", "s": "str"}, size_limit=None) as w:
+        for k in range(20):
+            w.write({"id": k, "s": "x" * k})
+    shard = _shard_files(root, ".mds")[0]
+    data = bytearray(shard.read_bytes())
+    n = int.from_bytes(data[:4], "little")
+    first = int.from_bytes(data[4:8], "little")
+    second = int.from_bytes(data[8:12], "little")
+    assert n == 20 and second > first
+    data[first:first + 4] = (200).to_bytes(4, "little")  # sample 0 claims a 200-byte string
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=rf"{shard.name}.*do not add up"):
+        for _ in StreamingLoader(root, batch_size=5):
+            pass
