@@ -116,9 +116,9 @@ def start_job(storage: Any, job_id: str, mode: str) -> Job:
     if storage.is_local:
         os.makedirs(storage.local_path(staging_prefix(job_id)), exist_ok=False)
     storage.write_bytes_atomic(job_file(job_id), info.to_bytes())
-    others = [j for j in read_jobs(storage) if j.job_id != job_id and is_live(j)]
-    # two jobs starting together both see each other: the earlier one wins, the later one leaves
-    blockers = [j for j in others if (j.started_at, j.job_id) < (info.started_at, info.job_id)]
+    # any other live job blocks: two jobs registering together may both fail (the user retries),
+    # but never both proceed — comparing start times taken before registering cannot promise that
+    blockers = [j for j in read_jobs(storage) if j.job_id != job_id and is_live(j)]
     if blockers:
         storage.delete_prefix(f"{staging_prefix(job_id)}/")
         raise ConcurrentWriteError(
@@ -129,13 +129,15 @@ def start_job(storage: Any, job_id: str, mode: str) -> Job:
     return Job(storage, info, _sha(current[0]) if current else None)
 
 
-def check_mode(storage: Any, mode: str) -> Optional[Manifest]:
-    """Apply ``mode`` to what exists; returns the existing manifest for append/overwrite."""
+def check_mode(storage: Any, mode: str) -> tuple[Optional[Manifest], Optional[str]]:
+    """Apply ``mode`` to what exists; returns the existing manifest (for append/overwrite) and the
+    sha256 of the ``index.json`` it was checked against (None when there is no dataset), which the
+    writer compares with the job's base once registered: a commit in between must not be missed."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     current = read_index(storage)
     if current is None:
-        return None
+        return None, None
     if mode == "error":
         raise DatasetExistsError(
             f"{storage.root} already holds a dataset ({INDEX_BASENAME} exists); pass mode='overwrite' "
@@ -147,7 +149,7 @@ def check_mode(storage: Any, mode: str) -> Optional[Manifest]:
             f"{storage.root} has no {MANIFEST_BASENAME}: it was not written by sparkbridge, so its "
             "logical schema is unknown and append cannot check it; use mode='overwrite' or a new output"
         )
-    return manifest
+    return manifest, _sha(current[0])
 
 
 def _logical(col: ColumnSpec) -> dict[str, Any]:
@@ -178,20 +180,6 @@ def schema_diff(old: Sequence[ColumnSpec], new: Sequence[ColumnSpec]) -> list[st
     if not diffs and [c.name for c in old] != [c.name for c in new]:
         diffs.append(f"column order differs: dataset {[c.name for c in old]}, now {[c.name for c in new]}")
     return diffs
-
-
-def _merge_columns(old: Sequence[ColumnSpec], new: Sequence[ColumnSpec]) -> list[ColumnSpec]:
-    """Append keeps the logical schema; an array shape that differs between writes becomes variable."""
-    from dataclasses import replace
-
-    old_by = {c.name: c for c in old}
-    out = []
-    for c in new:
-        o = old_by[c.name]
-        if o.encoding != c.encoding and c.logical in ("array", "vector"):
-            c = replace(c, encoding=f"ndarray:{c.element}", shape=None)
-        out.append(c)
-    return out
 
 
 def _rename_attempts(storage: Any, job_id: str, attempts: Sequence[str]) -> None:
@@ -262,9 +250,7 @@ def commit(
          else retained.append(record))
     old_entries = current[1]["shards"] if current else []
     if mode == "append" and current:
-        all_entries = list(old_entries) + entries
-        if old_manifest is not None:
-            columns = _merge_columns(old_manifest.columns, columns)
+        all_entries = list(old_entries) + entries  # array encodings were kept by the writer's plan
     else:
         all_entries = entries
         if current:
@@ -289,12 +275,33 @@ def commit(
         extra={**extra, "retained": retained, "retention_seconds": retention_seconds,
                "job_id": job.job_id},
     )
-    storage.write_bytes_atomic(MANIFEST_BASENAME, manifest.to_json().encode("utf-8"))
-    storage.write_bytes_atomic(INDEX_BASENAME, index_bytes)  # the commit point
+    _write_manifest_then_index(storage, manifest.to_json().encode("utf-8"), index_bytes)
     job.committed = True
     job.stop()
     _cleanup(storage, job, expired_files)
     return manifest, index
+
+
+def _write_manifest_then_index(storage: Any, manifest_bytes: bytes, index_bytes: bytes) -> None:
+    """Manifest first, then the index (the commit point); if the index write fails, the previous
+    manifest is put back so ``manifest.json`` never describes a version that was not committed."""
+    try:
+        old_manifest_bytes: Optional[bytes] = storage.read_bytes(MANIFEST_BASENAME)
+    except FileNotFoundError:
+        old_manifest_bytes = None
+    storage.write_bytes_atomic(MANIFEST_BASENAME, manifest_bytes)
+    try:
+        storage.write_bytes_atomic(INDEX_BASENAME, index_bytes)
+    except BaseException:
+        try:
+            if old_manifest_bytes is None:
+                storage.delete([MANIFEST_BASENAME])
+            else:
+                storage.write_bytes_atomic(MANIFEST_BASENAME, old_manifest_bytes)
+        except Exception as exc:  # the index write's error is the one to report
+            log.warning("could not restore %s after the index write failed: %s",
+                        storage.url(MANIFEST_BASENAME), exc)
+        raise
 
 
 def _cleanup(storage: Any, job: Job, expired_files: Sequence[str]) -> None:

@@ -6,8 +6,10 @@ values straight from the value buffer, strings/bytes from the offsets + data buf
 numbers from the list offsets — and :func:`etl.mds_format.pack_rows` packs the samples.
 
 Nulls are counted here (Arrow keeps the count, so it is free); the driver turns non-zero counts
-into one clear error before anything is committed. ``fill``/``mask`` replace nulls on the JVM side
-(see :mod:`etl.prepare`), so the values reaching this module have no nulls under those policies.
+into one clear error before anything is committed. ``fill``/``mask`` replace null values on the JVM
+side (see :mod:`etl.prepare`); ``fill`` also replaces null elements inside arrays, but a mask marks
+a whole value null, so a null element under ``mask`` is an :class:`EncodeError` naming the column
+(the encoder reads value buffers and would otherwise write whatever lies under Arrow's bitmap).
 """
 
 from __future__ import annotations
@@ -71,17 +73,26 @@ def _var(arr) -> VarColumn:
     return VarColumn(offsets, data)
 
 
-def _list_parts(arr, element: str) -> tuple[np.ndarray, np.ndarray]:
+def _list_parts(arr, plan: ColumnPlan) -> tuple[np.ndarray, np.ndarray]:
     """(offsets into ``values``, values) of a list array of numbers, honouring slices."""
+    element = plan.element
     offsets = np.asarray(arr.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
     child = arr.values
+    if child.null_count:
+        inner = arr.flatten().null_count
+        if inner:
+            raise EncodeError(
+                f"column {plan.name!r}: {inner} null element{'s' if inner != 1 else ''} inside arrays; "
+                "nulls='mask' marks a whole value null, not single elements. Pass nulls='fill' (null "
+                "elements become 0) or replace them first"
+            )
     dtype = np.dtype(element).newbyteorder("<")
     values = _buffer(child, 1, dtype, len(child), child.offset) if len(child) else np.empty(0, dtype)
     return offsets, values
 
 
 def _ndarray_fixed(arr, plan: ColumnPlan) -> FixedColumn:
-    offsets, values = _list_parts(arr, plan.element)
+    offsets, values = _list_parts(arr, plan)
     length = plan.spec.shape[0]
     lengths = np.diff(offsets)
     if len(lengths) and (lengths.min() != length or lengths.max() != length):
@@ -96,7 +107,7 @@ def _ndarray_fixed(arr, plan: ColumnPlan) -> FixedColumn:
 
 def _ndarray_var(arr, plan: ColumnPlan) -> VarColumn:
     """Each value: Mosaic's NDArray shape prefix (ndim=1, size in 1/2/4 bytes) then the values."""
-    offsets, values = _list_parts(arr, plan.element)
+    offsets, values = _list_parts(arr, plan)
     n = len(arr)
     lengths = np.diff(offsets)
     if n and int(lengths.max(initial=0)) >= 1 << 32:
@@ -166,6 +177,15 @@ def encode_batch(batch, plans: Sequence[ColumnPlan]) -> BatchEncoding:
     """Pack one Arrow record batch whose columns follow ``plans`` (storage order) into samples."""
     if batch.num_columns != len(plans):
         raise EncodeError(f"batch has {batch.num_columns} columns, the plan has {len(plans)}")
-    columns = [_column(batch.column(i), plan) for i, plan in enumerate(plans)]
+    columns = []
+    for i, plan in enumerate(plans):
+        arr = batch.column(i)
+        try:
+            columns.append(_column(arr, plan))
+        except EncodeError:
+            raise
+        except Exception as exc:  # name the column, not a numpy/Arrow internals traceback
+            raise EncodeError(f"column {plan.name!r} (Arrow type {arr.type}, encoding {plan.encoding}): "
+                              f"{type(exc).__name__}: {exc}") from None
     data, sizes = pack_rows(columns)
     return BatchEncoding(data, sizes)

@@ -193,14 +193,18 @@ def _owned(rel: str) -> bool:
 
 def find_orphans(storage: Any, *, listing: Optional[Iterable[tuple[str, int]]] = None) -> list[str]:
     """Files written by sparkbridge that no committed version, retention record or running job
-    owns: leftovers of failed, retried or speculative attempts and of crashed runs. Sorted."""
+    owns: leftovers of failed, retried or speculative attempts and of crashed runs. Sorted.
+
+    Order matters: list the files first, then the running jobs, then the committed version. A job
+    that registers after the listing has no file in it; one that commits after the jobs were read
+    was live when they were; so no file of a running or just-committed job is called an orphan."""
+    files = list(storage.list_files("") if listing is None else listing)
+    live = {job.job_id for job in read_jobs(storage) if is_live(job)}
     current = read_index(storage)
     keep = referenced_files(current[1]) if current else {INDEX_BASENAME, MANIFEST_BASENAME}
     for record in retained_files(read_manifest(storage) if current else None):
         keep.update(record.get("files", []))
     keep.update(f + ".tmp" for f in list(keep))  # a reader unpacking a shard right now
-    live = {job.job_id for job in read_jobs(storage) if is_live(job)}
-    files = storage.list_files("") if listing is None else listing
     orphans = []
     for rel, _ in files:
         if rel in keep or not _owned(rel):

@@ -414,21 +414,6 @@ def decode_ndarray(encoding: str, data: Union[bytes, memoryview]) -> np.ndarray:
     return values.reshape(shape)
 
 
-def encode_ndarray_header(dtype: Union[str, np.dtype], shape: Sequence[int], *, with_dtype: bool) -> bytes:
-    """The prefix Mosaic's NDArray puts before the values when dtype and/or shape are dynamic."""
-    parts = []
-    if with_dtype:
-        parts.append(bytes([_NDARRAY_DTYPE_TO_CODE[np.dtype(dtype).name]]))
-    shape_arr = np.asarray(shape, dtype=np.int64)
-    if len(shape_arr) >= 64:
-        raise ShardFormatError(f"an ndarray may have at most 63 axes, got {len(shape_arr)}")
-    biggest = int(shape_arr.max(initial=0))
-    code = 0 if biggest < 1 << 8 else 1 if biggest < 1 << 16 else 2 if biggest < 1 << 32 else 3
-    parts.append(bytes([(len(shape_arr) << 2) | code]))
-    parts.append(shape_arr.astype(_SHAPE_DTYPES[code]).tobytes())
-    return b"".join(parts)
-
-
 def decode_var_value(encoding: str, data: Union[bytes, memoryview]) -> Any:
     """One value of a variable-width (or ndarray) column. Refuses ``pkl``."""
     if encoding == "bytes":

@@ -8,9 +8,10 @@ with one small aggregation (min/max of ``size``), only when the DataFrame has ar
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
-from etl.types import ColumnPlan, storage_order, with_fixed_shape
+from etl.sources import quote_column as _quote
+from etl.types import ColumnPlan, fill_value, storage_order, with_fixed_shape
 
 __all__ = ["measure_array_shapes", "prepare_frame"]
 
@@ -28,15 +29,23 @@ def _array_expr(df: Any, plan: ColumnPlan):
     return col
 
 
-def _quote(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
+def measure_array_shapes(df: Any, plans: Sequence[ColumnPlan], *,
+                         keep: Optional[Mapping[str, Optional[list[int]]]] = None) -> list[ColumnPlan]:
+    """Give array columns a fixed shape when every non-null row has the same, non-zero length.
 
-
-def measure_array_shapes(df: Any, plans: Sequence[ColumnPlan]) -> list[ColumnPlan]:
-    """Give array columns a fixed shape when every non-null row has the same, non-zero length."""
+    ``keep`` (append): the existing dataset's shape per array column (None = variable). One dataset
+    keeps one encoding per column, so a variable column stays variable, a fixed ``[L]`` column stays
+    fixed when the new rows all have ``L`` elements (or there are none), and anything else is a
+    :class:`etl.commit.SchemaMismatchError` naming the column and both shapes."""
     arrays = [p for p in plans if p.kind == "ndarray_var"]
+    keep = dict(keep or {})
     if not arrays:
         return list(plans)
+    measure = [p for p in arrays if not (p.name in keep and keep[p.name] is None)]
+    if not measure:
+        log.info("array columns %s keep the existing dataset's variable shape", [p.name for p in arrays])
+        return list(plans)
+    arrays = measure
     from pyspark.sql import functions as F
 
     aggs = []
@@ -50,34 +59,51 @@ def measure_array_shapes(df: Any, plans: Sequence[ColumnPlan]) -> list[ColumnPla
     fixed = {}
     for i, p in enumerate(arrays):
         lo, hi = row[f"mn{i}"], row[f"mx{i}"]
-        if lo is not None and lo == hi and lo > 0:
+        if p.name in keep:
+            (length,) = keep[p.name]
+            if lo is not None and not (lo == hi == length):
+                from etl.commit import SchemaMismatchError
+
+                now = f"[{lo}]" if lo == hi else f"variable ({lo} to {hi} elements)"
+                raise SchemaMismatchError(
+                    f"cannot append: column {p.name!r} has arrays of shape [{length}] in the dataset but "
+                    f"{now} in the new data; one dataset keeps one shape per column (rewrite it with "
+                    "mode='overwrite' to change it)"
+                )
+            fixed[p.name] = int(length)
+        elif lo is not None and lo == hi and lo > 0:
             fixed[p.name] = int(lo)
     return storage_order([with_fixed_shape(p, fixed[p.name]) if p.name in fixed else p for p in plans])
 
 
 def _fill_literal(plan: ColumnPlan, dtype: Any):
+    """The Spark literal of :func:`etl.types.fill_value` (the one table of fill values, which the
+    manifest records), typed as the column so ``coalesce`` keeps the column's type."""
+    import datetime as dt
+
     from pyspark.sql import functions as F
 
+    value = fill_value(plan.spec)
     logical = plan.spec.logical
-    if logical in ("bool",):
-        return F.lit(False)
-    if logical == "date":
-        return F.expr("DATE'1970-01-01'")
-    if logical == "timestamp":
-        return F.timestamp_seconds(F.lit(0))
-    if logical == "timestamp_ntz":
-        return F.expr("TIMESTAMP_NTZ'1970-01-01 00:00:00'")
-    if logical == "string":
-        return F.lit("")
+    if logical == "bool":
+        return F.lit(bool(value))
+    if logical == "date":  # days since 1970-01-01
+        return F.date_from_unix_date(F.lit(int(value)))
+    if logical == "timestamp":  # µs since the epoch, UTC
+        return F.timestamp_micros(F.lit(int(value)))
+    if logical == "timestamp_ntz":  # a literal: casting a timestamp would apply the session zone
+        wall = dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=int(value))
+        return F.expr(f"TIMESTAMP_NTZ'{wall.isoformat(sep=' ')}'")
     if logical == "binary":
-        return F.expr("X''")
+        return F.expr(f"X'{str(value).encode('utf-8').hex()}'")
     if logical in ("array", "vector"):
-        if plan.kind == "ndarray_fixed":
-            return F.array_repeat(F.lit(0).cast(_spark_element(plan.element)), plan.spec.shape[0])
-        return F.array().cast(f"array<{_spark_element(plan.element)}>")
-    if logical == "json":
-        return F.lit("[]" if plan.spec.spark_type.startswith("array") else "{}")
-    return F.lit(0).cast(dtype)
+        element = _spark_element(plan.element)
+        return F.array(*[F.lit(v) for v in value]).cast(f"array<{element}>")
+    if logical == "decimal":
+        return F.lit(value).cast(dtype if plan.encoding == "str_decimal" else "double")
+    if logical in ("string", "json"):
+        return F.lit(value)
+    return F.lit(value).cast(dtype)
 
 
 def _spark_element(element: str) -> str:
@@ -110,9 +136,6 @@ def prepare_frame(df: Any, plans: Sequence[ColumnPlan], *, nulls: str) -> Any:
         else:
             expr = src
         if nulls in ("fill", "mask") and plan.nullable:
-            fill = _fill_literal(plan, dtype)
-            if logical == "decimal":
-                fill = F.lit(0).cast(dtype if plan.encoding == "str_decimal" else "double")
-            expr = F.coalesce(expr, fill)
+            expr = F.coalesce(expr, _fill_literal(plan, dtype))
         exprs.append(expr.alias(plan.name))
     return df.select(*exprs)

@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql.types import StructType
 
-__all__ = ["read_source", "detect_format", "MalformedRecordsError", "FORMATS", "BAD_RECORD_POLICIES"]
+__all__ = ["read_source", "detect_format", "MalformedRecordsError", "FORMATS", "BAD_RECORD_POLICIES",
+           "quote_column"]
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,8 @@ def _parse_guard(columns: list[str]) -> "Column":
     return F.size(F.array(*[F.col(c).isNull() for c in columns])) >= 0
 
 
-def _quote(name: str) -> str:
+def quote_column(name: str) -> str:
+    """A column name as a Spark SQL identifier (backticks, so dots and spaces are literal)."""
     return "`" + name.replace("`", "``") + "`"
 
 
@@ -350,6 +352,6 @@ def read_source(
         df = spark.read.options(**options).parquet(path)
         if struct is not None:
             _check_parquet_schema(struct, df.schema, path)
-            df = df.select(*[_quote(f.name) for f in struct.fields])
+            df = df.select(*[quote_column(f.name) for f in struct.fields])
         return df
     return _read_csv(spark, path, schema=struct, bad_records=bad_records, options=options)

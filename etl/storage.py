@@ -12,11 +12,10 @@ import logging
 import os
 import shutil
 import tempfile
-import uuid
 from typing import Iterable, Optional
 from urllib.parse import urlparse
 
-__all__ = ["Storage", "LocalStorage", "S3Storage", "open_storage", "is_remote", "unique_token"]
+__all__ = ["Storage", "LocalStorage", "S3Storage", "open_storage", "is_remote"]
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +53,6 @@ class Storage:
         raise NotImplementedError
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
-        raise NotImplementedError
-
-    def put_file(self, local_path: str, rel: str) -> None:
         raise NotImplementedError
 
     def list_files(self, prefix: str = "") -> list[tuple[str, int]]:
@@ -113,13 +109,6 @@ class LocalStorage(Storage):
                 os.unlink(tmp)
             raise
         _fsync_dir(folder)
-
-    def put_file(self, local_path: str, rel: str) -> None:
-        dest = self.local_path(rel)
-        if os.path.abspath(local_path) == dest:
-            return
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copyfile(local_path, dest)
 
     def list_files(self, prefix: str = "") -> list[tuple[str, int]]:
         base = self.local_path(prefix)
@@ -230,9 +219,6 @@ class S3Storage(Storage):
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=data)
 
-    def put_file(self, local_path: str, rel: str) -> None:
-        self.client.upload_file(local_path, self.bucket, self.key(rel))
-
     def list_files(self, prefix: str = "") -> list[tuple[str, int]]:
         key_prefix = self.key(prefix)
         if key_prefix and prefix and not prefix.endswith("/"):
@@ -283,8 +269,3 @@ def open_storage(root: str) -> Storage:
     if is_remote(root):
         raise ValueError(f"unsupported storage scheme {scheme!r} in {root!r}: use a local path or s3://")
     return LocalStorage(root)
-
-
-def unique_token() -> str:
-    """A short random token for job and temp names (uuid4: unique across hosts)."""
-    return uuid.uuid4().hex[:12]

@@ -166,6 +166,14 @@ class _ShardSink:
         self._raise()
         self.queue.put((number, chunks, sizes))
 
+    def abandon(self) -> None:
+        """The task failed: stop writing queued shards and wait for the thread (its error, if any,
+        is dropped: the task's own error is the one to report)."""
+        if self.error is None:
+            self.error = RuntimeError("the task failed")  # _run skips the shards still queued
+        self.queue.put(None)
+        self.thread.join()
+
     def close(self) -> list[dict[str, Any]]:
         self.queue.put(None)
         self.thread.join()
@@ -244,7 +252,7 @@ def run_task(cfg: TaskConfig, batches: Iterator[Any], *, partition: int, task_at
             cutter.close()
         entries = sink.close()
     except BaseException:
-        sink.queue.put(None)
+        sink.abandon()
         raise
     return {
         "attempt": attempt,
@@ -267,11 +275,16 @@ def task_function(cfg: TaskConfig):
         ctx = TaskContext.get()
         for key, value in cfg.env:
             os.environ[key] = value
+        partition, attempt = ctx.partitionId(), ctx.attemptNumber()
         try:
-            row = run_task(cfg, batches, partition=ctx.partitionId(), task_attempt_id=ctx.taskAttemptId(),
-                           attempt_number=ctx.attemptNumber())
+            row = run_task(cfg, batches, partition=partition, task_attempt_id=ctx.taskAttemptId(),
+                           attempt_number=attempt)
+        except TaskFailure:
+            raise
         except (EncodeError, ShardFormatError) as exc:  # explained to the user by the driver
             raise TaskFailure(str(exc)) from None
+        except Exception as exc:  # still one line for the user, never a JVM-wrapped traceback
+            raise TaskFailure(f"partition {partition} attempt {attempt}: {type(exc).__name__}: {exc}") from None
         yield pa.RecordBatch.from_arrays([pa.array([json.dumps(row)], pa.string())], [MANIFEST_FIELD])
 
     return fn

@@ -38,7 +38,8 @@ NULL_POLICIES = ("error", "fill", "mask")
 DECIMAL_MODES = ("string", "float")
 NULL_SUFFIX = "__null"
 
-# Spark scalar type name → (logical type, MDS encoding, numpy dtype name of the Arrow buffer).
+# Spark scalar type name → (logical type, MDS encoding); the encoding is also the numpy dtype name
+# of the Arrow value buffer.
 _SCALARS: dict[str, tuple[str, str]] = {
     "BooleanType": ("bool", "uint8"),
     "ByteType": ("int8", "int8"),

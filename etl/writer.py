@@ -154,12 +154,17 @@ def write_mds(
         raise ValueError(f"retention_seconds must be >= 0, got {retention_seconds}")
     storage = open_storage(out)
     plans = plan_columns(df.schema, columns=columns, nulls=nulls, decimals=decimals)
-    old_manifest = check_mode(storage, mode)
+    old_manifest, seen_index_sha = check_mode(storage, mode)
 
     from etl.prepare import measure_array_shapes, prepare_frame
     from etl.task import MANIFEST_FIELD, S3_ENV_KEYS, TaskConfig, task_function
 
-    plans = measure_array_shapes(df, plans)
+    keep = None
+    if mode == "append" and old_manifest is not None:
+        keep = {c.name: c.shape for c in old_manifest.columns if c.logical in ("array", "vector")}
+        keep = {name: shape for name, shape in keep.items()
+                if any(p.name == name and p.kind == "ndarray_var" for p in plans)}
+    plans = measure_array_shapes(df, plans, keep=keep)
     order = list(columns) if columns is not None else [f.name for f in df.schema.fields]
     specs = sorted((p.spec for p in plans if p.spec is not None), key=lambda c: order.index(c.name))
     if mode == "append" and old_manifest is not None:
@@ -178,6 +183,11 @@ def write_mds(
                      env=() if storage.is_local else tuple((k, os.environ[k]) for k in S3_ENV_KEYS
                                                            if os.environ.get(k)))
     try:
+        if job.base_index_sha != seen_index_sha:
+            raise ConcurrentWriteError(
+                f"{storage.root} was committed by another writer after mode={mode!r} was checked and "
+                "before this job registered; nothing was written, retry the write"
+            )
         try:
             result_rows = prepared.mapInArrow(task_function(cfg), f"{MANIFEST_FIELD} string").collect()
         except Exception as exc:

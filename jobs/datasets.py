@@ -238,6 +238,18 @@ def _check_shard(storage: Any, i: int, entry: dict[str, Any], present: dict[str,
     return problems, len(data), n_hashes
 
 
+def _check_shard_safely(storage: Any, i: int, entry: dict[str, Any],
+                        present: dict[str, int]) -> tuple[list[str], int, int]:
+    """``_check_shard``, with anything unexpected (a file removed mid-run, an unknown hash name in
+    the index) recorded as a problem line: validate reports, it never crashes on a bad dataset."""
+    try:
+        return _check_shard(storage, i, entry, present)
+    except Exception as exc:
+        stored = (entry.get("zip_data") or entry.get("raw_data")) if isinstance(entry, dict) else None
+        name = stored.get("basename", "?") if isinstance(stored, dict) else "?"
+        return [f"shard {i} ({name}): could not be checked: {type(exc).__name__}: {exc}"], 0, 0
+
+
 def validate_dataset(root: str, *, workers: int = 4, progress: bool = True) -> ValidationReport:
     """Check every shard, the counts and the files under ``root``; never raises for a bad dataset."""
     from etl.layout import find_orphans, read_manifest
@@ -287,7 +299,7 @@ def validate_dataset(root: str, *, workers: int = 4, progress: bool = True) -> V
     from tqdm import tqdm
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(_check_shard, storage, i, e, present) for i, e in enumerate(shards)]
+        futures = [pool.submit(_check_shard_safely, storage, i, e, present) for i, e in enumerate(shards)]
         bar = tqdm(total=len(futures), desc="validate", unit="shard", disable=not progress or None, file=sys.stderr)
         for fut in futures:
             problems, n_bytes, n_hashes = fut.result()

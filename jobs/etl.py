@@ -9,6 +9,7 @@ from spark-submit (``--master`` here only when given); ``sparkbridge convert`` d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -185,8 +186,10 @@ class SparkProgress:
 # --------------------------------------------------------------------------- the job
 
 
-def _ship_etl_package(spark: "SparkSession") -> None:
-    """Zip this driver's ``etl`` package and add it to the executors' Python path."""
+def _ship_etl_package(spark: "SparkSession") -> str:
+    """Zip this driver's ``etl`` package and add it to the executors' Python path; returns the zip's
+    path, which the caller deletes once the session stopped (executors fetch it from the driver's
+    file server when their first task starts, so it must outlive the job)."""
     import tempfile
     import zipfile
 
@@ -203,6 +206,7 @@ def _ship_etl_package(spark: "SparkSession") -> None:
                     zf.write(full, os.path.relpath(full, os.path.dirname(package_dir)))
     spark.sparkContext.addPyFile(zpath)
     log.info("shipped the etl package to the executors (%s)", zpath)
+    return zpath
 
 
 def build_session(*, master: Optional[str], conf: dict[str, str], app_name: str = "sparkbridge-convert") -> "SparkSession":
@@ -223,8 +227,9 @@ def build_session(*, master: Optional[str], conf: dict[str, str], app_name: str 
         if key not in conf:
             log.info("Spark setting %s=%s (default of this job)", key, value)
     # Executors reach an S3-compatible store through the same variables as the driver.
-    for key in ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION",
-                "AWS_SESSION_TOKEN"):
+    from etl.task import S3_ENV_KEYS
+
+    for key in S3_ENV_KEYS:
         if os.environ.get(key) and f"spark.executorEnv.{key}" not in conf:
             builder = builder.config(f"spark.executorEnv.{key}", os.environ[key])
     for key, value in {**defaults, **conf}.items():
@@ -313,10 +318,10 @@ def _run(args: argparse.Namespace, *, master: Optional[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     spark = build_session(master=master, conf=conf)
-
+    shipped: Optional[str] = None
     try:
         if not spark.sparkContext.master.startswith("local"):
-            _ship_etl_package(spark)
+            shipped = _ship_etl_package(spark)
         result = convert(spark, args, progress=not args.no_progress)
     except (FileNotFoundError, DatasetExistsError, ValueError, TypeError, WriteError, ConcurrentWriteError) as exc:
         # Bad input, options or a refused write: the message names the file/column; no JVM traceback.
@@ -324,6 +329,9 @@ def _run(args: argparse.Namespace, *, master: Optional[str]) -> int:
         return 1
     finally:
         spark.stop()
+        if shipped is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(shipped)
     print(_summary(result))
     if args.json:
         print(json.dumps(result.to_dict(), sort_keys=True))

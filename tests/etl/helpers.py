@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 
-__all__ = ["stock_ids", "arrow_batch_rows"]
+from etl.storage import LocalStorage
+
+__all__ = ["stock_ids", "arrow_batch_rows", "FullDiskInTasks"]
 
 
 def stock_ids(path: str) -> list[int]:
@@ -28,3 +32,17 @@ def arrow_batch_rows(spark, rows: int):
         yield
     finally:
         spark.conf.set(key, old)
+
+
+class FullDiskInTasks(LocalStorage):
+    """A local output whose disk is full for the executors' Python workers only (another process
+    than the driver): the fault is raised where a task first touches its staging folder."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.driver_pid = os.getpid()
+
+    def local_path(self, rel: str) -> str:
+        if os.getpid() != self.driver_pid:
+            raise OSError(errno.ENOSPC, "No space left on device", super().local_path(rel))
+        return super().local_path(rel)

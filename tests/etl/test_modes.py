@@ -141,3 +141,60 @@ def test_second_concurrent_job_is_refused_and_leaves_the_first_alone(spark, tmp_
     assert not os.path.exists(staging) and find_orphans(open_storage(out)) == []
     with open(os.path.join(out, "index.json")) as f:
         assert all(s["zip_data"]["basename"].startswith(job_dir + "/") for s in json.load(f)["shards"])
+
+
+def test_commit_between_mode_check_and_registration_is_refused(spark, tmp_path, monkeypatch):
+    """mode='error' found no dataset, then another writer committed before this job registered:
+    the job must fail (and write nothing), not replace that dataset."""
+    import etl.writer as writer
+
+    out = str(tmp_path / "ds")
+    real_start_job = writer.start_job
+    calls = []
+
+    def start_job_after_a_rival_commit(storage, job_id, mode):
+        calls.append(job_id)
+        if len(calls) == 1:  # the outer write, between check_mode and start_job
+            etl.write_mds(_frame(spark, 500, 510, parts=1), out)
+        return real_start_job(storage, job_id, mode)
+
+    monkeypatch.setattr(writer, "start_job", start_job_after_a_rival_commit)
+    with pytest.raises(ConcurrentWriteError, match="committed by another writer after mode='error' was checked"):
+        etl.write_mds(_frame(spark, 0, 20), out)
+    assert len(calls) == 2
+    assert sorted(stock_ids(out)) == list(range(500, 510))  # the rival's version is intact
+    assert not os.path.exists(os.path.join(out, "_staging")) and find_orphans(open_storage(out)) == []
+
+
+def _arrays(spark, lo: int, hi: int, length):
+    """``id`` and ``arr`` (doubles): ``length`` elements per row, or 1..3 when ``length`` is None."""
+    n = "1 + id % 3" if length is None else str(length)
+    return spark.range(lo, hi, numPartitions=1).selectExpr(
+        "id", f"transform(sequence(1, {n}), x -> cast(id * 10 + x as double)) AS arr")
+
+
+def test_append_keeps_each_array_columns_encoding(spark, tmp_path):
+    from bridge import StreamingLoader
+
+    out = str(tmp_path / "var")
+    etl.write_mds(_arrays(spark, 0, 30, None), out)
+    assert _manifest(out).column("arr").shape is None
+    etl.write_mds(_arrays(spark, 30, 50, 2), out, mode="append")  # uniform rows stay variable
+    assert _manifest(out).column("arr").encoding == "ndarray:float64"
+    with open(os.path.join(out, "index.json")) as f:
+        encodings = {tuple(s["column_encodings"]) for s in json.load(f)["shards"]}
+    assert len(encodings) == 1
+    ids = []
+    for batch in StreamingLoader(out, batch_size=16):
+        ids += [int(i) for i in batch["id"]]
+    assert sorted(ids) == list(range(50))
+
+    fixed = str(tmp_path / "fixed")
+    etl.write_mds(_arrays(spark, 0, 10, 2), fixed)
+    etl.write_mds(_arrays(spark, 10, 20, 2), fixed, mode="append")
+    assert _manifest(fixed).column("arr").shape == [2] and sorted(stock_ids(fixed)) == list(range(20))
+    before, files = _sha(fixed), _files(fixed)
+    with pytest.raises(SchemaMismatchError, match=r"column 'arr' has arrays of shape \[2\] in the dataset but "
+                                                   r"variable \(1 to 3 elements\) in the new data"):
+        etl.write_mds(_arrays(spark, 20, 30, None), fixed, mode="append")
+    assert _sha(fixed) == before and _files(fixed) == files

@@ -159,6 +159,9 @@ def _null_frame(spark):
         T.StructField("dec", T.DecimalType(10, 2)),
         T.StructField("arr", T.ArrayType(T.FloatType())),
         T.StructField("st", T.StructType([T.StructField("a", T.IntegerType())])),
+        T.StructField("ts", T.TimestampType()),
+        T.StructField("ntz", T.TimestampNTZType()),
+        T.StructField("bin", T.BinaryType()),
     ])
     rows = []
     for k in range(12):
@@ -166,7 +169,8 @@ def _null_frame(spark):
         rows.append((k, None if null else k * 1.5, None if k % 4 == 2 else -k, None if null else True,
                      None if null else dt.date(2020, 1, 1), None if null else f"v{k}",
                      None if null else Decimal(f"{k}.25"), None if null else [float(k), 1.0],
-                     None if null else (k,)))
+                     None if null else (k,), None if null else dt.datetime(2020, 1, 1, 0, 0, k, tzinfo=UTC),
+                     None if null else dt.datetime(2020, 1, 1, 0, 0, k), None if null else bytes([k, 7])))
     return rows, spark.createDataFrame(rows, schema).coalesce(2)
 
 
@@ -198,6 +202,9 @@ def test_nulls_fill_writes_documented_values(spark, tmp_path):
         assert g["day"] == (0 if null else (dt.date(2020, 1, 1) - EPOCH_DATE).days)
         assert g["s"] == ("" if null else f"v{k}")
         assert g["dec"] == (Decimal(0) if null else Decimal(f"{k}.25"))
+        assert g["ts"] == (0 if null else _micros(dt.datetime(2020, 1, 1, 0, 0, k, tzinfo=UTC)))
+        assert g["ntz"] == (0 if null else _micros(dt.datetime(2020, 1, 1, 0, 0, k)))
+        assert g["bin"] == (b"" if null else bytes([k, 7]))
         assert g["arr"] == ([0.0, 0.0] if null else [float(k), 1.0])  # fixed shape: zeros
         assert g["st"] == ({} if null else {"a": k})
     manifest = Manifest.from_json(open(os.path.join(out, "manifest.json")).read())
@@ -299,3 +306,28 @@ def test_task_cuts_shards_under_the_size_limit_without_spark(tmp_path):
     with pytest.raises(mf.ShardFormatError, match="do not match|does not match"):
         mf.encode_shard_chunks({"a": 1}, parts, sizes[:3])
     assert got_ids == list(range(1000)) and got_texts == texts
+
+
+def test_null_elements_inside_arrays_under_mask_name_the_column(spark, tmp_path):
+    df = spark.sql("SELECT id, IF(id = 3, array(1.0D, NULL), array(1.0D, 2.0D)) AS arr FROM range(6)")
+    out = tmp_path / "ds"
+    with pytest.raises(WriteError, match=r"column 'arr': 1 null element inside arrays; nulls='mask' marks a "
+                                         r"whole value null"):
+        etl.write_mds(df, str(out), nulls="mask")
+    assert not (out / "index.json").exists() and not (out / "_staging").exists()
+
+
+def test_unexpected_task_error_is_one_line_naming_partition_and_attempt(spark, tmp_path, monkeypatch):
+    import etl.writer as writer
+
+    from tests.etl.helpers import FullDiskInTasks
+
+    out = tmp_path / "ds"
+    monkeypatch.setattr(writer, "open_storage", FullDiskInTasks)
+    with pytest.raises(WriteError) as info:
+        etl.write_mds(spark.range(10, numPartitions=1), str(out))
+    message = str(info.value)
+    assert message.startswith("partition 0 attempt ")
+    assert "OSError: [Errno 28] No space left on device" in message and "_staging" in message
+    assert "Traceback" not in message and "py4j" not in message.lower() and "\n" not in message
+    assert not (out / "index.json").exists() and not (out / "_staging").exists()

@@ -29,3 +29,25 @@ def test_errors_name_the_path(tmp_path):
         st.local_path("../escape")
     with pytest.raises(ValueError, match="unsupported storage scheme"):
         open_storage("gs://bucket/x")
+
+
+class _IndexWriteFails(LocalStorage):
+    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+        if rel == "index.json":
+            raise OSError(28, "No space left on device", self.local_path(rel))
+        super().write_bytes_atomic(rel, data)
+
+
+def test_failed_index_write_puts_the_previous_manifest_back(tmp_path):
+    from etl.commit import _write_manifest_then_index
+
+    st = _IndexWriteFails(str(tmp_path))
+    LocalStorage(str(tmp_path)).write_bytes_atomic("manifest.json", b"old")
+    with pytest.raises(OSError, match="No space left"):
+        _write_manifest_then_index(st, b"new", b"{}")
+    assert st.read_bytes("manifest.json") == b"old"
+
+    fresh = _IndexWriteFails(str(tmp_path / "fresh"))
+    with pytest.raises(OSError, match="No space left"):
+        _write_manifest_then_index(fresh, b"new", b"{}")
+    assert not fresh.exists("manifest.json")

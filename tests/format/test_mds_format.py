@@ -101,7 +101,7 @@ def test_pickle_is_refused():
 
 
 def test_empty_ndarray_header_roundtrip():
-    head = fmt.encode_ndarray_header("float32", (0,), with_dtype=False)
+    head = bytes([1 << 2 | 0, 0])  # Mosaic's dynamic-shape prefix: ndim 1, 1-byte sizes; size 0
     arr = fmt.decode_ndarray("ndarray:float32", head)
     assert arr.shape == (0,) and arr.dtype == np.float32
 

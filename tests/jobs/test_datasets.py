@@ -93,9 +93,12 @@ def test_validate_index_problems(stock):
     index = json.loads((stock / "index.json").read_text())
     index["shards"].append(dict(index["shards"][0]))  # the same shard twice: rows read twice
     index["shards"][1]["samples"] += 1
+    index["shards"][2]["zip_data"]["hashes"]["md99"] = "00"  # a hash this reader does not know
     (stock / "index.json").write_text(json.dumps(index))
     report = validate_dataset(str(stock), progress=False)
     names = shard_names(stock)
+    assert any(p.startswith(f"shard 2 ({names[2]}): could not be checked:") and "md99" in p
+               for p in report.problems), report.problems
     assert any(f"({names[0]}) is listed twice" in p for p in report.problems)
     assert any(f"shard 1 ({names[1]}): holds" in p and "index says" in p for p in report.problems)
 
