@@ -23,10 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from bench._common import format_facts, machine_facts, timer, versions  # noqa: E402
+from _common import format_facts, machine_facts, timer, versions  # noqa: E402
 
 FLOATS = [f"f{i:02d}" for i in range(16)]
 MDS_COLUMNS = {**{f: "float32" for f in FLOATS}, "i32": "int32", "i64": "int64"}
@@ -48,8 +46,7 @@ def run_writer(name: str, df, out: Path) -> dict:
     if out.exists():
         shutil.rmtree(out)
     if name == "write_mds":
-        import etl
-
+        from sparkbridge import etl
         with timer() as t:
             result = etl.write_mds(df, str(out), compression="zstd", hashes=("xxh64",))
         return {"seconds": t[0], "rows": result.rows, "bytes": result.bytes}

@@ -22,9 +22,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-# Run as a script, bench/ is sys.path[0] and bench/etl.py would shadow the etl package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
-sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> int:
@@ -42,8 +39,8 @@ def main(argv=None) -> int:
         return 2
     import streaming
 
-    from bench.loader import COLUMNS, FLOATS, write_dataset
-    from bridge import StreamingLoader
+    from loader import COLUMNS, FLOATS, write_dataset
+    from sparkbridge.bridge import StreamingLoader
 
     B = args.batch_size
     out = args.out or Path(tempfile.mkdtemp(prefix="sparkbridge-gpu-check-"))
@@ -63,7 +60,7 @@ def main(argv=None) -> int:
         "gpu unpinned": make(device="cuda", pin_memory=False),
         "gpu pinned 2 workers": make(device="cuda", pin_memory=True, num_workers=2),
     }
-    from bridge.device import _PinnedRing
+    from sparkbridge.bridge.device import _PinnedRing
 
     _, staged = _PinnedRing(slots=1).stage(torch.zeros(4096, dtype=torch.uint8))
     print(f"pinned staging buffers: {staged.is_pinned()}")

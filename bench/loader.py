@@ -31,9 +31,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-# Run as a script, bench/ is sys.path[0] and bench/etl.py would shadow the etl package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
-sys.path.insert(0, str(REPO))
 
 BATCH = 1024
 FLOATS = [f"f{i:02d}" for i in range(16)]
@@ -41,9 +38,9 @@ COLUMNS = FLOATS + ["i32", "i64"]
 
 
 def write_dataset(out: Path, rows: int, *, shard_rows: int, seed: int = 0) -> None:
-    """1M-row MDS dataset written with etl.mds_format (byte-identical to Mosaic's MDSWriter)."""
-    from etl.mds_format import FixedColumn, compress, compression_extension, encode_shard, index_entry, \
-        pack_rows, shard_config
+    """1M-row MDS dataset written with sparkbridge.format.mds (byte-identical to Mosaic's MDSWriter)."""
+    from sparkbridge.format.mds import FixedColumn, encode_shard, index_entry, pack_rows, shard_config
+    from sparkbridge.format.codecs import compress, compression_extension
 
     if out.exists():
         shutil.rmtree(out)
@@ -99,10 +96,10 @@ def time_stock_isolated(data: Path, work: Path, workers: int, max_batches: int) 
     threads spinning: measured in one process, the in-memory bound then fell from 4.2M to 0.33M
     rows/s, which made every later figure of this run wrong."""
     code = (
-        "import sys, json; from pathlib import Path; sys.path.insert(0, {repo!r}); "
-        "from bench.loader import time_stock; "
+        "import sys, json; from pathlib import Path; sys.path.insert(0, {bench!r}); "
+        "from loader import time_stock; "
         "print(json.dumps(time_stock(Path({data!r}), Path({work!r}), {w}, {n})))"
-    ).format(repo=str(REPO), data=str(data), work=str(work), w=workers, n=max_batches)
+    ).format(bench=str(REPO / "bench"), data=str(data), work=str(work), w=workers, n=max_batches)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -132,10 +129,9 @@ def ours_epoch(loader) -> tuple[int, float]:
 _FRESH = r"""
 import sys, time, json
 t0 = time.perf_counter()
-sys.path.insert(0, {repo!r})
 kind, path, workers = {kind!r}, {path!r}, {workers}
 if kind == "ours":
-    from bridge import StreamingLoader
+    from sparkbridge.bridge import StreamingLoader
     it = iter(StreamingLoader(path, batch_size={batch}, shuffle=True, num_workers=workers))
 else:
     from streaming import StreamingDataset
@@ -173,7 +169,7 @@ def main(argv=None) -> int:
     import torch
     import streaming
 
-    from bridge import StreamingLoader
+    from sparkbridge.bridge import StreamingLoader
 
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "data"

@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["StreamingLoader", "StateError", "CorruptShardError"]
 
 _LAZY = {
-    "StreamingLoader": "bridge.loader",
-    "StateError": "bridge.state",
-    "CorruptShardError": "bridge.decode",
+    "StreamingLoader": "sparkbridge.bridge.loader",
+    "StateError": "sparkbridge.bridge.state",
+    "CorruptShardError": "sparkbridge.bridge.decode",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bridge.decode import CorruptShardError
-    from bridge.loader import StreamingLoader
-    from bridge.state import StateError
+    from sparkbridge.bridge.decode import CorruptShardError
+    from sparkbridge.bridge.loader import StreamingLoader
+    from sparkbridge.bridge.state import StateError
 
 
 def __getattr__(name: str) -> Any:

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from etl.manifest import Manifest
-from etl.mds_format import (
+from sparkbridge.format.manifest import Manifest
+from sparkbridge.format.mds import (
     ShardFormatError,
     ShardLayout,
     column_starts,

@@ -26,10 +26,10 @@ from streaming.base.batching import generate_work
 from streaming.base.dataset import _ShardState
 from streaming.base.world import World
 
-from bridge.batch import BatchPlan, PackedBatch
-from bridge.decode import DecodedShard, ShardCache, ShardFiles, decode_shard, read_shard
-from etl.manifest import MANIFEST_BASENAME, Manifest
-from etl.mds_format import INDEX_BASENAME, ShardFormatError, ShardLayout
+from sparkbridge.bridge.batch import BatchPlan, PackedBatch
+from sparkbridge.bridge.decode import DecodedShard, ShardCache, ShardFiles, decode_shard, read_shard
+from sparkbridge.format.manifest import MANIFEST_BASENAME, Manifest
+from sparkbridge.format.mds import INDEX_BASENAME, ShardFormatError, ShardLayout
 
 __all__ = ["BatchDataset"]
 
@@ -136,7 +136,7 @@ class BatchDataset(StreamingDataset):
                                   columns=columns, features=features, label=label)
         except BaseException:
             # Mosaic has already made its shared memory: give it back now, not at interpreter exit
-            from bridge.distributed import release_shared_memory
+            from sparkbridge.bridge.distributed import release_shared_memory
 
             release_shared_memory(self)
             raise

@@ -16,15 +16,15 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from etl.mds_format import ShardFormatError, ShardLayout, column_starts, decompress, hash_bytes, sample_offsets
+from sparkbridge.errors import CorruptShardError
+from sparkbridge.format.mds import ShardFormatError, ShardLayout, column_starts, sample_offsets
+from sparkbridge.format.codecs import decompress, hash_bytes
 
 __all__ = ["CorruptShardError", "DecodedShard", "ShardFiles", "ShardCache", "read_shard", "decode_shard"]
 
 logger = logging.getLogger(__name__)
 
 
-class CorruptShardError(ShardFormatError):
-    """A shard's bytes fail their hash, do not decompress, or break the MDS layout."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import logging
 from collections import deque
 from typing import Any, Iterable, Iterator, Optional
 
-from bridge.batch import BatchPlan, PackedBatch
+from sparkbridge.bridge.batch import BatchPlan, PackedBatch
 
 __all__ = ["resolve_device", "to_batches"]
 

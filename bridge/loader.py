@@ -26,8 +26,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from bridge.device import resolve_device, to_batches
-from bridge.state import LoaderState, StateError
+from sparkbridge.bridge.device import resolve_device, to_batches
+from sparkbridge.bridge.state import LoaderState, StateError
 
 __all__ = ["StreamingLoader", "StateError"]
 
@@ -104,11 +104,11 @@ class StreamingLoader:
             validate_hash = None
         remote, local_dir = _split_source(remote_or_local, local)
         if clean_stale_shm:
-            from bridge.distributed import clean_stale_shared_memory
+            from sparkbridge.bridge.distributed import clean_stale_shared_memory
 
             clean_stale_shared_memory()
         device = resolve_device(device)  # before Mosaic allocates shared memory: fail cheaply
-        from bridge.dataset import BatchDataset
+        from sparkbridge.bridge.dataset import BatchDataset
 
         if decoded_cache_bytes is None:
             logger.debug("decoded shard cache defaults to 1 GiB per process")
@@ -351,7 +351,7 @@ class StreamingLoader:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
-        from bridge.distributed import release_shared_memory
+        from sparkbridge.bridge.distributed import release_shared_memory
 
         release_shared_memory(self.dataset)
         self.dataset._sb_cache = None  # up to decoded_cache_bytes of decoded shards

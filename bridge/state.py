@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
 
+from sparkbridge.errors import StateError
+
 __all__ = ["LoaderState", "StateError", "STATE_FORMAT"]
 
 STATE_FORMAT = "sparkbridge.loader/1"
 
 
-class StateError(ValueError):
-    """A saved loader state does not fit this loader (other data, other order, bad fields)."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ RUN apt-get update \
 
 WORKDIR /opt/sparkbridge
 COPY pyproject.toml constraints.txt README.md ./
+COPY sparkbridge ./sparkbridge
 COPY etl ./etl
 COPY bridge ./bridge
 COPY jobs ./jobs

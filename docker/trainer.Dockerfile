@@ -14,6 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/sparkbridge
 COPY pyproject.toml constraints.txt README.md ./
+COPY sparkbridge ./sparkbridge
 COPY etl ./etl
 COPY bridge ./bridge
 COPY jobs ./jobs

@@ -1,7 +1,7 @@
 """Spark side of sparkbridge: read sources, write MDS datasets exactly once.
 
 Importing ``etl`` is cheap and does not import pyspark, so the training side can use the shared
-format modules (:mod:`etl.mds_format`, :mod:`etl.manifest`); the Spark-facing names load lazily.
+format modules (:mod:`sparkbridge.format.mds`, :mod:`sparkbridge.format.manifest`); the Spark-facing names load lazily.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["read_source", "write_mds", "WriteResult"]
 
 _LAZY = {
-    "read_source": "etl.sources",
-    "write_mds": "etl.writer",
-    "WriteResult": "etl.writer",
+    "read_source": "sparkbridge.etl.sources",
+    "write_mds": "sparkbridge.etl.writer",
+    "WriteResult": "sparkbridge.etl.writer",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from etl.sources import read_source
-    from etl.writer import WriteResult, write_mds
+    from sparkbridge.etl.sources import read_source
+    from sparkbridge.etl.writer import WriteResult, write_mds
 
 
 def __getattr__(name: str) -> Any:

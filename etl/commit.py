@@ -18,7 +18,8 @@ import threading
 import time
 from typing import Any, Optional, Sequence
 
-from etl.layout import (
+from sparkbridge.errors import ConcurrentWriteError, DatasetExistsError, SchemaMismatchError
+from sparkbridge.etl.layout import (
     STALE_AFTER_SECONDS,
     STAGING,
     JobInfo,
@@ -33,8 +34,8 @@ from etl.layout import (
     retained_files,
     staging_prefix,
 )
-from etl.manifest import MANIFEST_BASENAME, ColumnSpec, Manifest
-from etl.mds_format import INDEX_BASENAME
+from sparkbridge.format.manifest import MANIFEST_BASENAME, ColumnSpec, Manifest
+from sparkbridge.format.mds import INDEX_BASENAME
 
 __all__ = [
     "MODES",
@@ -52,18 +53,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("error", "overwrite", "append")
 HEARTBEAT_SECONDS = 15.0
-
-
-class DatasetExistsError(FileExistsError):
-    """``mode="error"`` and a dataset is already committed at the output."""
-
-
-class ConcurrentWriteError(RuntimeError):
-    """Another job is writing (or has just committed to) the same output."""
-
-
-class SchemaMismatchError(ValueError):
-    """``mode="append"`` with columns that differ from the existing dataset's."""
 
 
 class Job:

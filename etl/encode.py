@@ -3,7 +3,7 @@
 Why: per-row Python encoding is what makes Mosaic's ``dataframe_to_mds`` ~10x slower than Spark's
 own Parquet writer. Here every column is reinterpreted from Arrow's buffers with numpy — fixed-width
 values straight from the value buffer, strings/bytes from the offsets + data buffers, arrays of
-numbers from the list offsets — and :func:`etl.mds_format.pack_rows` packs the samples.
+numbers from the list offsets — and :func:`sparkbridge.format.mds.pack_rows` packs the samples.
 
 Nulls are counted here (Arrow keeps the count, so it is free); the driver turns non-zero counts
 into one clear error before anything is committed. ``fill``/``mask`` replace null values on the JVM
@@ -18,15 +18,16 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from etl.mds_format import FixedColumn, VarColumn, pack_rows
-from etl.types import ColumnPlan
+from sparkbridge.errors import SparkbridgeError
+from sparkbridge.format.mds import FixedColumn, VarColumn, pack_rows
+from sparkbridge.etl.types import ColumnPlan
 
 __all__ = ["EncodeError", "BatchEncoding", "encode_batch", "null_counts"]
 
 Column = Union[FixedColumn, VarColumn]
 
 
-class EncodeError(ValueError):
+class EncodeError(SparkbridgeError, ValueError):
     """A batch does not match the column plan (e.g. an array row of the wrong length)."""
 
 

@@ -25,8 +25,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from etl.manifest import MANIFEST_BASENAME, Manifest
-from etl.mds_format import INDEX_BASENAME
+from sparkbridge.format.manifest import MANIFEST_BASENAME, Manifest
+from sparkbridge.format.mds import INDEX_BASENAME
 
 __all__ = [
     "STAGING",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping, Optional, Sequence
 
-from etl.sources import quote_column as _quote
-from etl.types import ColumnPlan, fill_value, storage_order, with_fixed_shape
+from sparkbridge.etl.sources import quote_column as _quote
+from sparkbridge.etl.types import ColumnPlan, fill_value, storage_order, with_fixed_shape
 
 __all__ = ["measure_array_shapes", "prepare_frame"]
 
@@ -62,7 +62,7 @@ def measure_array_shapes(df: Any, plans: Sequence[ColumnPlan], *,
         if p.name in keep:
             (length,) = keep[p.name]
             if lo is not None and not (lo == hi == length):
-                from etl.commit import SchemaMismatchError
+                from sparkbridge.etl.commit import SchemaMismatchError
 
                 now = f"[{lo}]" if lo == hi else f"variable ({lo} to {hi} elements)"
                 raise SchemaMismatchError(

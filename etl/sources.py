@@ -16,6 +16,8 @@ import os
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 from urllib.parse import unquote, urlparse
 
+from sparkbridge.errors import MalformedRecordsError
+
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql.types import StructType
@@ -36,15 +38,6 @@ _CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.deflate", ".csv.lz4", ".cs
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 #: Spark's defaults for CSV, spelled out (and logged) so the behaviour does not depend on its version.
 _CSV_DEFAULTS = {"header": "true", "escape": '"', "encoding": "UTF-8"}
-
-
-class MalformedRecordsError(ValueError):
-    """CSV rows that do not parse under the schema (``bad_records="fail"``)."""
-
-    def __init__(self, message: str, *, count: int, examples: list[tuple[str, Optional[int], str]]) -> None:
-        super().__init__(message)
-        self.count = count
-        self.examples = examples  # (file, line number or None, record text)
 
 
 # --------------------------------------------------------------------------- files and formats

@@ -17,17 +17,12 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from etl.encode import EncodeError, encode_batch, null_counts
-from etl.layout import attempt_name, job_file, staging_prefix
-from etl.mds_format import (
-    ShardFormatError,
-    compress,
-    compression_extension,
-    encode_shard_chunks,
-    index_entry,
-    shard_config,
-)
-from etl.types import ColumnPlan
+from sparkbridge.errors import SparkbridgeError
+from sparkbridge.etl.encode import EncodeError, encode_batch, null_counts
+from sparkbridge.etl.layout import attempt_name, job_file, staging_prefix
+from sparkbridge.format.mds import ShardFormatError, encode_shard_chunks, index_entry, shard_config
+from sparkbridge.format.codecs import compress, compression_extension
+from sparkbridge.etl.types import ColumnPlan
 
 __all__ = ["TaskConfig", "TaskFailure", "run_task", "task_function", "MANIFEST_FIELD", "ERROR_TAG",
            "S3_ENV_KEYS"]
@@ -41,7 +36,7 @@ MANIFEST_FIELD = "sparkbridge_manifest"
 ERROR_TAG = "sparkbridge-task-error: "
 
 
-class TaskFailure(RuntimeError):
+class TaskFailure(SparkbridgeError, RuntimeError):
     """A task could not write its shards; the message is shown to the user by the driver."""
 
     def __init__(self, message: str) -> None:
@@ -52,7 +47,7 @@ class TaskFailure(RuntimeError):
 class TaskConfig:
     """Everything a task needs, pickled once into the task closure (no Spark objects)."""
 
-    storage: Any  # etl.storage.Storage
+    storage: Any  # sparkbridge.storage.Storage
     job_id: str
     plans: tuple[ColumnPlan, ...]
     compression: Optional[str]

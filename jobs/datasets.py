@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sparkbridge.errors import DatasetNotFoundError
+
 __all__ = [
     "DatasetNotFoundError",
     "inspect_dataset",
@@ -32,13 +34,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """No ``index.json`` at the root: nothing was committed there."""
 
 
 def _open(root: str):
-    from etl.layout import read_index
-    from etl.storage import open_storage
+    from sparkbridge.etl.layout import read_index
+    from sparkbridge.storage import open_storage
 
     storage = open_storage(root)
     found = read_index(storage)
@@ -57,7 +57,7 @@ def _stored(entry: dict[str, Any]) -> dict[str, Any]:
 
 def inspect_dataset(root: str) -> dict[str, Any]:
     """Facts about the dataset at ``root`` from its index and (when present) its manifest."""
-    from etl.layout import read_manifest
+    from sparkbridge.etl.layout import read_manifest
 
     storage, _, index = _open(root)
     manifest = read_manifest(storage)
@@ -185,7 +185,8 @@ class ValidationReport:
 
 def _check_shard(storage: Any, i: int, entry: dict[str, Any], present: dict[str, int]) -> tuple[list[str], int, int]:
     """Problems of one shard, bytes read, hashes compared. Runs in a thread (I/O, zstd, xxhash)."""
-    from etl.mds_format import ShardFormatError, decompress, hash_bytes, sample_offsets
+    from sparkbridge.format.mds import ShardFormatError, sample_offsets
+    from sparkbridge.format.codecs import decompress, hash_bytes
 
     problems: list[str] = []
     stored = _stored(entry)
@@ -252,8 +253,8 @@ def _check_shard_safely(storage: Any, i: int, entry: dict[str, Any],
 
 def validate_dataset(root: str, *, workers: int = 4, progress: bool = True) -> ValidationReport:
     """Check every shard, the counts and the files under ``root``; never raises for a bad dataset."""
-    from etl.layout import find_orphans, read_manifest
-    from etl.manifest import ManifestError
+    from sparkbridge.etl.layout import find_orphans, read_manifest
+    from sparkbridge.format.manifest import ManifestError
 
     try:
         storage, index_bytes, index = _open(root)

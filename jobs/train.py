@@ -73,7 +73,7 @@ def run_train(args: argparse.Namespace) -> int:
     from torch import nn
     from tqdm import tqdm
 
-    from bridge import StreamingLoader
+    from sparkbridge.bridge import StreamingLoader
 
     for name in ("epochs", "batch_size", "hidden", "checkpoint_every"):
         if getattr(args, name) < 1:
@@ -186,6 +186,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_train(args)
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # torchrun jobs/train.py (or torchrun -m sparkbridge.jobs.train)
     sys.exit(main())

@@ -54,7 +54,7 @@ def _release_stock_datasets(monkeypatch):
     re-opens those of the live ones, so a long test session would run out of descriptors."""
     import streaming
 
-    from bridge.distributed import release_shared_memory
+    from sparkbridge.bridge.distributed import release_shared_memory
 
     made = []
     original = streaming.StreamingDataset.__init__

@@ -2,7 +2,7 @@
 
 - ``s3_server`` (session): one SeaweedFS S3 server for the run; while it is up the process
   environment carries ``S3_ENDPOINT_URL`` and ``AWS_*`` so boto3, Mosaic streaming and
-  ``etl.storage`` reach it (the previous values come back at the end of the session).
+  ``sparkbridge.storage`` reach it (the previous values come back at the end of the session).
 - ``s3_bucket`` (function): a fresh, empty bucket per test (``str(s3_bucket)`` is ``s3://name``).
 - ``spark_cluster`` (session): the master URL of a standalone master + 2 workers (1 core, 1 GiB
   each) whose executors inherit the S3 server's endpoint and credentials.

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs import flights
+from sparkbridge.jobs import flights
 
 ROWS = 20_000
 EPOCHS = 5
@@ -51,7 +51,7 @@ def _expected(rows: int) -> dict:
 def _demo(repo_root, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "demo", *args],
+        [sys.executable, "-m", "sparkbridge.jobs.cli", "demo", *args],
         cwd=repo_root, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
@@ -61,7 +61,7 @@ def _demo(repo_root, *args: str) -> subprocess.CompletedProcess:
 def _demo_in_process(spark, *args: str) -> int:
     import argparse
 
-    from jobs import quickstart
+    from sparkbridge.jobs import quickstart
 
     parser = argparse.ArgumentParser()
     quickstart.add_demo_arguments(parser)
@@ -71,7 +71,7 @@ def _demo_in_process(spark, *args: str) -> int:
 def _stock_read(root: str, columns: list[str]) -> dict[str, np.ndarray]:
     from streaming import StreamingDataset
 
-    from bridge.distributed import release_shared_memory
+    from sparkbridge.bridge.distributed import release_shared_memory
 
     ds = StreamingDataset(local=root, shuffle=False, batch_size=1)
     try:
@@ -188,7 +188,7 @@ def test_notebook_runs_on_the_active_session(spark, tmp_path, monkeypatch, repo_
     monkeypatch.setenv("SPARKBRIDGE_NOTEBOOK_OUT", str(tmp_path))
     monkeypatch.setenv("SPARKBRIDGE_NOTEBOOK_ROWS", str(rows))
     monkeypatch.setenv("SPARKBRIDGE_NOTEBOOK_EPOCHS", "1")
-    path = str(repo_root / "jobs" / "notebook_quickstart.py")
+    path = str(repo_root / "jobs" / "notebooks" / "quickstart_databricks.py")
     assert open(path).readline() == "# Databricks notebook source\n"
     cells = runpy.run_path(path, init_globals={"spark": spark}, run_name="__main__")
     assert cells["spark"] is spark and spark.range(3).count() == 3  # used, and left running
@@ -219,7 +219,7 @@ def test_extract_raw_rejects_bad_rows(tmp_path, rows):
 
 
 def test_demo_rejects_bad_arguments(tmp_path, repo_root):
-    from jobs.cli import main
+    from sparkbridge.jobs.cli import main
 
     with pytest.raises(SystemExit, match="--epochs must be at least 1"):
         main(["demo", "--out", str(tmp_path), "--epochs", "0"])

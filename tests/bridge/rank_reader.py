@@ -7,15 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
 
 def main() -> None:
     import torch
     import torch.distributed as dist
 
-    from bridge import StreamingLoader
+    from sparkbridge.bridge import StreamingLoader
 
     out, datasets = Path(sys.argv[1]), sys.argv[2:]
     dist.init_process_group("gloo")

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from bridge import StreamingLoader
-from bridge.state import StateError
+from sparkbridge.bridge import StreamingLoader
+from sparkbridge.bridge.state import StateError
 from tests.bridge.util import write_numeric
 
 N, B = 1000, 32

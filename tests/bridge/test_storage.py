@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bridge import StreamingLoader
-from bridge.decode import CorruptShardError
+from sparkbridge.bridge import StreamingLoader
+from sparkbridge.bridge.decode import CorruptShardError
 from tests.bridge.util import write_numeric
 
 
@@ -91,7 +91,7 @@ def test_missing_shard_and_missing_index(tmp_path):
 def test_stale_shared_memory_is_cleaned_but_live_segments_are_kept():
     from multiprocessing import shared_memory
 
-    from bridge.distributed import clean_stale_shared_memory, stale_shared_memory
+    from sparkbridge.bridge.distributed import clean_stale_shared_memory, stale_shared_memory
 
     stale = "987654_shard_states"
     fd = os.open(f"/dev/shm/{stale}", os.O_CREAT | os.O_RDWR, 0o600)  # what a SIGKILLed run leaves
@@ -141,7 +141,7 @@ def test_missing_remote_shard_raises_instead_of_hanging(tmp_path):
 
 
 def test_manifest_of_another_index_is_ignored(tmp_path, caplog):
-    from etl.manifest import ColumnSpec, Manifest
+    from sparkbridge.format.manifest import ColumnSpec, Manifest
 
     root = write_numeric(tmp_path / "ds", 50)
     stale = Manifest(rows=50, shards=1, columns=[ColumnSpec(name="y", logical="bool", encoding="int32",

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.cli import build_parser
-from jobs.train import run_train
+from sparkbridge.jobs.cli import build_parser
+from sparkbridge.jobs.train import run_train
 from tests.bridge.util import write_numeric
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bridge import StreamingLoader
+from sparkbridge.bridge import StreamingLoader
 from tests.bridge.util import EVERY_ENCODING, equal, write_every_encoding, write_numeric
 
 ROWS = 150
@@ -83,12 +83,12 @@ def test_pickle_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_spark_writers_manifest_types_and_dataframe_to_mds(spark, tmp_path):
-    """etl.write_mds (manifest: bool, date, timestamp, null masks) and Mosaic's dataframe_to_mds."""
+    """sparkbridge.etl.write_mds (manifest: bool, date, timestamp, null masks) and Mosaic's dataframe_to_mds."""
     from pyspark.sql import types as T
     from streaming import StreamingDataset
     from streaming.base.converters import dataframe_to_mds
 
-    from etl import write_mds
+    from sparkbridge.etl import write_mds
 
     schema = T.StructType([
         T.StructField("id", T.LongType(), False),

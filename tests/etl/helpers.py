@@ -6,7 +6,7 @@ import contextlib
 import errno
 import os
 
-from etl.storage import LocalStorage
+from sparkbridge.storage import LocalStorage
 
 __all__ = ["stock_ids", "arrow_batch_rows", "FullDiskInTasks"]
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-import etl
-from etl.layout import find_orphans
-from etl.storage import open_storage
+from sparkbridge import etl
+from sparkbridge.etl.layout import find_orphans
+from sparkbridge.storage import open_storage
 
 from tests.etl.helpers import arrow_batch_rows, stock_ids
 
@@ -95,8 +95,7 @@ def test_task_failing_on_its_first_attempt(spark, tmp_path):
 SPECULATIVE_JOB = textwrap.dedent('''
     import json, os, sys, time
     from pyspark.sql import SparkSession
-    import etl
-
+    from sparkbridge import etl
     master, out, markers = sys.argv[1:4]
     spark = (SparkSession.builder.master(master).appName("h1-speculation")
              .config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1")
@@ -189,8 +188,7 @@ def test_speculative_attempts_are_never_mixed_in(tmp_path):
 KILLED_JOB = textwrap.dedent('''
     import sys, time
     from pyspark.sql import SparkSession
-    import etl
-
+    from sparkbridge import etl
     out = sys.argv[1]
     spark = (SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
              .config("spark.sql.execution.arrow.maxRecordsPerBatch", "20").getOrCreate())

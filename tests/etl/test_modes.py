@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-import etl
-from etl.commit import ConcurrentWriteError, DatasetExistsError, SchemaMismatchError
-from etl.layout import find_orphans, is_job_id
-from etl.manifest import Manifest
-from etl.storage import open_storage
+from sparkbridge import etl
+from sparkbridge.etl.commit import ConcurrentWriteError, DatasetExistsError, SchemaMismatchError
+from sparkbridge.etl.layout import find_orphans, is_job_id
+from sparkbridge.format.manifest import Manifest
+from sparkbridge.storage import open_storage
 
 from tests.etl.helpers import stock_ids
 
@@ -146,7 +146,7 @@ def test_second_concurrent_job_is_refused_and_leaves_the_first_alone(spark, tmp_
 def test_commit_between_mode_check_and_registration_is_refused(spark, tmp_path, monkeypatch):
     """mode='error' found no dataset, then another writer committed before this job registered:
     the job must fail (and write nothing), not replace that dataset."""
-    import etl.writer as writer
+    import sparkbridge.etl.writer as writer
 
     out = str(tmp_path / "ds")
     real_start_job = writer.start_job
@@ -174,7 +174,7 @@ def _arrays(spark, lo: int, hi: int, length):
 
 
 def test_append_keeps_each_array_columns_encoding(spark, tmp_path):
-    from bridge import StreamingLoader
+    from sparkbridge.bridge import StreamingLoader
 
     out = str(tmp_path / "var")
     etl.write_mds(_arrays(spark, 0, 30, None), out)

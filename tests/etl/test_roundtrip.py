@@ -11,9 +11,9 @@ from decimal import Decimal
 import numpy as np
 import pytest
 
-import etl
-from etl.manifest import Manifest
-from etl.writer import NullValuesError, WriteError
+from sparkbridge import etl
+from sparkbridge.format.manifest import Manifest
+from sparkbridge.etl.writer import NullValuesError, WriteError
 
 pytestmark = pytest.mark.slow
 
@@ -270,10 +270,11 @@ def test_task_cuts_shards_under_the_size_limit_without_spark(tmp_path):
     import pyarrow as pa
     from pyspark.sql import types as T
 
-    from etl import mds_format as mf
-    from etl.storage import open_storage
-    from etl.task import TaskConfig, run_task
-    from etl.types import plan_columns
+    from sparkbridge.format import codecs
+    from sparkbridge.format import mds as mf
+    from sparkbridge.storage import open_storage
+    from sparkbridge.etl.task import TaskConfig, run_task
+    from sparkbridge.etl.types import plan_columns
 
     plans = plan_columns(T.StructType([T.StructField("id", T.LongType(), False), T.StructField("s", T.StringType())]))
     storage = open_storage(str(tmp_path))
@@ -290,9 +291,9 @@ def test_task_cuts_shards_under_the_size_limit_without_spark(tmp_path):
         assert entry["raw_data"]["basename"] == f"shard.{k:05d}.mds"
         assert entry["raw_data"]["bytes"] <= 4096
         with open(os.path.join(tmp_path, "_staging", cfg.job_id, "p00003-a7", entry["zip_data"]["basename"]), "rb") as f:
-            raw = mf.decompress("zstd", f.read())
+            raw = codecs.decompress("zstd", f.read())
         assert len(raw) == entry["raw_data"]["bytes"]
-        assert mf.hash_bytes("xxh64", raw) == entry["raw_data"]["hashes"]["xxh64"]
+        assert codecs.hash_bytes("xxh64", raw) == entry["raw_data"]["hashes"]["xxh64"]
         layout = mf.ShardLayout.from_index_entry(entry)
         offsets = mf.sample_offsets(raw)
         starts, sizes = mf.column_starts(raw, offsets, layout)
@@ -318,7 +319,7 @@ def test_null_elements_inside_arrays_under_mask_name_the_column(spark, tmp_path)
 
 
 def test_unexpected_task_error_is_one_line_naming_partition_and_attempt(spark, tmp_path, monkeypatch):
-    import etl.writer as writer
+    import sparkbridge.etl.writer as writer
 
     from tests.etl.helpers import FullDiskInTasks
 

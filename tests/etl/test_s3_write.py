@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-import etl
-from etl.layout import find_orphans, is_job_id
-from etl.storage import open_storage
+from sparkbridge import etl
+from sparkbridge.etl.layout import find_orphans, is_job_id
+from sparkbridge.storage import open_storage
 
 from tests.etl.helpers import arrow_batch_rows
 

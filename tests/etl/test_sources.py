@@ -1,4 +1,4 @@
-"""etl.read_source on real files with a real local Spark: formats, missing input, malformed CSV rows."""
+"""sparkbridge.etl.read_source on real files with a real local Spark: formats, missing input, malformed CSV rows."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-import etl
-from etl.sources import MalformedRecordsError
+from sparkbridge import etl
+from sparkbridge.etl.sources import MalformedRecordsError
 
 SCHEMA = "id INT, name STRING, score DOUBLE"
 # Line numbers (1-based, header = line 1): 4 has a non-integer id, 5 too few fields, 7 too many.
@@ -56,7 +56,7 @@ def test_fail_on_clean_file_returns_all_rows(spark, tmp_path):
 
 
 def test_drop_counts_and_is_independent_of_selected_columns(spark, csv_file, caplog):
-    with caplog.at_level(logging.WARNING, logger="etl.sources"):
+    with caplog.at_level(logging.WARNING, logger="sparkbridge.etl.sources"):
         df = etl.read_source(spark, csv_file, schema=SCHEMA, bad_records="drop")
     assert "dropped 3 malformed CSV row(s)" in caplog.text
     assert rows(df) == GOOD

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from etl.storage import LocalStorage, open_storage
+from sparkbridge.storage import LocalStorage, open_storage
 
 
 def test_atomic_write_list_delete(tmp_path):
@@ -39,7 +39,7 @@ class _IndexWriteFails(LocalStorage):
 
 
 def test_failed_index_write_puts_the_previous_manifest_back(tmp_path):
-    from etl.commit import _write_manifest_then_index
+    from sparkbridge.etl.commit import _write_manifest_then_index
 
     st = _IndexWriteFails(str(tmp_path))
     LocalStorage(str(tmp_path)).write_bytes_atomic("manifest.json", b"old")

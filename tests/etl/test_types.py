@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import etl
-from etl.types import SchemaError, UnsupportedTypeError, plan_columns
-from etl.writer import parse_size
+from sparkbridge import etl
+from sparkbridge.etl.types import SchemaError, UnsupportedTypeError, plan_columns
+from sparkbridge.etl.writer import parse_size
 
 
 def _schema(*fields):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import bench
+from sparkbridge.jobs import bench
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.datasets import inspect_dataset, validate_dataset
+from sparkbridge.jobs.datasets import inspect_dataset, validate_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -63,7 +63,7 @@ def test_convert_cli_then_inspect_and_validate(tmp_path):
         + "x51,broken,1.0,c0\n"  # malformed under the schema: dropped and counted
     )
     out = tmp_path / "ds"
-    cmd = [sys.executable, "-m", "jobs.cli", "convert", str(src), str(out), "--master", "local[2]",
+    cmd = [sys.executable, "-m", "sparkbridge.jobs.cli", "convert", str(src), str(out), "--master", "local[2]",
            "--schema", "id INT, name STRING, score DOUBLE, city STRING", "--bad-records", "drop",
            "--select", "id,score", "name", "--features", "score,id", "--shard-size", "1KB", "--json",
            "--no-progress"]
@@ -95,7 +95,7 @@ def test_convert_cli_then_inspect_and_validate(tmp_path):
 
 
 def test_convert_cli_reports_missing_input(tmp_path):
-    cmd = [sys.executable, "-m", "jobs.cli", "convert", str(tmp_path / "nope.csv"), str(tmp_path / "o"),
+    cmd = [sys.executable, "-m", "sparkbridge.jobs.cli", "convert", str(tmp_path / "nope.csv"), str(tmp_path / "o"),
            "--master", "local[1]", "--no-progress"]
     proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1

@@ -11,8 +11,8 @@ import shutil
 
 import pytest
 
-from jobs import cli
-from jobs.datasets import inspect_dataset, validate_dataset
+from sparkbridge.jobs import cli
+from sparkbridge.jobs.datasets import inspect_dataset, validate_dataset
 
 STOCK_ROWS = 600
 
@@ -67,7 +67,7 @@ def test_validate_clean_then_each_problem(stock, capsys):
 
     names = shard_names(stock)
     # A reader's unpacked copy of a referenced shard is a cache, not an orphan.
-    from etl.mds_format import decompress
+    from sparkbridge.format.codecs import decompress
 
     raw = decompress("zstd", (stock / names[0]).read_bytes())
     (stock / names[0].removesuffix(".zstd")).write_bytes(raw)
@@ -110,8 +110,8 @@ def test_validate_index_problems(stock):
 
 @pytest.mark.slow
 def test_written_dataset_orphans_and_manifest(spark, tmp_path, capsys):
-    import etl
-    from etl.layout import new_job_id
+    from sparkbridge import etl
+    from sparkbridge.etl.layout import new_job_id
 
     out = tmp_path / "out"
     df = spark.createDataFrame([(i, f"n{i}", None if i % 3 else i / 2) for i in range(40)], "id INT, name STRING, v DOUBLE")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jobs import flights
+from sparkbridge.jobs import flights
 
 ROWS = 3_000
 

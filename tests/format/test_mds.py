@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from etl import mds_format as fmt
+from sparkbridge.format import codecs
+from sparkbridge.format import mds as fmt
 
 
 def _stock_shard(tmp_path, columns, samples, compression=None):
@@ -20,7 +21,7 @@ def _stock_shard(tmp_path, columns, samples, compression=None):
     entry = index["shards"][0]
     path = os.path.join(out, (entry["zip_data"] or entry["raw_data"])["basename"])
     data = open(path, "rb").read()
-    return entry, fmt.decompress(entry["compression"], data)
+    return entry, codecs.decompress(entry["compression"], data)
 
 
 def test_pack_rows_matches_stock_writer_bytes(tmp_path):
@@ -109,4 +110,4 @@ def test_empty_ndarray_header_roundtrip():
 @pytest.mark.parametrize("algo", [None, "zstd", "zstd:7", "gz", "bz2"])
 def test_compression_roundtrip(algo):
     payload = os.urandom(1000) + b"a" * 5000
-    assert fmt.decompress(algo, fmt.compress(algo, payload)) == payload
+    assert codecs.decompress(algo, codecs.compress(algo, payload)) == payload

