@@ -22,14 +22,15 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from streaming import StreamingDataset
-from streaming.base.batching import generate_work
-from streaming.base.dataset import _ShardState
-from streaming.base.world import World
 
 from sparkbridge.bridge.batch import BatchPlan, PackedBatch
 from sparkbridge.bridge.decode import DecodedShard, ShardCache, ShardFiles, decode_shard, read_shard
-from sparkbridge.format.manifest import MANIFEST_BASENAME, Manifest
-from sparkbridge.format.mds import INDEX_BASENAME, ShardFormatError, ShardLayout
+from sparkbridge.bridge.mosaic import ShardState as _ShardState
+from sparkbridge.bridge.mosaic import SnapshotStream, World, generate_work
+from sparkbridge.errors import DatasetNotFoundError
+from sparkbridge.format.mds import ShardLayout
+from sparkbridge.format.paths import confined_path
+from sparkbridge.log.snapshot import Snapshot
 
 __all__ = ["BatchDataset"]
 
@@ -45,6 +46,7 @@ class BatchDataset(StreamingDataset):
     def __init__(
         self,
         *,
+        snapshot: Snapshot,
         remote: Optional[str],
         local: Optional[str],
         batch_size: int,
@@ -65,61 +67,54 @@ class BatchDataset(StreamingDataset):
         features: Optional[Sequence[str]],
         label: Optional[str],
     ) -> None:
-        try:
-            super().__init__(
-                remote=remote,
-                local=local,
-                batch_size=batch_size,
-                shuffle=shuffle,
-                shuffle_seed=shuffle_seed,
-                shuffle_algo=shuffle_algo,
-                shuffle_block_size=shuffle_block_size,
-                num_canonical_nodes=num_canonical_nodes,
-                partition_algo=partition_algo,
-                cache_limit=cache_limit,
-                predownload=predownload,
-                download_retry=download_retry,
-                download_timeout=download_timeout,
-                validate_hash=None,  # validated by bridge.decode when a shard is read
-                allow_unsafe_types=False,
-            )
-        except ValueError as exc:
-            if "unsafe type" in str(exc):
-                where = remote or local
-                raise ShardFormatError(
-                    f"{where}: {str(exc).split('. To proceed')[0]}; pickle can run arbitrary code, "
-                    "so sparkbridge refuses it (rewrite the column as json, str or ndarray)"
-                ) from None
-            raise
+        source = remote or local
+        if not snapshot.shards or snapshot.rows == 0:
+            raise DatasetNotFoundError(
+                f"{source} (version {snapshot.version}) holds no rows yet: there is nothing to stream")
+        stream = SnapshotStream(remote=remote, local=local, shards=snapshot.shards, name=str(source))
+        super().__init__(
+            streams=[stream],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            shuffle_seed=shuffle_seed,
+            shuffle_algo=shuffle_algo,
+            shuffle_block_size=shuffle_block_size,
+            num_canonical_nodes=num_canonical_nodes,
+            partition_algo=partition_algo,
+            cache_limit=cache_limit,
+            predownload=predownload,
+            download_retry=download_retry,
+            download_timeout=download_timeout,
+            validate_hash=None,  # validated by bridge.decode when a shard is read
+            allow_unsafe_types=False,
+        )
         try:
             stream = self.streams[0]
             root = os.path.join(stream.local, stream.split or "")
             self.root_local = root
-            self.source = remote or local
-            with open(os.path.join(root, INDEX_BASENAME), "rb") as f:
-                self.index_sha256 = hashlib.sha256(f.read()).hexdigest()
-            self.manifest = _load_manifest(stream, root, self.index_sha256)
+            self.source = source
+            self.version = snapshot.version
+            self.identity = snapshot.identity  # what a resumed run must find again
+            self.manifest = snapshot.manifest()
             self.drop_last = bool(drop_last)
             self.validate_hash = validate_hash
             self.shard_files: list[ShardFiles] = []
             self.layouts: list[ShardLayout] = []
-            for shard in self.shards:
+            for i, shard in enumerate(self.shards):
                 raw_info, zip_info = shard.file_pairs[0]
+                where = f"{source}, version {snapshot.version}, shard {i}"
                 self.shard_files.append(ShardFiles(
                     name=zip_info.basename if zip_info else raw_info.basename,
-                    raw_path=os.path.join(root, raw_info.basename),
-                    zip_path=os.path.join(root, zip_info.basename) if zip_info else None,
+                    raw_path=confined_path(root, raw_info.basename, where=where),
+                    zip_path=confined_path(root, zip_info.basename, where=where) if zip_info else None,
                     raw_hashes=dict(raw_info.hashes or {}),
                     zip_hashes=dict(zip_info.hashes or {}) if zip_info else {},
                     compression=shard.compression,
                     samples=int(shard.samples),
                 ))
-                try:
-                    self.layouts.append(ShardLayout.from_index_entry({
-                        "column_names": shard.column_names, "column_encodings": shard.column_encodings,
-                        "column_sizes": shard.column_sizes}))
-                except ShardFormatError as exc:
-                    raise ShardFormatError(f"{self.source}/index.json, shard {self.shard_files[-1].name!r}: {exc}") from None
+                self.layouts.append(ShardLayout.from_index_entry({
+                    "column_names": shard.column_names, "column_encodings": shard.column_encodings,
+                    "column_sizes": shard.column_sizes}))
             if isinstance(validate_hash, str):
                 lacking = [f.name for f in self.shard_files
                            if validate_hash not in f.zip_hashes and validate_hash not in f.raw_hashes]
@@ -418,34 +413,3 @@ def _is_missing(exc: BaseException) -> bool:
         return True
     code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
     return code in ("403", "404", "NoSuchKey", "NotFound")
-
-
-def _load_manifest(stream: Any, root: str, index_sha256: str) -> Optional[Manifest]:
-    """The dataset's manifest.json, or None for stock datasets (no manifest). A manifest written
-    for another index.json (a stale cache, or a writer that died between the two files) is
-    downloaded again once, then ignored with a warning: its logical types may not fit."""
-    path = os.path.join(root, MANIFEST_BASENAME)
-    for attempt in range(2):
-        if not os.path.exists(path) and stream.remote is not None:
-            try:
-                stream._download_file(MANIFEST_BASENAME)
-            except Exception as exc:
-                if not _is_missing(exc):  # e.g. a timeout: guessing "no manifest" would drop types
-                    raise RuntimeError(f"{stream.remote}/{MANIFEST_BASENAME} could not be read: "
-                                       f"{type(exc).__name__}: {exc}") from exc
-                # a stock MDSWriter dataset has no manifest
-        if not os.path.exists(path):
-            logger.info("%s has no %s; using index.json encodings only", stream.remote or root, MANIFEST_BASENAME)
-            return None
-        with open(path, encoding="utf-8") as f:
-            manifest = Manifest.from_json(f.read(), source=path)
-        if manifest.index_sha256 == index_sha256:
-            return manifest
-        if attempt == 0 and stream.remote is not None:
-            os.unlink(path)  # a stale local copy: fetch the remote one again
-            continue
-        break
-    logger.warning("%s belongs to another index.json (index_sha256 %s, this index is %s); ignoring it "
-                   "and using index.json encodings only (bool columns come back as uint8)",
-                   path, manifest.index_sha256[:12], index_sha256[:12])
-    return None

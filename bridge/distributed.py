@@ -12,7 +12,8 @@ import os
 import re
 from typing import Optional
 
-__all__ = ["world_info", "clean_stale_shared_memory", "stale_shared_memory", "release_shared_memory"]
+__all__ = ["world_info", "broadcast_from_rank0", "clean_stale_shared_memory", "stale_shared_memory",
+           "release_shared_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,26 @@ def world_info() -> tuple[int, int, int]:
     else:
         rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     return rank, size, int(os.environ.get("LOCAL_RANK", 0))
+
+
+def broadcast_from_rank0(compute):
+    """``compute()`` on rank 0, the same value on every rank (``compute`` runs only on rank 0).
+    Without a process group (one process, or torchrun before ``init_process_group``) one is set up
+    from torchrun's environment for the call, as Mosaic does."""
+    import torch.distributed as dist
+
+    from sparkbridge.bridge.mosaic import maybe_init_dist
+
+    destroy = maybe_init_dist()
+    try:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return compute()
+        box = [compute() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    finally:
+        if destroy:
+            dist.destroy_process_group()
 
 
 def _mapped_shm_names() -> Optional[set[str]]:
@@ -74,7 +95,8 @@ def clean_stale_shared_memory() -> int:
     """Remove stale Mosaic segments (see module doc); under torchrun only local rank 0 does it
     and the others wait for it. Returns how many segments were removed here."""
     import torch.distributed as dist
-    from streaming.base.distributed import maybe_init_dist
+
+    from sparkbridge.bridge.mosaic import maybe_init_dist
 
     destroy = maybe_init_dist()  # as Mosaic's constructor does: a barrier needs a process group
     removed = 0

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from sparkbridge.bridge.device import resolve_device, to_batches
+from sparkbridge.bridge.source import open_version, resolve_source
 from sparkbridge.bridge.state import LoaderState, StateError
 
 __all__ = ["StreamingLoader", "StateError"]
@@ -85,6 +86,7 @@ class StreamingLoader:
         download_retry: int = 2,
         download_timeout: float = 60.0,
         clean_stale_shm: bool = True,
+        version: Optional[int] = None,
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -102,24 +104,26 @@ class StreamingLoader:
             raise ValueError("validate_hash must be a hash name such as 'xxh64', True/None (auto) or False")
         if validate_hash is True:
             validate_hash = None
-        remote, local_dir = _split_source(remote_or_local, local)
+        self.source = resolve_source(remote_or_local, local)
         if clean_stale_shm:
             from sparkbridge.bridge.distributed import clean_stale_shared_memory
 
             clean_stale_shared_memory()
         device = resolve_device(device)  # before Mosaic allocates shared memory: fail cheaply
-        from sparkbridge.bridge.dataset import BatchDataset
 
         if decoded_cache_bytes is None:
             logger.debug("decoded shard cache defaults to 1 GiB per process")
-        self.dataset = BatchDataset(
-            remote=remote, local=local_dir, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
-            shuffle_algo=shuffle_algo, shuffle_block_size=shuffle_block_size,
+        # everything the dataset is built from but the version: load_state_dict may rebuild it on
+        # the version a saved run read
+        self._dataset_options = dict(
+            remote=self.source.remote, local=self.source.local, batch_size=batch_size, shuffle=shuffle,
+            shuffle_seed=seed, shuffle_algo=shuffle_algo, shuffle_block_size=shuffle_block_size,
             num_canonical_nodes=num_canonical_nodes, partition_algo=partition_algo, cache_limit=cache_limit,
             predownload=predownload, download_retry=download_retry, download_timeout=download_timeout,
             validate_hash=validate_hash, drop_last=drop_last, decoded_cache_bytes=decoded_cache_bytes,
             columns=columns, features=features, label=label,
         )
+        self.dataset = self._build_dataset(version)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.drop_last = bool(drop_last)
@@ -145,7 +149,19 @@ class StreamingLoader:
         self._dl_capacity = 0
         self._closed = False
 
+    def _build_dataset(self, version: Optional[int]):
+        from sparkbridge.bridge.dataset import BatchDataset
+
+        snapshot = open_version(self.source, version, download_timeout=self._dataset_options["download_timeout"])
+        logger.debug("%s: reading version %s (%s)", self.source.name, snapshot.version, snapshot.identity)
+        return BatchDataset(snapshot=snapshot, **self._dataset_options)
+
     # ------------------------------------------------------------------ facts
+
+    @property
+    def version(self) -> int:
+        """The dataset version this loader reads (-1 for a dataset without a log)."""
+        return self.dataset.version
 
     @property
     def plan(self):
@@ -303,7 +319,7 @@ class StreamingLoader:
     def _describe(self, epoch: int, sample: int) -> LoaderState:
         ds = self.dataset
         return LoaderState(
-            dataset=ds.index_sha256, source=str(ds.source), epoch=epoch, sample_in_epoch=sample,
+            dataset=ds.identity, version=ds.version, source=str(ds.source), epoch=epoch, sample_in_epoch=sample,
             shuffle=bool(ds.shuffle), shuffle_seed=int(ds.shuffle_seed), shuffle_algo=str(ds.shuffle_algo),
             shuffle_block_size=ds.shuffle_block_size, num_canonical_nodes=ds.num_canonical_nodes,
             initial_physical_nodes=ds.initial_physical_nodes if ds.initial_physical_nodes is not None
@@ -327,6 +343,9 @@ class StreamingLoader:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue exactly after the last consumed batch of the saved run (any ``num_workers``)."""
         saved = LoaderState.from_dict(state)
+        if saved.version is not None and saved.version >= 0 and saved.version != self.dataset.version:
+            # the run started on another version: read exactly that one again (while retained)
+            self._rebuild(saved.version)
         saved.check_compatible(self._describe(self._epoch, 0))
         ds = self.dataset
         if saved.batch_size * saved.world_size != self.batch_size * self.world_size:
@@ -340,6 +359,22 @@ class StreamingLoader:
         self._len = None
         self._epoch, self._start, self._consumed, self._active = saved.epoch, saved.sample_in_epoch, 0, False
         self._token = None
+
+    def _rebuild(self, version: int) -> None:
+        from sparkbridge.bridge.distributed import release_shared_memory
+        from sparkbridge.errors import VersionNotFoundError
+
+        try:
+            dataset = self._build_dataset(version)
+        except VersionNotFoundError as exc:
+            raise StateError(f"the saved state read version {version} of {self.source.name}, which can no longer "
+                             f"be read ({exc}); resuming on other data would repeat or skip samples") from None
+        logger.info("%s: resuming on version %d, the version the saved run read (the latest is %d)",
+                    self.source.name, version, self.dataset.version)
+        self._shutdown_workers()
+        release_shared_memory(self.dataset)
+        self.dataset = dataset
+        self._len = None
 
     def close(self) -> None:
         """Stop the worker processes and the background epoch-order thread and release Mosaic's
@@ -365,23 +400,3 @@ class StreamingLoader:
     def __repr__(self) -> str:
         return (f"StreamingLoader({self.dataset.source!r}, batch_size={self.batch_size}, "
                 f"columns={self.columns}, num_workers={self.num_workers}, epoch={self._epoch})")
-
-
-def _split_source(remote_or_local: Union[str, os.PathLike], local: Optional[Union[str, os.PathLike]]):
-    src = os.fspath(remote_or_local)
-    if not src:
-        raise ValueError("remote_or_local must name a dataset folder or URL")
-    if "://" in src:
-        if src.startswith("file://"):
-            src = src[len("file://"):]
-        else:
-            if local is None:
-                logger.info("no `local` cache folder given for %s; Mosaic picks one under the temp dir", src)
-            return src, (os.fspath(local) if local is not None else None)
-    if not os.path.isdir(src):
-        raise FileNotFoundError(f"dataset folder {src} does not exist")
-    if not os.path.isfile(os.path.join(src, "index.json")):
-        raise FileNotFoundError(f"{src} has no index.json: not an MDS dataset, or its write was never committed")
-    if local is None or os.path.abspath(os.fspath(local)) == os.path.abspath(src):
-        return None, src
-    return src, os.fspath(local)

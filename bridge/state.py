@@ -1,7 +1,7 @@
 """The loader's resumable position: where in which epoch, on which data, in which order.
 
 Mosaic resumes from a global sample count (``sample_in_epoch``); this adds the dataset identity
-(sha256 of ``index.json``) and the shuffle settings, because resuming onto other data or another
+(the log version and its commit id) and the shuffle settings, because resuming onto other data or another
 order would silently repeat some samples and skip others.
 """
 
@@ -14,14 +14,15 @@ from sparkbridge.errors import StateError
 
 __all__ = ["LoaderState", "StateError", "STATE_FORMAT"]
 
-STATE_FORMAT = "sparkbridge.loader/1"
+STATE_FORMAT = "sparkbridge.loader/2"
+_READABLE = ("sparkbridge.loader/1", STATE_FORMAT)
 
 
 
 
 @dataclass(frozen=True)
 class LoaderState:
-    dataset: str  # sha256 of index.json
+    dataset: str  # the version's identity: "v<N>:<commit id>" (or "index:<sha256>" without a log)
     source: str
     epoch: int
     sample_in_epoch: int  # samples consumed this epoch, summed over all ranks (Mosaic's unit)
@@ -33,6 +34,7 @@ class LoaderState:
     initial_physical_nodes: Optional[int]
     world_size: int
     batch_size: int
+    version: Optional[int] = None  # the log version read (None in states saved before the log)
     format: str = STATE_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -42,13 +44,13 @@ class LoaderState:
     def from_dict(cls, obj: Mapping[str, Any]) -> "LoaderState":
         if not isinstance(obj, Mapping):
             raise StateError(f"a loader state is a dict, got {type(obj).__name__}")
-        if obj.get("format") != STATE_FORMAT:
+        if obj.get("format") not in _READABLE:
             raise StateError(f"not a sparkbridge loader state (format={obj.get('format')!r}, expected {STATE_FORMAT!r})")
         fields = set(cls.__dataclass_fields__)
-        missing = sorted(fields - set(obj))
+        missing = sorted(fields - set(obj) - {"version"})
         if missing:
             raise StateError(f"loader state lacks {missing}")
-        state = cls(**{k: obj[k] for k in fields})
+        state = cls(**{k: obj[k] for k in fields if k in obj})
         if state.epoch < 0 or state.sample_in_epoch < 0:
             raise StateError(f"loader state has a negative position: epoch {state.epoch}, sample {state.sample_in_epoch}")
         return state
@@ -57,9 +59,8 @@ class LoaderState:
         """Refuse to resume ``self`` (saved) on a loader described by ``other``."""
         if self.dataset != other.dataset:
             raise StateError(
-                f"the state was saved while reading {self.source} (index.json sha256 {self.dataset[:12]}...), "
-                f"but this loader reads {other.source} (sha256 {other.dataset[:12]}...): resuming on other "
-                "data would repeat or skip samples"
+                f"the state was saved while reading {self.source} ({self.dataset[:40]}), but this loader "
+                f"reads {other.source} ({other.dataset[:40]}): resuming on other data would repeat or skip samples"
             )
         for name in ("shuffle", "shuffle_seed", "shuffle_algo"):
             if getattr(self, name) != getattr(other, name):

@@ -1,144 +1,66 @@
-"""The commit protocol: job registration, then manifest + ``index.json`` last, then cleanup.
+"""A Spark write's commit: its shards become visible through one entry of the dataset log.
 
-Why this order: a reader sees a dataset only through ``index.json``, so writing it last (one atomic
-replace locally, one PUT on S3) makes the whole job atomic. Only shards from the manifest rows the
-driver collected (one accepted attempt per partition) are referenced; failed, retried and speculative
-attempts' files are removed afterwards. ``overwrite`` keeps the previous version's shards for a
-retention period (recorded in ``manifest.json``) so a reader mid-epoch is not cut off — as Delta's
-VACUUM does; a later write deletes them once expired.
+Steps of :class:`WriteJob` (``commit="job"``), and what a crash after each one leaves:
+
+1. ``start``: read the latest version (the *base*), apply ``mode``; local roots get
+   ``_staging/W/`` so attempts can ``os.mkdir`` in it. — Nothing visible; an empty folder.
+2. tasks write shards: local under ``_staging/W/<attempt>/``, S3 under ``W/<attempt>/``. —
+   Orphans only (``validate`` reports them, ``vacuum`` removes them once the write is fenced).
+3. ``finish``: fsync the accepted attempts' files and folders, then (local) rename each into
+   ``W/<attempt>/``. — Orphans only.
+4. commit the log entry (put-if-absent; re-read and retry on a race; refuse on a conflict). — The
+   dataset is at the base version (entry absent) or at the new one (entry present), never between.
+   An ambiguous S3 answer is resolved by reading the entry back; when it cannot be resolved the
+   files are *kept* (a vacuum removes them if the entry really is absent).
+5. derived ``index.json``/``manifest.json``, a checkpoint, staging removed, vacuum. — The dataset
+   is at the new version; stock readers may still see the previous one until the next commit or
+   ``sparkbridge vacuum`` repairs the derived files.
+
+No liveness is trusted: the job descriptor's heartbeat only tells a vacuum that the write is still
+making progress; a vacuum that fences a live write makes its commit fail with a clear error, and
+no commit ever deletes another writer's files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any, Optional, Sequence
 
-from sparkbridge.errors import ConcurrentWriteError, DatasetExistsError, SchemaMismatchError
-from sparkbridge.etl.layout import (
-    STALE_AFTER_SECONDS,
-    STAGING,
-    JobInfo,
-    find_orphans,
-    is_job_id,
-    is_live,
-    job_file,
-    read_index,
-    read_jobs,
-    read_manifest,
-    referenced_files,
-    retained_files,
-    staging_prefix,
+from sparkbridge.errors import (
+    CommitConflictError,
+    DatasetExistsError,
+    SchemaMismatchError,
 )
-from sparkbridge.format.manifest import MANIFEST_BASENAME, ColumnSpec, Manifest
-from sparkbridge.format.mds import INDEX_BASENAME
+from sparkbridge.format.index import stored_name
+from sparkbridge.format.manifest import ColumnSpec
+from sparkbridge.log.commit import Draft, commit, write_checkpoint
+from sparkbridge.log.derived import sync_derived
+from sparkbridge.log.layout import STAGING, job_file, new_write_id, staging_prefix
+from sparkbridge.log.snapshot import LogReader, Snapshot
+from sparkbridge.log.vacuum import vacuum
+from sparkbridge.storage import Storage, fsync_tree
 
-__all__ = [
-    "MODES",
-    "DatasetExistsError",
-    "ConcurrentWriteError",
-    "SchemaMismatchError",
-    "Job",
-    "start_job",
-    "check_mode",
-    "schema_diff",
-    "commit",
-]
+__all__ = ["MODES", "WriteJob", "schema_diff", "schema_record"]
 
 log = logging.getLogger(__name__)
 
 MODES = ("error", "overwrite", "append")
-HEARTBEAT_SECONDS = 15.0
+HEARTBEAT_SECONDS = 60.0
+_LOG_MODE = {"error": "create", "append": "append", "overwrite": "overwrite"}
 
 
-class Job:
-    """A registered write job: its descriptor in ``_staging/<job>/`` is refreshed as a heartbeat."""
+def schema_record(*, columns: Sequence[ColumnSpec], fingerprint: str, nulls: str, compression: Optional[str],
+                  hashes: Sequence[str]) -> dict[str, Any]:
+    """The logical schema as the log stores it (and ``manifest.json`` repeats)."""
+    from dataclasses import asdict
 
-    def __init__(self, storage: Any, info: JobInfo, base_index_sha: Optional[str]) -> None:
-        self.storage = storage
-        self.info = info
-        self.base_index_sha = base_index_sha
-        self.committed = False  # once index.json names this job's shards, abort must keep them
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"sparkbridge-heartbeat-{info.job_id}",
-                                        daemon=True)
-        self._thread.start()
-
-    @property
-    def job_id(self) -> str:
-        return self.info.job_id
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                info = JobInfo(**{**self.info.__dict__, "heartbeat_at": time.time()})
-                self.storage.write_bytes_atomic(job_file(self.job_id), info.to_bytes())
-            except Exception as exc:  # a missed heartbeat only makes the job look stale sooner
-                log.warning("heartbeat of %s failed: %s", self.job_id, exc)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def abort(self) -> None:
-        """Remove everything this job wrote (its staging and, on S3, its uploaded shards)."""
-        self.stop()
-        if self.committed:
-            return
-        self.storage.delete_prefix(f"{self.job_id}/")
-        self.storage.delete_prefix(f"{staging_prefix(self.job_id)}/")
-        _prune_empty_dirs(self.storage)
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def start_job(storage: Any, job_id: str, mode: str) -> Job:
-    """Register the job, refusing when another live job writes the same output."""
-    current = read_index(storage)
-    info = JobInfo.create(job_id, mode)
-    if storage.is_local:
-        os.makedirs(storage.local_path(staging_prefix(job_id)), exist_ok=False)
-    storage.write_bytes_atomic(job_file(job_id), info.to_bytes())
-    # any other live job blocks: two jobs registering together may both fail (the user retries),
-    # but never both proceed — comparing start times taken before registering cannot promise that
-    blockers = [j for j in read_jobs(storage) if j.job_id != job_id and is_live(j)]
-    if blockers:
-        storage.delete_prefix(f"{staging_prefix(job_id)}/")
-        raise ConcurrentWriteError(
-            f"{storage.root} is being written by another {blockers[0].describe()}; wait for it to "
-            "finish (or, if it crashed on another host, for its heartbeat to go stale after "
-            f"{int(STALE_AFTER_SECONDS)} s) and retry"
-        )
-    return Job(storage, info, _sha(current[0]) if current else None)
-
-
-def check_mode(storage: Any, mode: str) -> tuple[Optional[Manifest], Optional[str]]:
-    """Apply ``mode`` to what exists; returns the existing manifest (for append/overwrite) and the
-    sha256 of the ``index.json`` it was checked against (None when there is no dataset), which the
-    writer compares with the job's base once registered: a commit in between must not be missed."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    current = read_index(storage)
-    if current is None:
-        return None, None
-    if mode == "error":
-        raise DatasetExistsError(
-            f"{storage.root} already holds a dataset ({INDEX_BASENAME} exists); pass mode='overwrite' "
-            "to replace it or mode='append' to add to it"
-        )
-    manifest = read_manifest(storage)
-    if mode == "append" and manifest is None:
-        raise SchemaMismatchError(
-            f"{storage.root} has no {MANIFEST_BASENAME}: it was not written by sparkbridge, so its "
-            "logical schema is unknown and append cannot check it; use mode='overwrite' or a new output"
-        )
-    return manifest, _sha(current[0])
+    return {"columns": [asdict(c) for c in columns], "fingerprint": fingerprint, "nulls": nulls,
+            "compression": compression, "hashes": list(hashes)}
 
 
 def _logical(col: ColumnSpec) -> dict[str, Any]:
@@ -171,140 +93,195 @@ def schema_diff(old: Sequence[ColumnSpec], new: Sequence[ColumnSpec]) -> list[st
     return diffs
 
 
-def _rename_attempts(storage: Any, job_id: str, attempts: Sequence[str]) -> None:
-    """Local outputs: move each accepted attempt folder from staging to ``<job>/``."""
-    dest_root = storage.local_path(job_id)
-    os.makedirs(dest_root, exist_ok=True)
-    src_root = storage.local_path(staging_prefix(job_id))
-    for attempt in attempts:
-        os.rename(os.path.join(src_root, attempt), os.path.join(dest_root, attempt))
+class WriteJob:
+    """One ``write_mds`` call, from the mode check to the commit (see the module doc)."""
 
+    def __init__(self, storage: Storage, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.storage = storage
+        self.mode = mode
+        self.reader = LogReader(storage)
+        self.write_id = new_write_id()
+        self.base: Snapshot = self.reader.refresh().copy()
+        self.commit_attempted = False
+        self.committed = False
+        self._check_mode()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
 
-def _prune_empty_dirs(storage: Any) -> None:
-    """Remove empty folders left by deletes (local only), never those of a running job."""
-    if not storage.is_local or not os.path.isdir(storage.root):
-        return
-    live = {j.job_id for j in read_jobs(storage) if is_live(j)}
-    tops = [n for n in os.listdir(storage.root) if is_job_id(n) and n not in live]
-    staging = os.path.join(storage.root, STAGING)
-    if os.path.isdir(staging):
-        tops += [os.path.join(STAGING, n) for n in os.listdir(staging) if n not in live]
-        tops.append(STAGING)
-    for top in tops:
-        path = os.path.join(storage.root, top)
-        for folder, _, _ in sorted(os.walk(path), key=lambda t: -len(t[0])):
+    # ------------------------------------------------------------------ before the tasks
+
+    @property
+    def columns(self) -> Optional[list[ColumnSpec]]:
+        """The existing dataset's logical columns (None when it has none recorded)."""
+        cols = self.base.columns()
+        return cols if self.base.exists and (self.base.schema is not None or self.base.legacy_manifest) else None
+
+    def _check_mode(self) -> None:
+        if not self.base.exists:
+            return
+        if self.mode == "error":
+            raise DatasetExistsError(
+                f"{self.storage.root} already holds a dataset (version {self.base.version}); pass "
+                "mode='overwrite' to replace it or mode='append' to add to it")
+        if self.mode == "append" and self.columns is None:
+            raise SchemaMismatchError(
+                f"{self.storage.root} has no recorded schema (it was not written by sparkbridge), so its "
+                "logical schema is unknown and append cannot check it; use mode='overwrite' or a new output")
+
+    def check_schema(self, specs: Sequence[ColumnSpec]) -> None:
+        if self.mode == "append" and self.columns is not None:
+            diffs = schema_diff(self.columns, specs)
+            if diffs:
+                raise SchemaMismatchError(f"cannot append to {self.storage.root}: the logical schema differs — "
+                                          + "; ".join(diffs))
+
+    def start(self) -> None:
+        """Create the staging folder (local) and the job descriptor, start its heartbeat."""
+        if self.storage.is_local:
+            for attempt in range(5):  # another write may remove an empty _staging/ meanwhile
+                try:
+                    os.makedirs(self.storage.local_path(staging_prefix(self.write_id)), exist_ok=False)
+                    break
+                except FileNotFoundError:
+                    if attempt == 4:
+                        raise
+        self._describe()
+        self._thread = threading.Thread(target=self._beat, name=f"sparkbridge-heartbeat-{self.write_id}", daemon=True)
+        self._thread.start()
+
+    def _describe(self) -> None:
+        info = {"write_id": self.write_id, "host": socket.gethostname(), "pid": os.getpid(), "mode": self.mode,
+                "base_version": self.base.version, "heartbeat_at": time.time()}
+        self.storage.write_bytes_atomic(job_file(self.write_id), json.dumps(info, sort_keys=True).encode())
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
-                os.rmdir(folder)
-            except OSError:  # not empty
-                pass
+                self._describe()  # a hint for vacuum that this write still makes progress
+            except Exception as exc:
+                log.debug("heartbeat of %s failed: %s", self.write_id, exc)
 
+    def _stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
-def commit(
-    storage: Any,
-    job: Job,
-    *,
-    mode: str,
-    tasks: Sequence[dict[str, Any]],
-    columns: Sequence[ColumnSpec],
-    old_manifest: Optional[Manifest],
-    nulls: str,
-    compression: Optional[str],
-    hashes: Sequence[str],
-    retention_seconds: float,
-    schema_fingerprint: str,
-    extra: dict[str, Any],
-) -> tuple[Manifest, dict[str, Any]]:
-    """Reference the accepted attempts' shards, write manifest then index, then clean up."""
-    tasks = sorted(tasks, key=lambda t: t["partition"])
-    entries = []
-    for task in tasks:
-        for entry in task["entries"]:
-            entry = dict(entry)
-            for key in ("raw_data", "zip_data"):
-                if entry.get(key):
-                    entry[key] = dict(entry[key], basename=f"{job.job_id}/{task['attempt']}/{entry[key]['basename']}")
-            entries.append(entry)
-    current = read_index(storage)
-    current_sha = _sha(current[0]) if current else None
-    if current_sha != job.base_index_sha:
-        raise ConcurrentWriteError(
-            f"{storage.url(INDEX_BASENAME)} changed while this job was writing (another writer committed "
-            "meanwhile); nothing was committed, retry the write"
-        )
-    now = time.time()
-    retained = []
-    expired_files: list[str] = []
-    for record in retained_files(old_manifest):
-        (expired_files.extend(record.get("files", [])) if record.get("expires_at", 0) <= now
-         else retained.append(record))
-    old_entries = current[1]["shards"] if current else []
-    if mode == "append" and current:
-        all_entries = list(old_entries) + entries  # array encodings were kept by the writer's plan
-    else:
-        all_entries = entries
-        if current:
-            old_files = sorted(referenced_files(current[1]) - {INDEX_BASENAME, MANIFEST_BASENAME})
-            if old_files:
-                retained.append({"files": old_files, "expires_at": now + retention_seconds,
-                                 "replaced_at": now})
-    if storage.is_local:
-        _rename_attempts(storage, job.job_id, [t["attempt"] for t in tasks if t["entries"]])
-    index = {"shards": all_entries, "version": 2}
-    index_bytes = json.dumps(index, sort_keys=True).encode("utf-8")
-    manifest = Manifest(
-        rows=int(sum(e["samples"] for e in all_entries)),
-        shards=len(all_entries),
-        columns=list(columns),
-        index_sha256=_sha(index_bytes),
-        schema_fingerprint=schema_fingerprint,
-        nulls=nulls,
-        compression=compression,
-        hashes=list(hashes),
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-        extra={**extra, "retained": retained, "retention_seconds": retention_seconds,
-               "job_id": job.job_id},
-    )
-    _write_manifest_then_index(storage, manifest.to_json().encode("utf-8"), index_bytes)
-    job.committed = True
-    job.stop()
-    _cleanup(storage, job, expired_files)
-    return manifest, index
+    # ------------------------------------------------------------------ after the tasks
 
-
-def _write_manifest_then_index(storage: Any, manifest_bytes: bytes, index_bytes: bytes) -> None:
-    """Manifest first, then the index (the commit point); if the index write fails, the previous
-    manifest is put back so ``manifest.json`` never describes a version that was not committed."""
-    try:
-        old_manifest_bytes: Optional[bytes] = storage.read_bytes(MANIFEST_BASENAME)
-    except FileNotFoundError:
-        old_manifest_bytes = None
-    storage.write_bytes_atomic(MANIFEST_BASENAME, manifest_bytes)
-    try:
-        storage.write_bytes_atomic(INDEX_BASENAME, index_bytes)
-    except BaseException:
+    def _base_version(self) -> int:
+        """The version this write commits on top of: the base, after adopting a pre-log index."""
+        if not self.base.legacy:
+            return self.base.version
+        draft = Draft(operation="import", write_id=new_write_id(), read_version=-1, add=tuple(self.base.shards),
+                      schema=_legacy_schema(self.base),
+                      info={"index_sha256": self.base.legacy_sha256, "reason": "adopt index.json written without a log"})
         try:
-            if old_manifest_bytes is None:
-                storage.delete([MANIFEST_BASENAME])
+            commit(self.storage, draft, reader=self.reader, max_attempts=1)
+        except CommitConflictError:
+            pass  # another writer adopted it first: its import is version 0 as well
+        first = self.reader.read_entry(0)
+        if first.operation != "import" or first.info.get("index_sha256") != self.base.legacy_sha256:
+            raise CommitConflictError(f"{self.storage.root}: the dataset changed while this write ran "
+                                      f"({first.describe()}); nothing was committed, rerun the write")
+        self.base = self.reader.snapshot(0)
+        return 0
+
+    def _publish_local(self, attempts: Sequence[str]) -> None:
+        """fsync the accepted attempts, then move each from staging to ``W/<attempt>``."""
+        src_root = self.storage.local_path(staging_prefix(self.write_id))
+        dest_root = self.storage.local_path(self.write_id)
+        os.makedirs(dest_root, exist_ok=True)
+        for attempt in attempts:
+            fsync_tree(os.path.join(src_root, attempt))
+            os.rename(os.path.join(src_root, attempt), os.path.join(dest_root, attempt))
+        fsync_tree(dest_root)
+
+    def finish(self, tasks: Sequence[dict[str, Any]], *, schema: dict[str, Any], info: dict[str, Any]):
+        """Commit the accepted attempts' shards as one log entry; returns the entry."""
+        from sparkbridge import _faults
+
+        tasks = sorted(tasks, key=lambda t: t["partition"])
+        entries = []
+        for task in tasks:
+            for entry in task["entries"]:
+                entry = dict(entry)
+                for key in ("raw_data", "zip_data"):
+                    if entry.get(key):
+                        entry[key] = dict(entry[key], basename=f"{self.write_id}/{task['attempt']}/{entry[key]['basename']}")
+                entries.append(entry)
+        read_version = self._base_version()
+        if self.storage.is_local:
+            self._publish_local([t["attempt"] for t in tasks if t["entries"]])
+        _faults.point("etl.commit.before_log")
+        remove = tuple(stored_name(e) for e in self.base.shards) if self.mode == "overwrite" else ()
+        draft = Draft(operation="write", mode=_LOG_MODE[self.mode], write_id=self.write_id, read_version=read_version,
+                      add=tuple(entries), remove=remove, schema=schema, rows=int(sum(t["rows"] for t in tasks)),
+                      info=info)
+        self.commit_attempted = True
+        entry = commit(self.storage, draft, reader=self.reader)
+        self.committed = True
+        self._stop_heartbeat()
+        _faults.point("etl.commit.after_log")
+        return entry
+
+    def after_commit(self, *, retention_seconds: float, run_vacuum: bool = True) -> None:
+        """Derived files, checkpoint, staging, vacuum: none of it decides the commit, so a failure
+        here is logged (``sparkbridge validate`` reports leftovers, ``vacuum`` repairs)."""
+        from sparkbridge import _faults
+
+        try:
+            sync_derived(self.storage, self.reader)
+            _faults.point("etl.commit.after_derived")
+            write_checkpoint(self.storage, self.reader, self.reader.latest().version)
+            self._remove_staging()
+            if run_vacuum:
+                vacuum(self.storage, retention_seconds=retention_seconds)
+        except Exception as exc:
+            log.warning("after committing to %s: %s: %s (run `sparkbridge vacuum %s`)", self.storage.root,
+                        type(exc).__name__, exc, self.storage.root)
+
+    def abort(self, exc: Optional[BaseException] = None) -> None:
+        """The write failed. Its files are removed unless its log entry may have landed (an
+        ambiguous commit): then they stay for a vacuum to judge against the log."""
+        self._stop_heartbeat()
+        if self.committed:
+            return
+        definite = isinstance(exc, (CommitConflictError, DatasetExistsError, SchemaMismatchError))
+        try:
+            self._remove_staging()
+            if not self.commit_attempted or definite:
+                self.storage.delete_prefix(f"{self.write_id}/")
+                if self.storage.is_local:
+                    _rmdir(self.storage.local_path(self.write_id))
             else:
-                storage.write_bytes_atomic(MANIFEST_BASENAME, old_manifest_bytes)
-        except Exception as exc:  # the index write's error is the one to report
-            log.warning("could not restore %s after the index write failed: %s",
-                        storage.url(MANIFEST_BASENAME), exc)
-        raise
+                log.warning("%s: the outcome of committing write %s is unknown (%s); its files are kept, "
+                            "`sparkbridge vacuum` removes them if the commit did not land",
+                            self.storage.root, self.write_id, exc)
+        except Exception as cleanup_exc:  # the write's own error is the one to report
+            log.warning("could not clean up write %s in %s: %s", self.write_id, self.storage.root, cleanup_exc)
 
 
-def _cleanup(storage: Any, job: Job, expired_files: Sequence[str]) -> None:
-    """After the commit: this job's staging, expired retained files, then every orphan."""
+    def _remove_staging(self) -> None:
+        """This write's staging (unaccepted local attempts, the descriptor), and ``_staging``
+        itself once empty. A late attempt writer then fails to create its folder."""
+        self.storage.delete_prefix(f"{staging_prefix(self.write_id)}/")
+        if self.storage.is_local:
+            _rmdir(self.storage.local_path(staging_prefix(self.write_id)))
+            _rmdir(self.storage.local_path(STAGING))
+
+
+def _rmdir(path: str) -> None:
     try:
-        storage.delete_prefix(f"{staging_prefix(job.job_id)}/")
-        if expired_files:
-            storage.delete(list(expired_files) + [f + ".tmp" for f in expired_files])
-            log.info("deleted %d files of versions whose retention expired", len(expired_files))
-        orphans = find_orphans(storage)
-        if orphans:
-            storage.delete(orphans)
-            log.info("deleted %d orphaned files (failed/speculative attempts, crashed runs)", len(orphans))
-        _prune_empty_dirs(storage)
-    except Exception as exc:  # the commit already happened; leftovers are reported by validate
-        log.warning("cleanup after committing %s failed: %s (run `sparkbridge validate`)", storage.root, exc)
+        os.rmdir(path)
+    except OSError:  # not empty (another write's staging), or already gone
+        pass
 
+
+def _legacy_schema(base: Snapshot) -> Optional[dict[str, Any]]:
+    m = base.legacy_manifest
+    if m is None:
+        return None
+    return schema_record(columns=m.columns, fingerprint=m.schema_fingerprint, nulls=m.nulls,
+                         compression=m.compression, hashes=m.hashes)

@@ -19,17 +19,14 @@ import numpy as np
 
 from sparkbridge.errors import SparkbridgeError
 from sparkbridge.etl.encode import EncodeError, encode_batch, null_counts
-from sparkbridge.etl.layout import attempt_name, job_file, staging_prefix
+from sparkbridge.log.layout import attempt_name, job_file, staging_prefix
 from sparkbridge.format.mds import ShardFormatError, encode_shard_chunks, index_entry, shard_config
 from sparkbridge.format.codecs import compress, compression_extension
 from sparkbridge.etl.types import ColumnPlan
 
 __all__ = ["TaskConfig", "TaskFailure", "run_task", "task_function", "MANIFEST_FIELD", "ERROR_TAG",
-           "S3_ENV_KEYS"]
+]
 
-#: Environment variables that tell boto3 (and Mosaic) where and how to reach the object store.
-S3_ENV_KEYS = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-               "AWS_REGION", "AWS_DEFAULT_REGION")
 
 MANIFEST_FIELD = "sparkbridge_manifest"
 #: Prefix of task error messages; the driver finds it in Spark's exception and re-raises it plainly.
@@ -55,9 +52,6 @@ class TaskConfig:
     shard_size: int
     nulls: str
     max_pending: int = 2
-    #: The driver's S3 settings (endpoint, region, credentials) for executors that were started
-    #: without them; applied in the task's Python worker only for remote outputs.
-    env: tuple[tuple[str, str], ...] = ()
 
     def config(self) -> dict[str, Any]:
         return shard_config(
@@ -267,9 +261,13 @@ def task_function(cfg: TaskConfig):
         import pyarrow as pa
         from pyspark import TaskContext
 
+        from sparkbridge.etl.credentials import from_task_context
+
         ctx = TaskContext.get()
-        for key, value in cfg.env:
-            os.environ[key] = value
+        if not cfg.storage.is_local:
+            # the driver's S3 settings travel as (redacted) local properties of this task, into this
+            # task's own client only: never into the reused worker's environment
+            cfg.storage.set_client_args(from_task_context(ctx))
         partition, attempt = ctx.partitionId(), ctx.attemptNumber()
         try:
             row = run_task(cfg, batches, partition=partition, task_attempt_id=ctx.taskAttemptId(),

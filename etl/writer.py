@@ -16,10 +16,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-from sparkbridge.errors import NullValuesError, WriteError
-from sparkbridge.etl.commit import ConcurrentWriteError, DatasetExistsError, SchemaMismatchError, check_mode, commit, \
-    schema_diff, start_job
-from sparkbridge.etl.layout import new_job_id
+from sparkbridge.errors import (
+    CommitConflictError,
+    ConcurrentWriteError,
+    DatasetExistsError,
+    NullValuesError,
+    SchemaMismatchError,
+    UsageError,
+    WriteError,
+)
+from sparkbridge.etl.commit import WriteJob, schema_record
+from sparkbridge.etl.credentials import task_credentials
+from sparkbridge.log.vacuum import DEFAULT_RETENTION_SECONDS
 from sparkbridge.format.codecs import compression_extension, hash_bytes
 from sparkbridge.storage import open_storage
 from sparkbridge.etl.types import logical_schema, plan_columns
@@ -31,13 +39,13 @@ __all__ = [
     "NullValuesError",
     "DatasetExistsError",
     "ConcurrentWriteError",
+    "CommitConflictError",
     "SchemaMismatchError",
     "parse_size",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RETENTION_SECONDS = 3600.0
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -56,6 +64,7 @@ class WriteResult:
     columns: tuple[str, ...] = field(default_factory=tuple)
     raw_bytes: int = 0
     partitions: int = 0
+    version: int = -1  # the log version this write committed
 
     @property
     def rows_per_second(self) -> float:
@@ -143,46 +152,40 @@ def write_mds(
     started = time.perf_counter()
     compression, hashes = _check_options(compression, hashes)
     size_limit = parse_size(shard_size)
-    if retention_seconds < 0:
-        raise ValueError(f"retention_seconds must be >= 0, got {retention_seconds}")
+    if not isinstance(retention_seconds, (int, float)) or retention_seconds < 0:
+        raise UsageError(f"retention_seconds must be a number >= 0, got {retention_seconds!r}")
     storage = open_storage(out)
     plans = plan_columns(df.schema, columns=columns, nulls=nulls, decimals=decimals)
-    old_manifest, seen_index_sha = check_mode(storage, mode)
+    job = WriteJob(storage, mode)  # reads the latest version and applies the mode
 
     from sparkbridge.etl.prepare import measure_array_shapes, prepare_frame
-    from sparkbridge.etl.task import MANIFEST_FIELD, S3_ENV_KEYS, TaskConfig, task_function
+    from sparkbridge.etl.task import MANIFEST_FIELD, TaskConfig, task_function
 
+    existing = job.columns if mode == "append" else None
     keep = None
-    if mode == "append" and old_manifest is not None:
-        keep = {c.name: c.shape for c in old_manifest.columns if c.logical in ("array", "vector")}
+    if existing is not None:
+        keep = {c.name: c.shape for c in existing if c.logical in ("array", "vector")}
         keep = {name: shape for name, shape in keep.items()
                 if any(p.name == name and p.kind == "ndarray_var" for p in plans)}
     plans = measure_array_shapes(df, plans, keep=keep)
     order = list(columns) if columns is not None else [f.name for f in df.schema.fields]
     specs = sorted((p.spec for p in plans if p.spec is not None), key=lambda c: order.index(c.name))
-    if mode == "append" and old_manifest is not None:
-        diffs = schema_diff(old_manifest.columns, specs)
-        if diffs:
-            raise SchemaMismatchError(
-                f"cannot append to {storage.root}: the logical schema differs — " + "; ".join(diffs)
-            )
+    job.check_schema(specs)
     fingerprint = hashlib.sha256(json.dumps(logical_schema(plans), sort_keys=True).encode()).hexdigest()
+    # an append keeps the dataset's own schema record (it matched above); anything else records this one
+    schema = (job.base.schema if existing is not None and job.base.schema is not None else
+              schema_record(columns=specs, fingerprint=fingerprint, nulls=nulls, compression=compression,
+                            hashes=hashes))
     prepared = prepare_frame(df, plans, nulls=nulls)
-    job = start_job(storage, new_job_id(), mode)
-    log.info("write_mds %s → %s (mode=%s, nulls=%s, compression=%s, shard_size=%d, job %s)",
-             [p.name for p in plans], storage.root, mode, nulls, compression, size_limit, job.job_id)
-    cfg = TaskConfig(storage=storage, job_id=job.job_id, plans=tuple(plans), compression=compression,
-                     hashes=hashes, shard_size=size_limit, nulls=nulls,
-                     env=() if storage.is_local else tuple((k, os.environ[k]) for k in S3_ENV_KEYS
-                                                           if os.environ.get(k)))
+    job.start()
+    log.info("write_mds: %d columns to %s (mode=%s, nulls=%s, compression=%s, shard_size=%d, write %s)",
+             len(plans), storage.root, mode, nulls, compression, size_limit, job.write_id)
+    cfg = TaskConfig(storage=storage, job_id=job.write_id, plans=tuple(plans), compression=compression,
+                     hashes=hashes, shard_size=size_limit, nulls=nulls)
     try:
-        if job.base_index_sha != seen_index_sha:
-            raise ConcurrentWriteError(
-                f"{storage.root} was committed by another writer after mode={mode!r} was checked and "
-                "before this job registered; nothing was written, retry the write"
-            )
         try:
-            result_rows = prepared.mapInArrow(task_function(cfg), f"{MANIFEST_FIELD} string").collect()
+            with task_credentials(df.sparkSession, storage):
+                result_rows = prepared.mapInArrow(task_function(cfg), f"{MANIFEST_FIELD} string").collect()
         except Exception as exc:
             message = _task_error(exc)
             if message is not None:
@@ -199,21 +202,19 @@ def write_mds(
                 f"nulls='error' and the data has nulls ({detail}); nothing was written. Pass "
                 "nulls='fill' or nulls='mask', or clean these columns first"
             )
-        manifest, index = commit(
-            storage, job, mode=mode, tasks=tasks, columns=specs, old_manifest=old_manifest, nulls=nulls,
-            compression=compression, hashes=hashes, retention_seconds=retention_seconds,
-            schema_fingerprint=fingerprint, extra={"writer": "sparkbridge.etl.write_mds"},
-        )
-    except BaseException:
-        job.abort()
+        entry = job.finish(tasks, schema=schema, info={"writer": "sparkbridge.etl.write_mds", "mode": mode,
+                                                      "partitions": len(tasks)})
+    except BaseException as exc:
+        job.abort(exc)
         raise
+    job.after_commit(retention_seconds=retention_seconds)
     new_entries = [e for t in tasks for e in t["entries"]]
     stored = sum((e["zip_data"] or e["raw_data"])["bytes"] for e in new_entries)
     raw = sum(e["raw_data"]["bytes"] for e in new_entries)
     result = WriteResult(
         rows=sum(t["rows"] for t in tasks), shards=len(new_entries), bytes=stored,
-        seconds=time.perf_counter() - started, out=storage.root, mode=mode, job_id=job.job_id,
-        columns=tuple(p.name for p in plans), raw_bytes=raw, partitions=len(tasks),
+        seconds=time.perf_counter() - started, out=storage.root, mode=mode, job_id=job.write_id,
+        columns=tuple(p.name for p in plans), raw_bytes=raw, partitions=len(tasks), version=entry.version,
     )
     if result.rows == 0:
         log.warning("the DataFrame was empty: %s holds a committed dataset with 0 rows", result.out)

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("sparkbridge.jobs.etl", "convert CSV/Parquet into an MDS dataset with Spark"),
     "inspect": ("sparkbridge.jobs.datasets", "show rows, shards, columns and types of an MDS dataset"),
     "validate": ("sparkbridge.jobs.datasets", "re-hash shards, count rows, find orphans; non-zero exit on problems"),
+    "vacuum": ("sparkbridge.jobs.datasets", "delete files no retained version references (--dry-run lists them)"),
     "train": ("sparkbridge.jobs.train", "train a small model streaming from an MDS dataset"),
     "bench": ("sparkbridge.jobs.bench", "run the benchmarks in bench/ and print ratios against the peers"),
 }

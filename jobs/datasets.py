@@ -1,10 +1,12 @@
-"""``sparkbridge inspect`` and ``sparkbridge validate``: look at an MDS dataset without Spark.
+"""``sparkbridge inspect``, ``validate`` and ``vacuum``: look after an MDS dataset without Spark.
 
-``inspect`` reads only ``index.json`` and ``manifest.json``. ``validate`` reads every byte: it
-re-hashes each stored shard with every hash the index lists, decompresses it, checks the sample
-count and offsets against the index and the manifest, and lists missing shards and orphaned files.
-Both work on local folders and ``s3://`` roots, and on datasets written by stock ``MDSWriter``
-(``index.json`` alone).
+``inspect`` reads the dataset log (or, for a dataset without one, ``index.json``) and shows the
+latest version, or ``--version N``. ``validate`` reads every byte of the latest version: it
+re-hashes each stored shard with every hash listed, decompresses it, checks the sample count and
+offsets, checks every log entry and that ``index.json``/``manifest.json`` match the latest
+version, and lists missing shards and orphaned files. ``vacuum`` deletes what no retained version
+references (``--dry-run`` lists it, with the reason). All work on local folders and ``s3://``
+roots, and on datasets written by stock ``MDSWriter`` (``index.json`` alone).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from sparkbridge.errors import DatasetNotFoundError
 
@@ -29,6 +31,8 @@ __all__ = [
     "run_inspect",
     "add_validate_arguments",
     "run_validate",
+    "add_vacuum_arguments",
+    "run_vacuum",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,15 +40,14 @@ log = logging.getLogger(__name__)
 
 
 
-def _open(root: str):
-    from sparkbridge.etl.layout import read_index
+def _open(root: str, version=None):
+    """(storage, reader, snapshot) of ``root``; DatasetNotFoundError when nothing is committed."""
+    from sparkbridge.log.snapshot import LogReader
     from sparkbridge.storage import open_storage
 
     storage = open_storage(root)
-    found = read_index(storage)
-    if found is None:
-        raise DatasetNotFoundError(f"no MDS dataset at {storage.root}: {storage.url('index.json')} does not exist")
-    return storage, found[0], found[1]
+    reader = LogReader(storage)
+    return storage, reader, reader.snapshot(version)
 
 
 def _stored(entry: dict[str, Any]) -> dict[str, Any]:
@@ -55,13 +58,11 @@ def _stored(entry: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- inspect
 
 
-def inspect_dataset(root: str) -> dict[str, Any]:
-    """Facts about the dataset at ``root`` from its index and (when present) its manifest."""
-    from sparkbridge.etl.layout import read_manifest
-
-    storage, _, index = _open(root)
-    manifest = read_manifest(storage)
-    shards = index["shards"]
+def inspect_dataset(root: str, *, version=None) -> dict[str, Any]:
+    """Facts about the dataset at ``root`` (latest version, or ``version``) from its log."""
+    storage, _, snap = _open(root, version)
+    manifest = snap.manifest()
+    shards = snap.shards
     first = shards[0] if shards else {}
     index_columns = dict(zip(first.get("column_names", []), first.get("column_encodings", [])))
     columns: list[dict[str, Any]] = []
@@ -88,6 +89,9 @@ def inspect_dataset(root: str) -> dict[str, Any]:
     hashes = sorted({h for e in shards for h in e.get("hashes", [])})
     return {
         "root": storage.root,
+        "version": snap.version if not snap.legacy else None,
+        "log": not snap.legacy,
+        "open_writes": [w.write_id for w in snap.open_writes],
         "rows": int(sum(e["samples"] for e in shards)),
         "shards": len(shards),
         "bytes": int(sum(_stored(e)["bytes"] for e in shards)),
@@ -114,6 +118,8 @@ def _human(n: int) -> str:
 def _format_inspect(info: dict[str, Any]) -> str:
     lines = [
         f"dataset      {info['root']}",
+        f"version      {info['version'] if info['log'] else '(no dataset log: index.json only)'}"
+        + (f", writes still open: {', '.join(info['open_writes'])}" if info["open_writes"] else ""),
         f"rows         {info['rows']:,}",
         f"shards       {info['shards']}",
         f"bytes        {info['bytes']:,} stored ({_human(info['bytes'])}), {info['raw_bytes']:,} uncompressed",
@@ -134,12 +140,13 @@ def _format_inspect(info: dict[str, Any]) -> str:
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", metavar="OUT", help="dataset root: a folder or s3://bucket/prefix")
+    parser.add_argument("--version", type=int, default=None, help="show this version (default: the latest)")
     parser.add_argument("--json", action="store_true", help="print the facts as JSON")
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     try:
-        info = inspect_dataset(args.dataset)
+        info = inspect_dataset(args.dataset, version=args.version)
     except (FileNotFoundError, ValueError) as exc:
         print(f"sparkbridge inspect: {exc}", file=sys.stderr)
         return 2
@@ -159,6 +166,7 @@ class ValidationReport:
     shards: int = 0
     bytes_checked: int = 0
     hashes_checked: int = 0
+    version: Optional[int] = None
     problems: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -174,7 +182,8 @@ class ValidationReport:
 
     def format(self) -> str:
         head = (
-            f"OK: {self.root}: {self.rows:,} rows in {self.shards} shards; {self.hashes_checked} hashes and "
+            f"OK: {self.root}{'' if self.version is None else f' (version {self.version})'}: {self.rows:,} rows in "
+            f"{self.shards} shards; {self.hashes_checked} hashes and "
             f"{_human(self.bytes_checked)} checked; no missing shards, no orphans"
             if self.ok
             else f"FAILED: {self.root}: {len(self.problems)} problem(s)"
@@ -251,39 +260,69 @@ def _check_shard_safely(storage: Any, i: int, entry: dict[str, Any],
         return [f"shard {i} ({name}): could not be checked: {type(exc).__name__}: {exc}"], 0, 0
 
 
-def validate_dataset(root: str, *, workers: int = 4, progress: bool = True) -> ValidationReport:
-    """Check every shard, the counts and the files under ``root``; never raises for a bad dataset."""
-    from sparkbridge.etl.layout import find_orphans, read_manifest
-    from sparkbridge.format.manifest import ManifestError
+def validate_dataset(root: str, *, workers: int = 4, progress: bool = True,
+                     retention_seconds: Optional[float] = None) -> ValidationReport:
+    """Check every shard of the latest version, the log, the derived files and every file under
+    ``root``; never raises for a bad dataset (problems are listed in the report)."""
+    from sparkbridge.errors import SparkbridgeError
+    from sparkbridge.format.index import index_sha256
+    from sparkbridge.format.manifest import Manifest, ManifestError
+    from sparkbridge.log.vacuum import DEFAULT_RETENTION_SECONDS, plan_vacuum
 
     try:
-        storage, index_bytes, index = _open(root)
-    except (FileNotFoundError, ValueError) as exc:
+        storage, reader, snap = _open(root)
+    except (FileNotFoundError, ValueError, SparkbridgeError) as exc:
         return ValidationReport(root=root, problems=[str(exc)])
     report = ValidationReport(root=storage.root)
-    shards = index["shards"]
+    shards = snap.shards
     report.shards = len(shards)
-    report.rows = int(sum(e["samples"] for e in shards))
+    report.rows = snap.rows
+    report.version = None if snap.legacy else snap.version
 
-    try:
-        manifest = read_manifest(storage)
-    except ManifestError as exc:
-        manifest = None
-        report.problems.append(str(exc))
+    def read(name: str) -> Optional[bytes]:
+        try:
+            return storage.read_bytes(name)
+        except FileNotFoundError:
+            return None
+
+    index_raw, manifest_raw = read("index.json"), read("manifest.json")
+    manifest = None
+    if manifest_raw is not None:
+        try:
+            manifest = Manifest.from_json(manifest_raw.decode("utf-8", "replace"), source=storage.url("manifest.json"))
+        except ManifestError as exc:
+            report.problems.append(str(exc))
+    if not snap.legacy:
+        fix = f"`sparkbridge vacuum {storage.root}` rewrites it"
+        if index_raw is None:
+            report.problems.append(f"index.json is missing, so stock Mosaic readers cannot open the dataset ({fix})")
+        elif hashlib.sha256(index_raw).hexdigest() != index_sha256(shards):
+            report.problems.append(f"index.json does not describe the latest version {snap.version}: stock Mosaic "
+                                   f"readers see another version ({fix})")
+        if manifest is not None and manifest.extra.get("log_version") != snap.version:
+            report.problems.append(f"manifest.json describes version {manifest.extra.get('log_version')}, the log is "
+                                   f"at version {snap.version} ({fix})")
+        for v in range(snap.version + 1):  # every entry parses and is safe (not only since a checkpoint)
+            try:
+                reader.read_entry(v, cache=False)
+            except SparkbridgeError as exc:
+                report.problems.append(str(exc))
+        for w in snap.open_writes:
+            report.notes.append(f"write {w.write_id} ({w.mode}, commit per partition) is open: "
+                                f"{len(w.partitions)} partition(s), {w.rows:,} rows committed so far")
     if manifest is not None:
         if manifest.rows != report.rows:
             report.problems.append(f"manifest.json says {manifest.rows} rows, index.json lists {report.rows}")
         if manifest.shards != report.shards:
             report.problems.append(f"manifest.json says {manifest.shards} shards, index.json lists {report.shards}")
-        actual_sha = hashlib.sha256(index_bytes).hexdigest()
-        if manifest.index_sha256 != actual_sha:
+        if index_raw is not None and manifest.index_sha256 != hashlib.sha256(index_raw).hexdigest():
             report.problems.append("manifest.json was written for a different index.json (index_sha256 differs)")
         names = set(shards[0]["column_names"]) if shards else set()
         for spec in manifest.columns:
             for col in [spec.name] + ([spec.null_mask] if spec.null_mask else []):
                 if shards and col not in names:
                     report.problems.append(f"manifest column {col!r} is not in the shards' columns {sorted(names)}")
-    elif not report.problems:
+    elif not report.problems and snap.schema is None:
         report.notes.append("no manifest.json (stock MDS dataset): rows checked against index.json only")
 
     seen: dict[str, int] = {}
@@ -310,9 +349,21 @@ def validate_dataset(root: str, *, workers: int = 4, progress: bool = True) -> V
             bar.update(1)
         bar.close()
 
-    report.orphans = find_orphans(storage, listing=listing)
+    if snap.legacy:  # no log: anything sparkbridge wrote that the index does not name
+        from sparkbridge.log.layout import owner
+
+        keep = snap.files() | {f + ".tmp" for f in snap.files()}
+        report.orphans = [rel for rel, _ in listing if owner(rel) and rel not in keep]
+        reasons = {rel: "written by sparkbridge, not in index.json" for rel in report.orphans}
+    else:
+        plan = plan_vacuum(storage, reader=reader, retention_seconds=DEFAULT_RETENTION_SECONDS
+                           if retention_seconds is None else retention_seconds)
+        report.orphans, reasons = plan.delete, plan.reasons
+        for w in plan.kept_active:
+            report.notes.append(f"write {w} has files but no commit yet (running, or stopped within the retention "
+                                "window; a later vacuum removes them if it never commits)")
     for rel in report.orphans:
-        report.problems.append(f"orphan: {storage.url(rel)} (written by sparkbridge, referenced by no version or running job)")
+        report.problems.append(f"orphan: {storage.url(rel)} ({reasons[rel]}; `sparkbridge vacuum` removes it)")
     if len(report.notes) > 20:
         report.notes = report.notes[:20] + [f"... and {len(report.notes) - 20} more notes"]
     return report
@@ -328,3 +379,30 @@ def run_validate(args: argparse.Namespace) -> int:
     report = validate_dataset(args.dataset, workers=args.workers, progress=not args.json)
     print(json.dumps(report.to_dict(), indent=2, sort_keys=True) if args.json else report.format())
     return 0 if report.ok else 1
+
+
+# --------------------------------------------------------------------------- vacuum
+
+
+def add_vacuum_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", metavar="OUT", help="dataset root: a folder or s3://bucket/prefix")
+    parser.add_argument("--retention", type=float, default=None, metavar="SECONDS",
+                        help="keep versions replaced less than this long ago, and writes active within it "
+                             "(default 3600)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be deleted and why; change nothing")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run_vacuum(args: argparse.Namespace) -> int:
+    from sparkbridge.log.vacuum import DEFAULT_RETENTION_SECONDS, vacuum
+
+    retention = DEFAULT_RETENTION_SECONDS if args.retention is None else args.retention
+    if args.retention is None:
+        log.info("retention defaults to %.0f s", retention)
+    plan = vacuum(args.dataset, retention_seconds=retention, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(asdict(plan), indent=2, sort_keys=True))
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(plan.summary().replace("file(s) to delete", f"file(s) {verb}", 1))
+    return 0

@@ -229,12 +229,8 @@ def build_session(*, master: Optional[str], conf: dict[str, str], app_name: str 
     for key, value in defaults.items():
         if key not in conf:
             log.info("Spark setting %s=%s (default of this job)", key, value)
-    # Executors reach an S3-compatible store through the same variables as the driver.
-    from sparkbridge.etl.task import S3_ENV_KEYS
-
-    for key in S3_ENV_KEYS:
-        if os.environ.get(key) and f"spark.executorEnv.{key}" not in conf:
-            builder = builder.config(f"spark.executorEnv.{key}", os.environ[key])
+    # Executors get the driver's S3 settings with each write's tasks (sparkbridge.etl.credentials),
+    # not through spark.executorEnv, where Spark's redaction leaves AWS_ACCESS_KEY_ID readable.
     for key, value in {**defaults, **conf}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
@@ -291,7 +287,7 @@ def preflight(args: argparse.Namespace) -> None:
     Raises FileNotFoundError for a missing local input and DatasetExistsError when ``--mode error``
     meets an existing dataset (write_mds checks both again; this is only the early answer).
     """
-    from sparkbridge.etl.commit import check_mode
+    from sparkbridge.etl.commit import WriteJob
     from sparkbridge.storage import is_remote, open_storage
 
     source = str(args.input)
@@ -300,12 +296,11 @@ def preflight(args: argparse.Namespace) -> None:
         if not os.path.exists(local):
             raise FileNotFoundError(f"input not found: {source}")
     if args.mode == "error":
-        check_mode(open_storage(str(args.output)), "error")
+        WriteJob(open_storage(str(args.output)), "error")  # raises DatasetExistsError
 
 
 def _run(args: argparse.Namespace, *, master: Optional[str]) -> int:
-    from sparkbridge.etl.commit import ConcurrentWriteError, DatasetExistsError
-    from sparkbridge.etl.writer import WriteError
+    from sparkbridge.errors import ConcurrentWriteError, DatasetExistsError, WriteError
 
     try:
         conf = _conf_pairs(args.conf)

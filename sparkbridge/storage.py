@@ -1,21 +1,39 @@
 """Where a dataset lives: a local folder or an S3 prefix, behind one small interface.
 
-Why not fsspec: the commit protocol needs exactly three guarantees and they differ per backend —
-an atomic replace (local: temp file + ``os.replace``; S3: a single PUT is atomic), recursive listing
-for orphan detection, and deletes. Spelling them out keeps the commit code honest on both.
+Why not fsspec: the dataset log needs a few guarantees that differ per backend and must be spelled
+out to be trusted:
+
+* :meth:`Storage.put_if_absent` — create a file only if no file has that name, atomically: the
+  commit point of every log entry. Local: write a temp file, fsync, ``link()`` it to the name (fails
+  if it exists), fsync the folder. S3: ``PUT`` with ``If-None-Match: *`` (AWS S3 and SeaweedFS
+  answer a losing PUT with 412). An S3 answer can be ambiguous (a timeout after the server applied
+  the PUT, or a retried PUT that meets its own first attempt): the object is then read back and the
+  PUT counts as won exactly when the stored bytes are ours (log entries carry a unique commit id).
+* :meth:`Storage.write_bytes_atomic` — replace a file whole (temp + fsync + ``os.replace`` + fsync
+  of the folder; one PUT on S3), for derived files and checkpoints.
+* :meth:`Storage.list_info` — recursive listing with sizes and modification times taken from the
+  store itself (file system or S3 ``LastModified``), so that age comparisons never mix clocks.
+* deletes.
+
 S3 honours ``S3_ENDPOINT_URL`` (as Mosaic Streaming does), so MinIO/SeaweedFS/R2 work unchanged.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from typing import Iterable, Optional
 from urllib.parse import urlparse
 
-__all__ = ["Storage", "LocalStorage", "S3Storage", "open_storage", "is_remote"]
+from sparkbridge import _faults
+from sparkbridge.errors import UnsafePathError
+
+__all__ = ["Storage", "LocalStorage", "S3Storage", "FileInfo", "open_storage", "is_remote", "fsync_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +47,18 @@ def is_remote(root: str) -> bool:
 def _clean_rel(rel: str) -> str:
     rel = rel.replace("\\", "/").lstrip("/")
     if any(part == ".." for part in rel.split("/")):
-        raise ValueError(f"refusing a path that leaves the dataset root: {rel!r}")
+        raise UnsafePathError(f"refusing a path that leaves the dataset root: {rel!r}")
     return rel
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One file under a root: path relative to it, size, and modification time (seconds since the
+    epoch, by the store's clock)."""
+
+    rel: str
+    size: int
+    mtime: float
 
 
 class Storage:
@@ -55,8 +83,30 @@ class Storage:
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         raise NotImplementedError
 
-    def list_files(self, prefix: str = "") -> list[tuple[str, int]]:
+    def put_if_absent(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` with ``data`` unless it exists; True when this call created it."""
         raise NotImplementedError
+
+    def read_token(self, rel: str) -> tuple[Optional[bytes], object]:
+        """The file's bytes (None when absent) and a token that changes whenever it is replaced."""
+        raise NotImplementedError
+
+    def swap(self, rel: str, data: bytes, token: object) -> bool:
+        """Replace ``rel`` with ``data`` only if it is still as :meth:`read_token` saw it (compare
+        and swap); False when it changed in between."""
+        raise NotImplementedError
+
+    def list_info(self, prefix: str = "", *, start_after: Optional[str] = None) -> list[FileInfo]:
+        """Files under ``prefix`` (recursively), sorted by path; ``start_after`` skips paths up to
+        and including it (S3 lists from there; a log reader asks only for new entries)."""
+        raise NotImplementedError
+
+    def list_files(self, prefix: str = "") -> list[tuple[str, int]]:
+        return [(f.rel, f.size) for f in self.list_info(prefix)]
+
+    def now(self) -> float:
+        """The store's clock, to compare with :class:`FileInfo` times."""
+        return time.time()
 
     def delete(self, rels: Iterable[str]) -> None:
         raise NotImplementedError
@@ -110,20 +160,97 @@ class LocalStorage(Storage):
             raise
         _fsync_dir(folder)
 
-    def list_files(self, prefix: str = "") -> list[tuple[str, int]]:
-        base = self.local_path(prefix)
-        if os.path.isfile(base):
-            return [(_clean_rel(prefix), os.path.getsize(base))]
-        out = []
-        for folder, _, files in os.walk(base):
-            for name in files:
-                path = os.path.join(folder, name)
+    def put_if_absent(self, rel: str, data: bytes) -> bool:
+        path = self.local_path(rel)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            _faults.point("storage.put_if_absent.before_link")
+            try:
+                os.link(tmp, path)  # atomic, and fails when the name exists: the commit point
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                return self._create_exclusive(path, data)  # a file system without hard links
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        _fsync_dir(folder)
+        return True
+
+    def read_token(self, rel: str) -> tuple[Optional[bytes], object]:
+        path = self.local_path(rel)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                return f.read(), (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            return None, None
+
+    def swap(self, rel: str, data: bytes, token: object) -> bool:
+        import fcntl
+
+        path = self.local_path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # writers on this file system serialize on a lock file beside it (flock also works over NFSv4)
+        with open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"), "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
                 try:
-                    size = os.path.getsize(path)
-                except FileNotFoundError:  # removed while listing
-                    continue
-                out.append((os.path.relpath(path, self.root).replace(os.sep, "/"), size))
-        return sorted(out)
+                    st = os.stat(path)
+                    current: object = (st.st_ino, st.st_mtime_ns, st.st_size)
+                except FileNotFoundError:
+                    current = None
+                if current != token:
+                    return False
+                self.write_bytes_atomic(rel, data)
+                return True
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _create_exclusive(self, path: str, data: bytes) -> bool:
+        """``O_EXCL`` create for file systems without ``link()`` (some FUSE mounts): exclusive, but a
+        crash mid-write leaves a short file, which log readers report as a damaged entry."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(os.path.dirname(path))
+        return True
+
+    def list_info(self, prefix: str = "", *, start_after: Optional[str] = None) -> list[FileInfo]:
+        base = self.local_path(prefix)
+        out = []
+        if os.path.isfile(base):
+            st = os.stat(base)
+            out = [FileInfo(_clean_rel(prefix), st.st_size, st.st_mtime)]
+        else:
+            for folder, _, files in os.walk(base):
+                for name in files:
+                    path = os.path.join(folder, name)
+                    try:
+                        st = os.stat(path)
+                    except FileNotFoundError:  # removed while listing
+                        continue
+                    out.append(FileInfo(os.path.relpath(path, self.root).replace(os.sep, "/"), st.st_size,
+                                        st.st_mtime))
+        out.sort(key=lambda f: f.rel)
+        if start_after is not None:
+            out = [f for f in out if f.rel > start_after]
+        return out
 
     def delete(self, rels: Iterable[str]) -> None:
         for rel in rels:
@@ -142,6 +269,19 @@ class LocalStorage(Storage):
         count = sum(len(files) for _, _, files in os.walk(path))
         shutil.rmtree(path, ignore_errors=True)
         return count
+
+
+def fsync_tree(folder: str) -> None:
+    """fsync every file under ``folder`` and every folder up to it (before a commit names them)."""
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+    _fsync_dir(os.path.dirname(folder))
 
 
 def _fsync_dir(folder: str) -> None:
@@ -171,11 +311,20 @@ class S3Storage(Storage):
         self.root = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.endpoint_url = endpoint_url or os.environ.get("S3_ENDPOINT_URL") or None
         self._client = None
+        self._client_args: dict = {}
 
-    def __getstate__(self) -> dict:  # boto3 clients do not pickle; executors build their own
+    def __getstate__(self) -> dict:
+        # boto3 clients do not pickle, and credentials must never travel inside a pickle
         state = dict(self.__dict__)
         state["_client"] = None
+        state["_client_args"] = {}
         return state
+
+    def set_client_args(self, args: Optional[dict]) -> None:
+        """Explicit boto3 client arguments (endpoint, region, credentials) for this process only;
+        never pickled or shown. None keeps boto3's usual chain (env, profile, role)."""
+        self._client_args = dict(args or {})
+        self._client = None
 
     @property
     def client(self):
@@ -183,12 +332,13 @@ class S3Storage(Storage):
             import boto3
             from botocore.config import Config
 
+            args = {
+                "endpoint_url": self.endpoint_url,
+                "region_name": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                **self._client_args,
+            }
             self._client = boto3.session.Session().client(
-                "s3",
-                endpoint_url=self.endpoint_url,
-                region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-                config=Config(retries={"max_attempts": 5, "mode": "standard"}),
-            )
+                "s3", config=Config(retries={"max_attempts": 5, "mode": "standard"}), **args)
         return self._client
 
     def key(self, rel: str) -> str:
@@ -219,27 +369,109 @@ class S3Storage(Storage):
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=data)
 
-    def list_files(self, prefix: str = "") -> list[tuple[str, int]]:
+    def put_if_absent(self, rel: str, data: bytes, *, attempts: int = 8) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = self.key(rel)
+        for attempt in range(attempts):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+                _faults.point("storage.put_if_absent.after_put")
+                return True
+            except ClientError as exc:
+                error = exc.response.get("Error", {})
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if error.get("Code") == "PreconditionFailed" or status == 412:
+                    # lost the race, or botocore retried a PUT whose first try the server applied
+                    return self._holds(rel, data)
+                if error.get("Code") == "ConditionalRequestConflict" or status == 409:
+                    time.sleep(0.05 * (attempt + 1))  # another conditional PUT of this key is in flight
+                    continue
+                if status is not None and status < 500:
+                    raise
+                outcome = self._resolve(rel, data)  # a 5xx: the PUT may or may not have been applied
+            except (BotoCoreError, _faults.AmbiguousWrite):  # timeouts, dropped connections
+                outcome = self._resolve(rel, data)
+            if outcome is not None:
+                return outcome
+        raise OSError(f"could not create {self.url(rel)} after {attempts} attempts (the store kept failing)")
+
+    def read_token(self, rel: str) -> tuple[Optional[bytes], object]:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self.key(rel))
+            return obj["Body"].read(), obj["ETag"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None, None
+            raise
+
+    def swap(self, rel: str, data: bytes, token: object) -> bool:
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": str(token)}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=data, **condition)
+            return True
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict") \
+                    or status in (409, 412):
+                return False
+            raise
+
+    def _holds(self, rel: str, data: bytes) -> bool:
+        try:
+            return self.read_bytes(rel) == data
+        except FileNotFoundError:  # a 412 for an object that is gone: never ours
+            return False
+
+    def _resolve(self, rel: str, data: bytes) -> Optional[bool]:
+        """After an ambiguous PUT: True/False when the object exists (ours or not), None to retry."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.read_bytes(rel) == data
+        except FileNotFoundError:
+            return None
+        except (BotoCoreError, ClientError):
+            return None
+
+    def list_info(self, prefix: str = "", *, start_after: Optional[str] = None) -> list[FileInfo]:
         key_prefix = self.key(prefix)
+        after = self.key(start_after) if start_after is not None else None
         if key_prefix and prefix and not prefix.endswith("/"):
             # a "folder" prefix must not match siblings sharing its first letters
-            exact = [(k, s) for k, s in self._list(key_prefix) if k == key_prefix]
-            return exact or self._strip(self._list(key_prefix + "/"))
+            exact = [f for f in self._list(key_prefix, after) if f.rel == key_prefix]
+            return self._strip(exact or self._list(key_prefix + "/", after))
         if key_prefix and not key_prefix.endswith("/"):
             key_prefix += "/"
-        return self._strip(self._list(key_prefix))
+        return self._strip(self._list(key_prefix, after))
 
-    def _list(self, key_prefix: str) -> list[tuple[str, int]]:
+    def _list(self, key_prefix: str, start_after: Optional[str]) -> list[FileInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
+        kwargs = {"Bucket": self.bucket, "Prefix": key_prefix}
+        if start_after:
+            kwargs["StartAfter"] = start_after
         out = []
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=key_prefix):
+        for page in paginator.paginate(**kwargs):
             for obj in page.get("Contents", []):
-                out.append((obj["Key"], int(obj["Size"])))
+                out.append(FileInfo(obj["Key"], int(obj["Size"]), obj["LastModified"].timestamp()))
         return out
 
-    def _strip(self, items: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    def _strip(self, items: list[FileInfo]) -> list[FileInfo]:
         cut = len(self.prefix) + 1 if self.prefix else 0
-        return sorted((k[cut:], s) for k, s in items)
+        return sorted((FileInfo(f.rel[cut:], f.size, f.mtime) for f in items), key=lambda f: f.rel)
+
+    def now(self) -> float:
+        """The server's clock (the ``Date`` header of a cheap request), so ages compare with
+        ``LastModified`` times even when this machine's clock is off."""
+        from email.utils import parsedate_to_datetime
+
+        response = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.key("_log/"), MaxKeys=1)
+        date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        return parsedate_to_datetime(date).timestamp() if date else time.time()
 
     def delete(self, rels: Iterable[str]) -> None:
         keys = [self.key(r) for r in rels]

@@ -84,7 +84,7 @@ def test_missing_shard_and_missing_index(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"{victim.name}.*missing"):
         for _ in StreamingLoader(root, batch_size=50):
             pass
-    with pytest.raises(FileNotFoundError, match="no index.json"):
+    with pytest.raises(FileNotFoundError, match=r"no dataset at .*neither .*_log/ nor .*index.json exists"):
         StreamingLoader(tmp_path, batch_size=50)
 
 

@@ -8,7 +8,43 @@ import os
 
 from sparkbridge.storage import LocalStorage
 
-__all__ = ["stock_ids", "arrow_batch_rows", "FullDiskInTasks"]
+__all__ = ["stock_ids", "arrow_batch_rows", "FullDiskInTasks", "leftovers", "log_versions"]
+
+
+def leftovers(root) -> list[str]:
+    """Files sparkbridge wrote under ``root`` that no retained version of its log references
+    (failed attempts, crashed writes, staging): what a clean write must not leave behind."""
+    from sparkbridge.log.layout import owner
+    from sparkbridge.log.snapshot import LogReader
+    from sparkbridge.storage import open_storage
+
+    storage = open_storage(str(root))
+    reader = LogReader(storage)
+    latest = reader.refresh()
+    keep = set()
+    if latest.version >= 0:  # every retained version (older ones may be vacuumed)
+        snap = reader.snapshot(latest.retained_from)
+        keep |= snap.files()
+        for v in range(snap.version + 1, latest.version + 1):
+            snap.apply(reader.read_entry(v))
+            keep |= snap.files()
+    if latest.legacy:
+        keep |= latest.files()
+    return sorted(f.rel for f in storage.list_info("") if owner(f.rel) is not None and f.rel not in keep)
+
+
+def log_versions(root) -> list[str]:
+    """``operation (mode)`` of each log entry of ``root``, oldest first."""
+    from sparkbridge.log.snapshot import LogReader
+    from sparkbridge.storage import open_storage
+
+    reader = LogReader(open_storage(str(root)))
+    latest = reader.refresh()
+    out = []
+    for v in range(latest.version + 1):
+        e = reader.read_entry(v)
+        out.append(e.operation if e.mode is None else f"{e.operation} ({e.mode})")
+    return out
 
 
 def stock_ids(path: str) -> list[int]:

@@ -5,7 +5,7 @@
   this test starts a real standalone master with two workers registered under two host names
   (``127.0.0.1`` and ``localhost``) and a job with ``spark.speculation=true`` and one slow attempt;
 - SIGKILL of a whole driver process group mid-write: the previous version stays intact and
-  readable, a rerun succeeds and removes the dead job's leftovers.
+  readable, a rerun succeeds, and a vacuum fences the dead write and removes its leftovers.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 
 from sparkbridge import etl
-from sparkbridge.etl.layout import find_orphans
+from sparkbridge.log import vacuum
 from sparkbridge.storage import open_storage
 
-from tests.etl.helpers import arrow_batch_rows, stock_ids
+from tests.etl.helpers import arrow_batch_rows, leftovers, log_versions, stock_ids
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_task_failing_on_its_first_attempt(spark, tmp_path):
     failed_attempt = failed_files[0].split(os.sep)[-2]
     assert f"{result.job_id}/{failed_attempt}" not in folders["p00001"]
     assert not os.path.exists(os.path.join(out, "_staging"))
-    assert find_orphans(open_storage(out)) == []
+    assert leftovers(out) == []
 
 
 # --------------------------------------------------------------------------- speculation
@@ -180,7 +180,7 @@ def test_speculative_attempts_are_never_mixed_in(tmp_path):
     tid_of = {m.split("-n")[1].split("-t")[0]: m.split("-t")[1] for m in attempts if m.startswith("p1-")}
     assert p1.endswith(f"-a{tid_of['1']}")  # the fast speculative copy won; the stalled one did not
     assert not os.path.exists(os.path.join(out, "_staging"))
-    assert find_orphans(open_storage(out)) == []
+    assert leftovers(out) == []
 
 
 # --------------------------------------------------------------------------- SIGKILL
@@ -232,13 +232,20 @@ def test_sigkill_mid_write_keeps_the_previous_version(spark, tmp_path):
     with open(os.path.join(out, "index.json"), "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == v1_sha  # nothing half-committed
     assert sorted(stock_ids(out)) == list(range(200))
-    storage = open_storage(out)
-    leftovers = find_orphans(storage)
-    assert leftovers and all(p.startswith("_staging/") for p in leftovers)  # the dead job's staging
+    dead = leftovers(out)
+    assert dead and all(p.startswith("_staging/") for p in dead)  # the dead job's staging
 
     result = etl.write_mds(spark.range(7000, 7100, numPartitions=2).selectExpr("id", "id * 3 AS x"), out,
                            mode="overwrite")
     assert result.rows == 100
     assert sorted(stock_ids(out)) == list(range(7000, 7100))
-    assert not os.path.exists(os.path.join(out, "_staging"))
-    assert find_orphans(storage) == []
+    assert leftovers(out) == dead  # the dead write stopped less than the retention window ago: kept
+    plan = vacuum(out, retention_seconds=0)  # no liveness check: it is fenced, then its files go
+    assert plan.fence == [dead[0].split("/")[1]] and set(dead) <= set(plan.delete)
+    # with no retention the replaced first version goes too (with the raw shards stock Mosaic unpacked)
+    replaced = set(plan.delete) - set(dead)
+    assert replaced and len({p.split("/")[0] for p in replaced}) == 1
+    assert {p.split("/")[0] for p in replaced}.isdisjoint({result.job_id, plan.fence[0]})
+    assert leftovers(out) == [] and not os.path.exists(os.path.join(out, "_staging"))
+    assert log_versions(out) == ["write (create)", "write (overwrite)", "vacuum"]
+    assert sorted(stock_ids(out)) == list(range(7000, 7100))

@@ -1,4 +1,4 @@
-"""Write modes (error / append / overwrite with retention) and two jobs writing one output at once."""
+"""Write modes (error / append / overwrite with retention) and writers racing on one output."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import time
 import pytest
 
 from sparkbridge import etl
-from sparkbridge.etl.commit import ConcurrentWriteError, DatasetExistsError, SchemaMismatchError
-from sparkbridge.etl.layout import find_orphans, is_job_id
+from sparkbridge.errors import CommitConflictError, DatasetExistsError, SchemaMismatchError, VersionNotFoundError
 from sparkbridge.format.manifest import Manifest
+from sparkbridge.log import LogReader, open_dataset
 from sparkbridge.storage import open_storage
+from sparkbridge.log.layout import is_write_id
 
-from tests.etl.helpers import stock_ids
+from tests.etl.helpers import leftovers, log_versions, stock_ids
 
 pytestmark = pytest.mark.slow
 
@@ -57,9 +58,9 @@ def test_error_mode_and_append(spark, tmp_path):
     assert sorted(stock_ids(out)) == list(range(250))
     manifest = _manifest(out)
     assert manifest.rows == 250 and manifest.shards == first.shards + second.shards
-    jobs = {name for name in os.listdir(out) if is_job_id(name)}
+    jobs = {name for name in os.listdir(out) if is_write_id(name)}
     assert jobs == {first.job_id, second.job_id}
-    assert find_orphans(open_storage(out)) == []
+    assert leftovers(out) == [] and log_versions(out) == ["write (create)", "write (append)"]
 
 
 def test_append_with_a_different_schema_lists_the_differences(spark, tmp_path):
@@ -81,89 +82,126 @@ def test_overwrite_keeps_old_shards_for_a_reader_mid_epoch(spark, tmp_path):
 
     out = str(tmp_path / "ds")
     v1 = etl.write_mds(_frame(spark, 0, 300), out, shard_size="2KB")
-    assert v1.shards >= 4
+    assert v1.shards >= 4 and v1.version == 0
     reader = StreamingDataset(local=out, batch_size=1, shuffle=False)
     seen = [int(reader[i]["id"]) for i in range(10)]
 
-    t0 = time.time()
     v2 = etl.write_mds(_frame(spark, 1000, 1100), out, mode="overwrite")
     seen += [int(reader[i]["id"]) for i in range(10, len(reader))]  # old version, still readable
     del reader
     assert sorted(seen) == list(range(300))
-    manifest = _manifest(out)
-    assert manifest.rows == 100
-    (record,) = manifest.extra["retained"]
-    assert all(f.startswith(v1.job_id + "/") for f in record["files"])
-    assert len(record["files"]) == 2 * v1.shards  # stored .zstd + the raw name a reader unpacks to
-    assert t0 + 3600 <= record["expires_at"] <= time.time() + 3600
-    assert find_orphans(open_storage(out)) == []  # retained and unpacked files are not orphans
+    assert (_manifest(out).rows, v2.version) == (100, 1)
+    assert leftovers(out) == []  # v1's files are referenced by a retained version
+    assert open_dataset(out, version=0).rows == 300  # time travel while retained
+    top = {name for name in os.listdir(out) if is_write_id(name)}
+    assert top == {v1.job_id, v2.job_id}
 
     v3 = etl.write_mds(_frame(spark, 2000, 2050), out, mode="overwrite", retention_seconds=0)
-    assert [r["expires_at"] > time.time() for r in _manifest(out).extra["retained"]] == [True, False]
+    top = {name for name in os.listdir(out) if is_write_id(name)}
+    assert top == {v3.job_id}  # retention 0: the vacuum after v3 keeps only the latest version
+    with pytest.raises(VersionNotFoundError, match="no longer retained"):
+        open_dataset(out, version=0)
     v4 = etl.write_mds(_frame(spark, 3000, 3010), out, mode="overwrite")
-    top = {name for name in os.listdir(out) if is_job_id(name)}
-    assert top == {v1.job_id, v3.job_id, v4.job_id}  # v2 expired and was deleted; v1 not yet
+    top = {name for name in os.listdir(out) if is_write_id(name)}
+    assert top == {v3.job_id, v4.job_id}
     assert sorted(stock_ids(out)) == list(range(3000, 3010))
-    assert find_orphans(open_storage(out)) == []
+    assert log_versions(out) == ["write (create)", "write (overwrite)", "write (overwrite)", "vacuum",
+                                 "write (overwrite)"]
+    assert leftovers(out) == []
 
 
-def _slow(batches):
-    time.sleep(4)
-    yield from batches
+def _gated(gate: str):
+    """A mapInArrow function whose task waits until ``gate`` exists: the test decides when this
+    write's tasks finish (one partition: the other core stays free for the rival write)."""
+
+    def wait(batches):
+        deadline = time.time() + 120
+        while not os.path.exists(gate) and time.time() < deadline:
+            time.sleep(0.05)
+        yield from batches
+
+    return wait
 
 
-def test_second_concurrent_job_is_refused_and_leaves_the_first_alone(spark, tmp_path):
-    out = str(tmp_path / "ds")
-    slow = _frame(spark, 0, 400).mapInArrow(_slow, "id long, twice int, s string")
+def _slow_frame(spark, tmp_path, lo: int, hi: int):
+    gate = str(tmp_path / "gate")
+    return _frame(spark, lo, hi, parts=1).mapInArrow(_gated(gate), "id long, twice int, s string"), gate
+
+
+def _open_gate(gate: str) -> None:
+    with open(gate, "w"):
+        pass
+
+
+def _in_thread(fn):
     result: dict = {}
 
-    def first():
+    def run():
         try:
-            result["ok"] = etl.write_mds(slow, out)
-        except BaseException as exc:  # pragma: no cover - reported below
+            result["ok"] = fn()
+        except BaseException as exc:
             result["error"] = exc
 
-    thread = threading.Thread(target=first)
+    thread = threading.Thread(target=run)
     thread.start()
+    return thread, result
+
+
+def _wait_for_staging(out: str) -> str:
     deadline = time.time() + 60
     staging = os.path.join(out, "_staging")
     while time.time() < deadline and not (os.path.isdir(staging) and os.listdir(staging)):
         time.sleep(0.05)
-    (job_dir,) = os.listdir(staging)
-    for mode in ("error", "overwrite"):
-        with pytest.raises(ConcurrentWriteError, match=f"being written by another job {job_dir}"):
-            etl.write_mds(_frame(spark, 0, 5), out, mode=mode)
-        assert os.listdir(staging) == [job_dir]  # the first job's staging is untouched
+    (write_id,) = os.listdir(staging)
+    return write_id
+
+
+def test_concurrent_appends_both_commit(spark, tmp_path):
+    out = str(tmp_path / "ds")
+    etl.write_mds(_frame(spark, 0, 10), out)
+    slow, gate = _slow_frame(spark, tmp_path, 100, 500)
+    thread, result = _in_thread(lambda: etl.write_mds(slow, out, mode="append"))
+    _wait_for_staging(out)
+    fast = etl.write_mds(_frame(spark, 1000, 1020), out, mode="append")  # commits while the slow one runs
+    _open_gate(gate)
     thread.join(timeout=120)
     assert "error" not in result, result.get("error")
-    assert result["ok"].job_id == job_dir
-    assert sorted(stock_ids(out)) == list(range(400))
-    assert not os.path.exists(staging) and find_orphans(open_storage(out)) == []
-    with open(os.path.join(out, "index.json")) as f:
-        assert all(s["zip_data"]["basename"].startswith(job_dir + "/") for s in json.load(f)["shards"])
+    assert (fast.version, result["ok"].version) == (1, 2)
+    # both planned on version 0: the slow one lost the race for version 1, re-read the log, committed 2
+    reader = LogReader(open_storage(out))
+    assert [reader.read_entry(v).read_version for v in (1, 2)] == [0, 0]
+    assert sorted(stock_ids(out)) == list(range(10)) + list(range(100, 500)) + list(range(1000, 1020))
+    assert log_versions(out) == ["write (create)", "write (append)", "write (append)"]
+    assert leftovers(out) == []
 
 
-def test_commit_between_mode_check_and_registration_is_refused(spark, tmp_path, monkeypatch):
-    """mode='error' found no dataset, then another writer committed before this job registered:
-    the job must fail (and write nothing), not replace that dataset."""
-    import sparkbridge.etl.writer as writer
-
+def test_append_landing_during_an_overwrite_fails_the_overwrite(spark, tmp_path):
     out = str(tmp_path / "ds")
-    real_start_job = writer.start_job
-    calls = []
+    etl.write_mds(_frame(spark, 0, 10), out)
+    slow, gate = _slow_frame(spark, tmp_path, 100, 500)
+    thread, result = _in_thread(lambda: etl.write_mds(slow, out, mode="overwrite"))
+    write_id = _wait_for_staging(out)
+    etl.write_mds(_frame(spark, 1000, 1020), out, mode="append")
+    _open_gate(gate)
+    thread.join(timeout=120)
+    assert isinstance(result.get("error"), CommitConflictError), result
+    assert "version 1: write (append)" in str(result["error"]) and "rerun the overwrite" in str(result["error"])
+    assert sorted(stock_ids(out)) == list(range(10)) + list(range(1000, 1020))  # nothing lost, nothing half-done
+    assert not os.path.exists(os.path.join(out, write_id)) and leftovers(out) == []
 
-    def start_job_after_a_rival_commit(storage, job_id, mode):
-        calls.append(job_id)
-        if len(calls) == 1:  # the outer write, between check_mode and start_job
-            etl.write_mds(_frame(spark, 500, 510, parts=1), out)
-        return real_start_job(storage, job_id, mode)
 
-    monkeypatch.setattr(writer, "start_job", start_job_after_a_rival_commit)
-    with pytest.raises(ConcurrentWriteError, match="committed by another writer after mode='error' was checked"):
-        etl.write_mds(_frame(spark, 0, 20), out)
-    assert len(calls) == 2
+def test_two_creates_race_one_wins_the_other_is_refused(spark, tmp_path):
+    out = str(tmp_path / "ds")
+    slow, gate = _slow_frame(spark, tmp_path, 0, 400)
+    thread, result = _in_thread(lambda: etl.write_mds(slow, out))
+    write_id = _wait_for_staging(out)
+    etl.write_mds(_frame(spark, 500, 510, parts=1), out)  # mode='error' found nothing either: it commits first
+    _open_gate(gate)
+    thread.join(timeout=120)
+    assert isinstance(result.get("error"), DatasetExistsError), result
+    assert "a dataset was committed while this write ran" in str(result["error"])
     assert sorted(stock_ids(out)) == list(range(500, 510))  # the rival's version is intact
-    assert not os.path.exists(os.path.join(out, "_staging")) and find_orphans(open_storage(out)) == []
+    assert not os.path.exists(os.path.join(out, write_id)) and leftovers(out) == []
 
 
 def _arrays(spark, lo: int, hi: int, length):

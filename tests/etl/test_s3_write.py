@@ -10,10 +10,10 @@ import time
 import pytest
 
 from sparkbridge import etl
-from sparkbridge.etl.layout import find_orphans, is_job_id
+from sparkbridge.log.layout import is_write_id
 from sparkbridge.storage import open_storage
 
-from tests.etl.helpers import arrow_batch_rows
+from tests.etl.helpers import arrow_batch_rows, leftovers, log_versions
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +57,12 @@ def test_write_to_s3_with_a_failed_attempt_then_overwrite(spark, s3_bucket, tmp_
     assert not {"datasets/ds/" + k for k in failed_keys} & set(keys)
     index = json.loads(open_storage(url).read_bytes("index.json"))
     referenced = {"datasets/ds/" + s["zip_data"]["basename"] for s in index["shards"]}
-    assert set(keys) == referenced | {"datasets/ds/index.json", "datasets/ds/manifest.json"}
+    assert {k for k in keys if not k.startswith("datasets/ds/_log/")} == referenced | {
+        "datasets/ds/index.json", "datasets/ds/manifest.json"}
+    assert log_versions(url) == ["write (create)", "vacuum"]  # the vacuum removed the failed attempt
     attempts = {s["zip_data"]["basename"].split("/")[1] for s in index["shards"]}
     assert sorted(a.split("-")[0] for a in attempts) == ["p00000", "p00001", "p00002"]
-    assert find_orphans(open_storage(url)) == []
+    assert leftovers(url) == []
 
     ds = StreamingDataset(remote=url, local=str(tmp_path / "cache"), batch_size=1, shuffle=False)
     ids = [int(ds[i]["id"]) for i in range(len(ds))]
@@ -72,9 +74,9 @@ def test_write_to_s3_with_a_failed_attempt_then_overwrite(spark, s3_bucket, tmp_
     again = etl.write_mds(spark.range(10, 20, numPartitions=1).selectExpr("id", "cast(id as double) AS x"), url,
                           mode="overwrite")
     keys = s3_bucket.keys("datasets/ds/")
-    jobs = {k.split("/")[2] for k in keys if is_job_id(k.split("/")[2])}
+    jobs = {k.split("/")[2] for k in keys if is_write_id(k.split("/")[2])}
     assert jobs == {result.job_id, again.job_id}  # the old version is retained, not deleted
     manifest = json.loads(open_storage(url).read_bytes("manifest.json"))
-    assert manifest["rows"] == 10 and len(manifest["extra"]["retained"][0]["files"]) == 2 * result.shards
+    assert manifest["rows"] == 10 and manifest["extra"]["log_version"] == 2
     assert not [k for k in keys if "/_staging/" in k]
-    assert find_orphans(open_storage(url)) == []
+    assert leftovers(url) == []

@@ -31,23 +31,44 @@ def test_errors_name_the_path(tmp_path):
         open_storage("gs://bucket/x")
 
 
-class _IndexWriteFails(LocalStorage):
-    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
-        if rel == "index.json":
-            raise OSError(28, "No space left on device", self.local_path(rel))
-        super().write_bytes_atomic(rel, data)
 
 
-def test_failed_index_write_puts_the_previous_manifest_back(tmp_path):
-    from sparkbridge.etl.commit import _write_manifest_then_index
+def test_put_if_absent_creates_once_and_leaves_no_temp_file(tmp_path):
+    st = open_storage(str(tmp_path / "root"))
+    assert st.put_if_absent("_log/00000000000000000000.json", b"first") is True
+    assert st.put_if_absent("_log/00000000000000000000.json", b"second") is False
+    assert st.read_bytes("_log/00000000000000000000.json") == b"first"
+    assert sorted(os.listdir(st.local_path("_log"))) == ["00000000000000000000.json"]
 
-    st = _IndexWriteFails(str(tmp_path))
-    LocalStorage(str(tmp_path)).write_bytes_atomic("manifest.json", b"old")
-    with pytest.raises(OSError, match="No space left"):
-        _write_manifest_then_index(st, b"new", b"{}")
-    assert st.read_bytes("manifest.json") == b"old"
 
-    fresh = _IndexWriteFails(str(tmp_path / "fresh"))
-    with pytest.raises(OSError, match="No space left"):
-        _write_manifest_then_index(fresh, b"new", b"{}")
-    assert not fresh.exists("manifest.json")
+def test_put_if_absent_from_many_threads_has_one_winner(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    st = open_storage(str(tmp_path / "root"))
+    with ThreadPoolExecutor(16) as pool:
+        won = list(pool.map(lambda k: st.put_if_absent("x.json", b"%d" % k), range(64)))
+    assert won.count(True) == 1
+    assert st.read_bytes("x.json") == b"%d" % won.index(True)
+
+
+def test_swap_is_a_compare_and_swap(tmp_path):
+    st = open_storage(str(tmp_path / "root"))
+    data, token = st.read_token("index.json")
+    assert (data, token) == (None, None)
+    assert st.swap("index.json", b"v1", token) is True
+    data, token = st.read_token("index.json")
+    assert data == b"v1"
+    assert st.swap("index.json", b"v2", token) is True
+    assert st.swap("index.json", b"stale", token) is False  # replaced since this token was read
+    assert st.read_bytes("index.json") == b"v2"
+
+
+def test_list_info_sorted_with_times_and_start_after(tmp_path):
+    st = open_storage(str(tmp_path / "root"))
+    for name in ("_log/00000000000000000001.json", "_log/00000000000000000000.json", "a/b.mds"):
+        st.write_bytes_atomic(name, b"12345")
+    infos = st.list_info("_log/")
+    assert [f.rel for f in infos] == ["_log/00000000000000000000.json", "_log/00000000000000000001.json"]
+    assert all(f.size == 5 and abs(f.mtime - st.now()) < 60 for f in infos)
+    assert [f.rel for f in st.list_info("_log/", start_after="_log/00000000000000000000.json")] == [
+        "_log/00000000000000000001.json"]

@@ -1,0 +1,106 @@
+"""Which dataset version a loader reads, decided freshly every time a loader is built.
+
+Why here and not in Mosaic: Mosaic reads ``index.json`` from the cache folder when one is there,
+so after an overwrite a loader built with the same ``local=`` served the old data, and its resume
+state (the hash of that cached index) accepted it. A loader now asks the dataset itself: the log's
+latest version (or the pinned ``version=``) for local and ``s3://`` roots, a fresh ``index.json``
+for other remotes Mosaic can download from but sparkbridge cannot list. Under ``torchrun`` rank 0
+decides the version and every rank reads that one, so a commit landing while ranks start cannot
+give them different data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Union
+from urllib.parse import urlparse
+
+from sparkbridge.errors import DatasetNotFoundError, ShardFormatError, UsageError, VersionNotFoundError
+from sparkbridge.format.index import check_index
+from sparkbridge.log.snapshot import LogReader, Snapshot
+from sparkbridge.storage import Storage, open_storage
+
+__all__ = ["Source", "resolve_source", "open_version"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a loader reads from: Mosaic's ``remote``/``local`` pair and the dataset's storage
+    (None for a remote scheme sparkbridge cannot list: gs://, azure://, hf://, ...)."""
+
+    remote: Optional[str]
+    local: Optional[str]
+    storage: Optional[Storage]
+
+    @property
+    def name(self) -> str:
+        return self.remote or self.local or "?"
+
+
+def resolve_source(remote_or_local: Union[str, os.PathLike], local: Optional[Union[str, os.PathLike]]) -> Source:
+    src = os.fspath(remote_or_local)
+    if not src:
+        raise UsageError("remote_or_local must name a dataset folder or URL")
+    if src.startswith("file://"):
+        src = urlparse(src).path
+    if "://" in src:
+        if local is None:
+            logger.info("no `local` cache folder given for %s; Mosaic picks one under the temp dir", src)
+        storage = open_storage(src) if src.startswith("s3://") else None
+        return Source(src, os.fspath(local) if local is not None else None, storage)
+    if not os.path.isdir(src):
+        raise DatasetNotFoundError(f"dataset folder {src} does not exist")
+    if local is None or os.path.abspath(os.fspath(local)) == os.path.abspath(src):
+        return Source(None, src, open_storage(src))
+    return Source(src, os.fspath(local), open_storage(src))
+
+
+def _fresh_remote_index(source: Source, timeout: float) -> Snapshot:
+    """A remote we cannot list: download its ``index.json`` now (never trust a cached copy)."""
+    from streaming.base.storage import download_file
+
+    with tempfile.TemporaryDirectory(prefix="sparkbridge-index-") as tmp:
+        path = os.path.join(tmp, "index.json")
+        try:
+            download_file(f"{source.remote.rstrip('/')}/index.json", path, timeout)
+        except FileNotFoundError:
+            raise DatasetNotFoundError(f"no dataset at {source.remote}: its index.json does not exist") from None
+        with open(path, "rb") as f:
+            raw = f.read()
+    where = f"{source.remote}/index.json"
+    try:
+        obj = json.loads(raw)
+    except ValueError as exc:
+        raise ShardFormatError(f"{where} is not valid JSON ({exc})") from None
+    return Snapshot(root=source.remote, version=-1, shards=check_index(obj, where=where),
+                    legacy_sha256=hashlib.sha256(raw).hexdigest())
+
+
+def open_version(source: Source, version: Optional[int], *, download_timeout: float = 60.0) -> Snapshot:
+    """The snapshot this loader reads: ``version``, or the latest as decided by rank 0."""
+    from sparkbridge.bridge.distributed import broadcast_from_rank0
+
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 0):
+        raise UsageError(f"version must be an int >= 0 (a log version), got {version!r}")
+    if source.storage is None:
+        if version is not None:
+            raise VersionNotFoundError(f"{source.remote}: versions can be pinned on local and s3:// datasets only")
+        return _fresh_remote_index(source, download_timeout)
+    reader = LogReader(source.storage)
+
+    def latest() -> Optional[int]:
+        snap = reader.refresh()
+        if not snap.exists:
+            return None
+        return None if snap.legacy else snap.version
+
+    if version is None:
+        version = broadcast_from_rank0(latest)
+    return reader.snapshot(version)

@@ -1,0 +1,97 @@
+"""Entries of an MDS ``index.json`` (version 2): checked before anything trusts them.
+
+An index entry describes one shard: its column layout, its sample count, and the files that hold
+it (``raw_data``, and ``zip_data`` when compressed) with sizes and hashes. Entries come from files
+a reader did not write — a dataset root, an object store, a cache — so every field a reader will
+use is checked here once: types, counts, the layout, and that every file name stays inside the
+dataset root (:mod:`sparkbridge.format.paths`). Errors name the entry and the bad value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+from sparkbridge.errors import ShardFormatError
+from sparkbridge.format.mds import ShardLayout
+from sparkbridge.format.paths import check_relpath
+
+__all__ = ["INDEX_VERSION", "check_index_entry", "check_index", "stored_name", "shard_files", "index_bytes",
+           "index_sha256"]
+
+INDEX_VERSION = 2
+_MAX_SAMPLES = 1 << 32
+
+
+def _check_file(info: Any, *, where: str, key: str) -> dict[str, Any]:
+    if not isinstance(info, dict):
+        raise ShardFormatError(f"{where}: {key} must be an object, got {type(info).__name__}")
+    check_relpath(info.get("basename"), where=f"{where}, {key}")
+    size = info.get("bytes")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ShardFormatError(f"{where}: {key}.bytes must be an int >= 0, got {size!r}")
+    hashes = info.get("hashes") or {}
+    if not isinstance(hashes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
+        raise ShardFormatError(f"{where}: {key}.hashes must map hash names to hex strings, got {hashes!r}")
+    return info
+
+
+def check_index_entry(entry: Any, *, where: str) -> dict[str, Any]:
+    """``entry`` if it is a well-formed, safe MDS index entry; else ShardFormatError (or
+    UnsafePathError for a file name leaving the root) naming ``where``."""
+    if not isinstance(entry, dict):
+        raise ShardFormatError(f"{where}: a shard entry must be an object, got {type(entry).__name__}")
+    if entry.get("format", "mds") != "mds":
+        raise ShardFormatError(f"{where}: shard format {entry.get('format')!r} is not supported (only 'mds')")
+    samples = entry.get("samples")
+    if not isinstance(samples, int) or isinstance(samples, bool) or not 0 <= samples < _MAX_SAMPLES:
+        raise ShardFormatError(f"{where}: samples must be an int in [0, 2^32), got {samples!r}")
+    for key in ("column_names", "column_encodings", "column_sizes"):
+        if not isinstance(entry.get(key), list):
+            raise ShardFormatError(f"{where}: {key} must be a list, got {entry.get(key)!r}")
+    if not all(isinstance(n, str) for n in entry["column_names"] + entry["column_encodings"]):
+        raise ShardFormatError(f"{where}: column names and encodings must be strings")
+    try:
+        ShardLayout.from_index_entry(entry)
+    except ShardFormatError as exc:
+        raise ShardFormatError(f"{where}: {exc}") from None
+    _check_file(entry.get("raw_data"), where=where, key="raw_data")
+    if entry.get("zip_data") is not None:
+        _check_file(entry["zip_data"], where=where, key="zip_data")
+        if not entry.get("compression"):
+            raise ShardFormatError(f"{where}: zip_data is set but compression is not")
+    return entry
+
+
+def check_index(obj: Any, *, where: str) -> list[dict[str, Any]]:
+    """The shard entries of a parsed ``index.json``, every one checked."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("shards"), list):
+        raise ShardFormatError(f"{where}: not an MDS index (no 'shards' list)")
+    if obj.get("version") != INDEX_VERSION:
+        raise ShardFormatError(f"{where}: index version {obj.get('version')!r} is not supported (expected 2)")
+    return [check_index_entry(e, where=f"{where}, shard {i}") for i, e in enumerate(obj["shards"])]
+
+
+def stored_name(entry: dict[str, Any]) -> str:
+    """The file that holds the shard in the dataset: the compressed one when there is one."""
+    return (entry.get("zip_data") or entry["raw_data"])["basename"]
+
+
+def shard_files(entry: dict[str, Any]) -> list[str]:
+    """Every file an entry stands for: the stored file and the raw shard a reader may unpack."""
+    out = []
+    for key in ("zip_data", "raw_data"):
+        info = entry.get(key)
+        if info and info.get("basename"):
+            out.append(info["basename"])
+    return out
+
+
+def index_bytes(shards: list[dict[str, Any]]) -> bytes:
+    """The canonical ``index.json`` for these entries (what sparkbridge writes and hashes)."""
+    return json.dumps({"shards": shards, "version": INDEX_VERSION}, sort_keys=True).encode("utf-8")
+
+
+def index_sha256(shards: list[dict[str, Any]], raw: Optional[bytes] = None) -> str:
+    return hashlib.sha256(raw if raw is not None else index_bytes(shards)).hexdigest()

@@ -1,0 +1,209 @@
+"""One commit of the dataset log: ``_log/<version>.json``, created put-if-absent.
+
+Operations (``operation``):
+
+* ``write``     — a whole write at once (``write_mds(commit="job")``); ``mode`` is ``create``,
+  ``append`` or ``overwrite`` (which removes every shard of the version it replaced).
+* ``begin``     — opens a write committed a partition at a time (``commit="partition"``); carries
+  ``mode`` and, for ``create``/``overwrite``, the schema and the removals.
+* ``partition`` — one partition's shards of an open write, claimed by ``(write_id, partition)``:
+  the first entry for a pair wins, every later one is refused, so retried, speculative and zombie
+  attempts never add rows twice.
+* ``complete``  — closes an open write with its row count.
+* ``stream``    — one micro-batch of a Structured Streaming query, with ``txn`` = the query id and
+  batch id (as Delta's ``txnAppId``/``txnVersion``): a replayed batch is recognised and skipped.
+* ``import``    — adopts an ``index.json`` written before the log existed (or by stock Mosaic).
+* ``vacuum``    — fences writes that may never commit again and records the oldest version whose
+  files are still kept (``retained_from``); files are deleted only after this entry is committed.
+
+Every path inside is checked (:mod:`sparkbridge.format.index`) when an entry is parsed: a hostile
+or damaged entry is refused with an error naming the file, never followed outside the root.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from sparkbridge.errors import LogError, ShardFormatError
+from sparkbridge.format.index import check_index_entry
+from sparkbridge.format.paths import check_relpath
+from sparkbridge.log.layout import LOG_DIR
+
+__all__ = [
+    "LOG_FORMAT",
+    "CHECKPOINT_FORMAT",
+    "OPERATIONS",
+    "MODES",
+    "LogEntry",
+    "entry_name",
+    "checkpoint_name",
+    "parse_log_name",
+]
+
+LOG_FORMAT = "sparkbridge.log/1"
+CHECKPOINT_FORMAT = "sparkbridge.log.checkpoint/1"
+OPERATIONS = ("write", "begin", "partition", "complete", "stream", "import", "vacuum")
+MODES = ("create", "append", "overwrite")
+_NAME_RE = re.compile(r"^(\d{20})\.(json|checkpoint\.json)$")
+
+
+def entry_name(version: int) -> str:
+    return f"{LOG_DIR}/{version:020d}.json"
+
+
+def checkpoint_name(version: int) -> str:
+    return f"{LOG_DIR}/{version:020d}.checkpoint.json"
+
+
+def parse_log_name(rel: str) -> Optional[tuple[int, str]]:
+    """``(version, "entry" | "checkpoint")`` for a path under ``_log/``, None for anything else."""
+    prefix = LOG_DIR + "/"
+    if not rel.startswith(prefix):
+        return None
+    m = _NAME_RE.match(rel[len(prefix):])
+    if not m:
+        return None
+    return int(m.group(1)), ("entry" if m.group(2) == "json" else "checkpoint")
+
+
+def _int(obj: dict, key: str, where: str, *, optional: bool = False, minimum: int = 0) -> Optional[int]:
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise LogError(f"{where}: {key} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """A parsed, checked log entry (see the module doc for the operations)."""
+
+    version: int
+    operation: str
+    commit_id: str
+    write_id: str
+    timestamp: float
+    read_version: int
+    mode: Optional[str] = None
+    add: tuple[dict, ...] = ()
+    remove: tuple[str, ...] = ()
+    schema: Optional[dict] = None
+    partition: Optional[int] = None
+    rows: Optional[int] = None
+    txn: Optional[dict] = None
+    fence: tuple[str, ...] = ()
+    retained_from: Optional[int] = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return entry_name(self.version)
+
+    @property
+    def changes_data(self) -> bool:
+        return bool(self.add or self.remove) or self.operation in ("import",) or (
+            self.operation in ("write", "begin") and self.mode == "overwrite")
+
+    @property
+    def replaces(self) -> bool:
+        """Whether this entry replaces the dataset (an overwrite or an import)."""
+        return self.operation == "import" or (self.operation in ("write", "begin") and self.mode == "overwrite")
+
+    def describe(self) -> str:
+        what = self.operation if self.mode is None else f"{self.operation} ({self.mode})"
+        extra = f", partition {self.partition}" if self.partition is not None else ""
+        if self.txn:
+            extra += f", stream {self.txn.get('app_id')} batch {self.txn.get('batch_id')}"
+        return f"version {self.version}: {what} by {self.write_id}{extra}"
+
+    def to_json(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "format": LOG_FORMAT, "version": self.version, "operation": self.operation,
+            "commit_id": self.commit_id, "write_id": self.write_id, "timestamp": self.timestamp,
+            "read_version": self.read_version,
+        }
+        optional = {"mode": self.mode, "schema": self.schema, "partition": self.partition, "rows": self.rows,
+                    "txn": self.txn, "retained_from": self.retained_from}
+        obj.update({k: v for k, v in optional.items() if v is not None})
+        if self.add:
+            obj["add"] = list(self.add)
+        if self.remove:
+            obj["remove"] = list(self.remove)
+        if self.fence:
+            obj["fence"] = list(self.fence)
+        if self.info:
+            obj["info"] = dict(self.info)
+        return obj
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, obj: Any, *, where: str, expect_version: Optional[int] = None) -> "LogEntry":
+        if not isinstance(obj, dict):
+            raise LogError(f"{where}: a log entry must be a JSON object")
+        fmt = obj.get("format")
+        if fmt != LOG_FORMAT:
+            raise LogError(f"{where}: log format {fmt!r} is not supported by this sparkbridge "
+                           f"(it reads {LOG_FORMAT!r}); upgrade sparkbridge to read this dataset")
+        version = _int(obj, "version", where)
+        if expect_version is not None and version != expect_version:
+            raise LogError(f"{where}: the entry says version {version}, its file name says {expect_version}")
+        operation = obj.get("operation")
+        if operation not in OPERATIONS:
+            raise LogError(f"{where}: unknown operation {operation!r} (expected one of {OPERATIONS})")
+        mode = obj.get("mode")
+        if mode is not None and mode not in MODES:
+            raise LogError(f"{where}: unknown mode {mode!r}")
+        if operation in ("write", "begin") and mode is None:
+            raise LogError(f"{where}: a {operation} entry needs a mode")
+        for key in ("commit_id", "write_id"):
+            if not isinstance(obj.get(key), str) or not obj[key]:
+                raise LogError(f"{where}: {key} must be a non-empty string")
+        timestamp = obj.get("timestamp")
+        if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
+            raise LogError(f"{where}: timestamp must be a number")
+        read_version = _int(obj, "read_version", where, minimum=-1)
+        add = obj.get("add") or []
+        remove = obj.get("remove") or []
+        fence = obj.get("fence") or []
+        if not isinstance(add, list) or not isinstance(remove, list) or not isinstance(fence, list):
+            raise LogError(f"{where}: add, remove and fence must be lists")
+        try:
+            add = tuple(check_index_entry(e, where=f"{where}, added shard {i}") for i, e in enumerate(add))
+        except ShardFormatError as exc:
+            raise LogError(str(exc)) from None
+        remove = tuple(check_relpath(r, where=f"{where}, removed shard {i}") for i, r in enumerate(remove))
+        if not all(isinstance(w, str) for w in fence):
+            raise LogError(f"{where}: fence must list write ids")
+        schema = obj.get("schema")
+        if schema is not None and (not isinstance(schema, dict) or not isinstance(schema.get("fingerprint"), str)):
+            raise LogError(f"{where}: schema must be an object with a fingerprint")
+        txn = obj.get("txn")
+        if txn is not None and (not isinstance(txn, dict) or not isinstance(txn.get("app_id"), str)
+                                or not isinstance(txn.get("batch_id"), int)):
+            raise LogError(f"{where}: txn must be {{'app_id': str, 'batch_id': int}}, got {txn!r}")
+        if operation == "partition" and obj.get("partition") is None:
+            raise LogError(f"{where}: a partition entry needs a partition number")
+        info = obj.get("info") or {}
+        if not isinstance(info, dict):
+            raise LogError(f"{where}: info must be an object")
+        return cls(
+            version=version, operation=operation, commit_id=obj["commit_id"], write_id=obj["write_id"],
+            timestamp=float(timestamp), read_version=read_version, mode=mode, add=add, remove=remove,
+            schema=schema, partition=_int(obj, "partition", where, optional=True),
+            rows=_int(obj, "rows", where, optional=True), txn=txn, fence=tuple(fence),
+            retained_from=_int(obj, "retained_from", where, optional=True), info=info,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str, expect_version: Optional[int] = None) -> "LogEntry":
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise LogError(f"{where}: not valid JSON ({exc}); the log entry is damaged") from None
+        return cls.from_json(obj, where=where, expect_version=expect_version)

@@ -1,0 +1,401 @@
+"""A dataset version: the log replayed up to it (:class:`Snapshot`), and the reader that finds it.
+
+Why replay and not ``index.json``: the log is the only commit point, so the state at version N is
+exactly entries ``0..N`` applied in order; ``index.json`` is a derived copy of the latest version
+for stock Mosaic readers and may lag behind after a crash. Checkpoints (``_log/N.checkpoint.json``,
+written every :data:`CHECKPOINT_INTERVAL` versions) only shorten the replay; a damaged checkpoint
+is skipped, never trusted.
+
+A root without ``_log/`` but with ``index.json`` (written by stock Mosaic, or by sparkbridge before
+the log) reads as a *legacy* snapshot of that index, with ``version == -1``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+from sparkbridge.errors import DatasetNotFoundError, LogError, ManifestError, ShardFormatError, VersionNotFoundError
+from sparkbridge.format.index import check_index, index_bytes, index_sha256, shard_files, stored_name
+from sparkbridge.format.manifest import MANIFEST_BASENAME, ColumnSpec, Manifest
+from sparkbridge.format.mds import INDEX_BASENAME
+from sparkbridge.log.entry import CHECKPOINT_FORMAT, LogEntry, checkpoint_name, entry_name, parse_log_name
+from sparkbridge.log.layout import LOG_DIR
+from sparkbridge.storage import FileInfo, Storage, open_storage
+
+__all__ = ["CHECKPOINT_INTERVAL", "WriteState", "Snapshot", "LogReader", "open_dataset"]
+
+logger = logging.getLogger(__name__)
+
+#: A checkpoint every this many versions bounds a replay to that many entry reads.
+CHECKPOINT_INTERVAL = 32
+
+
+@dataclass
+class WriteState:
+    """What the log says about one write: ``open`` (begun, partitions landing), ``complete`` or
+    ``fenced`` (a vacuum decided it may never commit again)."""
+
+    write_id: str
+    mode: str
+    state: str
+    partitions: list[int] = field(default_factory=list)
+    rows: int = 0
+    begun_at: int = -1
+    expected_rows: Optional[int] = None
+
+
+@dataclass
+class Snapshot:
+    """The dataset at one version. ``shards`` are MDS index entries, in read order."""
+
+    root: str
+    version: int
+    commit_id: Optional[str] = None
+    timestamp: Optional[float] = None
+    shards: list[dict] = field(default_factory=list)
+    schema: Optional[dict] = None
+    writes: dict[str, WriteState] = field(default_factory=dict)
+    txns: dict[str, int] = field(default_factory=dict)
+    fenced: set[str] = field(default_factory=set)
+    retained_from: int = 0
+    legacy_sha256: Optional[str] = None  # set when read from index.json alone (no log)
+    legacy_manifest: Optional[Manifest] = None
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def exists(self) -> bool:
+        return self.version >= 0 or self.legacy_sha256 is not None
+
+    @property
+    def legacy(self) -> bool:
+        return self.legacy_sha256 is not None
+
+    @property
+    def rows(self) -> int:
+        return int(sum(e["samples"] for e in self.shards))
+
+    @property
+    def identity(self) -> str:
+        """What a resumed run must find again: the version and its commit id (or, for a dataset
+        without a log, the sha256 of its index.json)."""
+        if self.legacy:
+            return f"index:{self.legacy_sha256}"
+        return f"v{self.version}:{self.commit_id}"
+
+    @property
+    def open_writes(self) -> list[WriteState]:
+        return [w for w in self.writes.values() if w.state == "open"]
+
+    def index(self) -> dict[str, Any]:
+        return {"shards": self.shards, "version": 2}
+
+    def index_bytes(self) -> bytes:
+        return index_bytes(self.shards)
+
+    def files(self) -> set[str]:
+        """Every file this version references (stored shards and the raw files readers unpack)."""
+        out: set[str] = set()
+        for e in self.shards:
+            out.update(shard_files(e))
+        return out
+
+    def columns(self) -> list[ColumnSpec]:
+        if self.schema is not None:
+            return [ColumnSpec(**c) for c in self.schema.get("columns", [])]
+        if self.legacy_manifest is not None:
+            return list(self.legacy_manifest.columns)
+        return []
+
+    def manifest(self) -> Optional[Manifest]:
+        """The ``manifest.json`` this version implies (None for a stock dataset with no schema)."""
+        if self.legacy:
+            return self.legacy_manifest
+        if self.schema is None:
+            return None
+        import time
+
+        s = self.schema
+        return Manifest(
+            rows=self.rows, shards=len(self.shards), columns=self.columns(),
+            index_sha256=index_sha256(self.shards), schema_fingerprint=s["fingerprint"], nulls=s.get("nulls", "error"),
+            compression=s.get("compression"), hashes=list(s.get("hashes", [])),
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.timestamp or 0)),
+            extra={"log_version": self.version, "commit_id": self.commit_id,
+                   "writer": "sparkbridge", "complete": not self.open_writes},
+        )
+
+    # ------------------------------------------------------------------ replay
+
+    def apply(self, e: LogEntry) -> None:
+        """Advance this snapshot by one entry (which must be version ``self.version + 1``)."""
+        if e.version != self.version + 1:
+            raise LogError(f"{self.root}: log entry {e.version} applied to version {self.version}")
+        op = e.operation
+        if e.remove:
+            gone = set(e.remove)
+            self.shards = [s for s in self.shards if stored_name(s) not in gone]
+        if op == "import":
+            self.shards = list(e.add)
+        elif e.add:
+            self.shards = self.shards + list(e.add)
+        if e.schema is not None:
+            self.schema = e.schema
+        if op in ("write", "begin"):
+            state = "complete" if op == "write" else "open"
+            self.writes[e.write_id] = WriteState(e.write_id, e.mode, state, [], _rows(e.add), e.version,
+                                                 e.rows if op == "write" else None)
+        elif op == "partition":
+            w = self.writes.get(e.write_id)
+            if w is not None:
+                w.partitions.append(int(e.partition))
+                w.rows += _rows(e.add)
+        elif op == "complete":
+            w = self.writes.get(e.write_id)
+            if w is not None:
+                w.state, w.expected_rows = "complete", e.rows
+        elif op in ("stream", "import"):
+            self.writes[e.write_id] = WriteState(e.write_id, "append", "complete", [], _rows(e.add), e.version)
+            if e.txn is not None:
+                self.txns[e.txn["app_id"]] = max(self.txns.get(e.txn["app_id"], -1), int(e.txn["batch_id"]))
+        elif op == "vacuum":
+            self.fenced.update(e.fence)
+            for wid in e.fence:
+                if wid in self.writes and self.writes[wid].state == "open":
+                    self.writes[wid].state = "fenced"
+            if e.retained_from is not None:
+                self.retained_from = max(self.retained_from, e.retained_from)
+        self.version, self.commit_id, self.timestamp = e.version, e.commit_id, e.timestamp
+
+    def copy(self) -> "Snapshot":
+        return copy.deepcopy(self)
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "commit_id": self.commit_id, "timestamp": self.timestamp,
+            "shards": self.shards, "schema": self.schema,
+            "writes": {k: vars(w) for k, w in self.writes.items()}, "txns": self.txns,
+            "fenced": sorted(self.fenced), "retained_from": self.retained_from,
+        }
+
+    @classmethod
+    def from_state(cls, root: str, state: dict[str, Any], *, where: str) -> "Snapshot":
+        from sparkbridge.format.index import check_index_entry
+
+        try:
+            shards = [check_index_entry(e, where=f"{where}, shard {i}") for i, e in enumerate(state["shards"])]
+            return cls(
+                root=root, version=int(state["version"]), commit_id=state["commit_id"],
+                timestamp=state["timestamp"], shards=shards, schema=state["schema"],
+                writes={k: WriteState(**w) for k, w in state["writes"].items()},
+                txns={k: int(v) for k, v in state["txns"].items()}, fenced=set(state["fenced"]),
+                retained_from=int(state["retained_from"]),
+            )
+        except (KeyError, TypeError, ValueError, ShardFormatError) as exc:
+            raise LogError(f"{where}: damaged checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _rows(entries: Iterable[dict]) -> int:
+    return int(sum(e["samples"] for e in entries))
+
+
+def _state_checksum(state: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def checkpoint_bytes(snapshot: Snapshot) -> bytes:
+    state = snapshot.to_state()
+    return json.dumps({"format": CHECKPOINT_FORMAT, "state": state, "sha256": _state_checksum(state)},
+                      sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+class LogReader:
+    """Reads a dataset's log incrementally: the first :meth:`snapshot` lists ``_log/`` once and
+    replays from the newest usable checkpoint; :meth:`refresh` then reads only new entries.
+
+    Not thread-safe; one per writer or loader."""
+
+    def __init__(self, storage: Storage, *, threads: int = 16) -> None:
+        self.storage = storage
+        self.threads = threads
+        self._latest: Optional[Snapshot] = None
+        self._entries: dict[int, LogEntry] = {}  # entries read so far (kept for conflict checks)
+        self._last_name: Optional[str] = None
+
+    @property
+    def root(self) -> str:
+        return self.storage.root
+
+    # ------------------------------------------------------------------ listing
+
+    def _list(self, start_after: Optional[str]) -> tuple[dict[int, FileInfo], dict[int, FileInfo]]:
+        entries, checkpoints = {}, {}
+        for info in self.storage.list_info(LOG_DIR + "/", start_after=start_after):
+            parsed = parse_log_name(info.rel)
+            if parsed is None:
+                continue
+            version, kind = parsed
+            (entries if kind == "entry" else checkpoints)[version] = info
+        return entries, checkpoints
+
+    def read_entry(self, version: int, *, cache: bool = True) -> LogEntry:
+        """One entry, checked. Entries read after the first snapshot are kept (a writer checks
+        them for conflicts); the initial replay does not keep them."""
+        entry = self._entries.get(version)
+        if entry is None:
+            name = entry_name(version)
+            try:
+                data = self.storage.read_bytes(name)
+            except FileNotFoundError:
+                raise LogError(f"{self.storage.url(name)} is missing although later versions exist: "
+                               "the log is damaged") from None
+            entry = LogEntry.from_bytes(data, where=self.storage.url(name), expect_version=version)
+            if cache:
+                self._entries[version] = entry
+        return entry
+
+    def _read_many(self, versions: list[int], *, cache: bool = True) -> list[LogEntry]:
+        todo = [v for v in versions if v not in self._entries]
+        if len(todo) > 4 and not self.storage.is_local:
+            with ThreadPoolExecutor(min(self.threads, len(todo))) as pool:
+                got = dict(zip(todo, pool.map(lambda v: self.read_entry(v, cache=cache), todo)))
+            return [self._entries[v] if v in self._entries else got[v] for v in versions]
+        return [self.read_entry(v, cache=cache) for v in versions]
+
+    def _load_checkpoint(self, version: int) -> Optional[Snapshot]:
+        name = checkpoint_name(version)
+        where = self.storage.url(name)
+        try:
+            obj = json.loads(self.storage.read_bytes(name))
+            if obj.get("format") != CHECKPOINT_FORMAT or obj.get("sha256") != _state_checksum(obj["state"]):
+                raise LogError(f"{where}: checkpoint checksum or format does not match")
+            snap = Snapshot.from_state(self.root, obj["state"], where=where)
+            if snap.version != version:
+                raise LogError(f"{where}: checkpoint of version {snap.version} under the name of {version}")
+            return snap
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring checkpoint %s: %s", where, exc)
+            return None
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, version: Optional[int] = None) -> Snapshot:
+        """The latest version (or ``version``), refreshed from the store. Raises
+        DatasetNotFoundError when nothing was ever committed, VersionNotFoundError for a version
+        that does not exist or is no longer retained."""
+        latest = self.refresh()
+        if not latest.exists:
+            raise DatasetNotFoundError(
+                f"no dataset at {self.root}: neither {self.storage.url(LOG_DIR + '/')} nor "
+                f"{self.storage.url(INDEX_BASENAME)} exists")
+        if version is None or version == latest.version:
+            return latest.copy()
+        if latest.legacy:
+            raise VersionNotFoundError(f"{self.root} has no dataset log (it was written without one), so "
+                                       f"version={version} cannot be read; only its current index.json")
+        if not isinstance(version, int) or version < 0 or version > latest.version:
+            raise VersionNotFoundError(f"{self.root} has versions 0 to {latest.version}; version={version!r} does not exist")
+        if version < latest.retained_from:
+            raise VersionNotFoundError(
+                f"version {version} of {self.root} is no longer retained: a vacuum kept versions "
+                f"{latest.retained_from} to {latest.version} only (its shards may be deleted)")
+        return self._replay_to(version)
+
+    def latest(self) -> Snapshot:
+        """The latest state without copying (callers must not modify it)."""
+        return self.refresh()
+
+    def entries_after(self, version: int) -> list[LogEntry]:
+        latest = self.refresh()
+        return self._read_many(list(range(version + 1, latest.version + 1)))
+
+    def refresh(self) -> Snapshot:
+        if self._latest is None:
+            self._latest = self._initial()
+            return self._latest
+        if self._latest.legacy:
+            self._latest = self._initial()
+            return self._latest
+        entries, _ = self._list(self._last_name)
+        if entries:
+            self._advance(self._latest, entries)
+        return self._latest
+
+    def _advance(self, snap: Snapshot, entries: dict[int, FileInfo], *, cache: bool = True) -> None:
+        top = max(entries)
+        missing = [v for v in range(snap.version + 1, top + 1) if v not in entries and v not in self._entries]
+        if missing:
+            raise LogError(f"{self.root}: log versions {missing[:5]} are missing below version {top}: the log is damaged")
+        for e in self._read_many(list(range(snap.version + 1, top + 1)), cache=cache):
+            snap.apply(e)
+        self._last_name = entry_name(top)
+
+    def _initial(self) -> Snapshot:
+        entries, checkpoints = self._list(None)
+        if not entries:
+            return self._legacy()
+        top = max(entries)
+        snap = None
+        for v in sorted((c for c in checkpoints if c <= top), reverse=True):
+            snap = self._load_checkpoint(v)
+            if snap is not None:
+                break
+        if snap is None:
+            snap = Snapshot(root=self.root, version=-1)
+        newer = {v: i for v, i in entries.items() if v > snap.version}
+        if newer:
+            self._advance(snap, newer, cache=False)
+        self._last_name = entry_name(top)
+        return snap
+
+    def _replay_to(self, version: int) -> Snapshot:
+        _, checkpoints = self._list(None)
+        snap = None
+        for v in sorted((c for c in checkpoints if c <= version), reverse=True):
+            snap = self._load_checkpoint(v)
+            if snap is not None:
+                break
+        snap = snap or Snapshot(root=self.root, version=-1)
+        for e in self._read_many(list(range(snap.version + 1, version + 1)), cache=False):
+            snap.apply(e)
+        snap.retained_from = self._latest.retained_from if self._latest else snap.retained_from
+        return snap
+
+    def _legacy(self) -> Snapshot:
+        """A root with ``index.json`` and no log: the index as it is (or an empty snapshot)."""
+        try:
+            raw = self.storage.read_bytes(INDEX_BASENAME)
+        except FileNotFoundError:
+            return Snapshot(root=self.root, version=-1)
+        where = self.storage.url(INDEX_BASENAME)
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:
+            raise ShardFormatError(f"{where} is not valid JSON ({exc})") from None
+        shards = check_index(obj, where=where)
+        sha = index_sha256(shards, raw)
+        manifest = None
+        try:
+            text = self.storage.read_bytes(MANIFEST_BASENAME).decode("utf-8")
+            manifest = Manifest.from_json(text, source=self.storage.url(MANIFEST_BASENAME))
+            if manifest.index_sha256 != sha:
+                logger.warning("%s belongs to another index.json; ignoring it (bool columns come back as uint8)",
+                               self.storage.url(MANIFEST_BASENAME))
+                manifest = None
+        except FileNotFoundError:
+            pass
+        except (ManifestError, UnicodeDecodeError) as exc:
+            logger.warning("ignoring %s: %s", self.storage.url(MANIFEST_BASENAME), exc)
+        return Snapshot(root=self.root, version=-1, shards=shards, legacy_sha256=sha, legacy_manifest=manifest)
+
+
+def open_dataset(root: str, *, version: Optional[int] = None) -> Snapshot:
+    """The dataset at ``root`` (a folder or ``s3://bucket/prefix``) at its latest version, or at
+    ``version`` while that version is retained."""
+    return LogReader(open_storage(root)).snapshot(version)
