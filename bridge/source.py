@@ -84,7 +84,8 @@ def _fresh_remote_index(source: Source, timeout: float) -> Snapshot:
 
 
 def open_version(source: Source, version: Optional[int], *, download_timeout: float = 60.0) -> Snapshot:
-    """The snapshot this loader reads: ``version``, or the latest as decided by rank 0."""
+    """The snapshot this loader reads: ``version``, or the latest complete one (no write open) as
+    decided by rank 0."""
     from sparkbridge.bridge.distributed import broadcast_from_rank0
 
     if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 0):
@@ -97,9 +98,14 @@ def open_version(source: Source, version: Optional[int], *, download_timeout: fl
 
     def latest() -> Optional[int]:
         snap = reader.refresh()
-        if not snap.exists:
+        if not snap.exists or snap.legacy:
             return None
-        return None if snap.legacy else snap.version
+        complete = reader.complete_version()
+        if complete is None:
+            raise DatasetNotFoundError(
+                f"{source.name}: its first write ({', '.join(w.write_id for w in snap.open_writes)}) is still "
+                "being committed a partition at a time; pass follow=True to stream it as it lands")
+        return complete
 
     if version is None:
         version = broadcast_from_rank0(latest)

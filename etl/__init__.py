@@ -1,23 +1,29 @@
-"""Spark side of sparkbridge: read sources, write MDS datasets exactly once.
+"""Spark side of sparkbridge: read sources, write MDS datasets exactly once (a whole job, a
+partition at a time, or a Structured Streaming micro-batch at a time).
 
-Importing ``etl`` is cheap and does not import pyspark, so the training side can use the shared
-format modules (:mod:`sparkbridge.format.mds`, :mod:`sparkbridge.format.manifest`); the Spark-facing names load lazily.
+Importing ``sparkbridge.etl`` is cheap and does not import pyspark; the names load on first use.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["read_source", "write_mds", "WriteResult"]
+_ERRORS = ("DatasetExistsError", "SchemaMismatchError", "CommitConflictError", "NullValuesError", "WriteError",
+           "UnsupportedTypeError", "SchemaError", "MalformedRecordsError")
+
+__all__ = ["read_source", "write_mds", "mds_sink", "WriteResult", *_ERRORS]
 
 _LAZY = {
     "read_source": "sparkbridge.etl.sources",
     "write_mds": "sparkbridge.etl.writer",
     "WriteResult": "sparkbridge.etl.writer",
+    "mds_sink": "sparkbridge.etl.sink",
+    **{name: "sparkbridge.errors" for name in _ERRORS},
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from sparkbridge.etl.sources import read_source
+    from sparkbridge.etl.sink import mds_sink
     from sparkbridge.etl.writer import WriteResult, write_mds
 
 

@@ -38,7 +38,7 @@ from sparkbridge.errors import (
 )
 from sparkbridge.format.index import stored_name
 from sparkbridge.format.manifest import ColumnSpec
-from sparkbridge.log.commit import Draft, commit, write_checkpoint
+from sparkbridge.log.commit import Draft, Superseded, commit, write_checkpoint
 from sparkbridge.log.derived import sync_derived
 from sparkbridge.log.layout import STAGING, job_file, new_write_id, staging_prefix
 from sparkbridge.log.snapshot import LogReader, Snapshot
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 MODES = ("error", "overwrite", "append")
 HEARTBEAT_SECONDS = 60.0
 _LOG_MODE = {"error": "create", "append": "append", "overwrite": "overwrite"}
+_MODE_OF = {v: k for k, v in _LOG_MODE.items()}
 
 
 def schema_record(*, columns: Sequence[ColumnSpec], fingerprint: str, nulls: str, compression: Optional[str],
@@ -96,7 +97,7 @@ def schema_diff(old: Sequence[ColumnSpec], new: Sequence[ColumnSpec]) -> list[st
 class WriteJob:
     """One ``write_mds`` call, from the mode check to the commit (see the module doc)."""
 
-    def __init__(self, storage: Storage, mode: str) -> None:
+    def __init__(self, storage: Storage, mode: str, *, resume: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.storage = storage
@@ -106,7 +107,12 @@ class WriteJob:
         self.base: Snapshot = self.reader.refresh().copy()
         self.commit_attempted = False
         self.committed = False
-        self._check_mode()
+        self.begin_version: Optional[int] = None  # commit="partition": the version of the begin entry
+        self.resumed = False
+        if resume:
+            self._resume_open_write()
+        else:
+            self._check_mode()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -130,6 +136,23 @@ class WriteJob:
                 f"{self.storage.root} has no recorded schema (it was not written by sparkbridge), so its "
                 "logical schema is unknown and append cannot check it; use mode='overwrite' or a new output")
 
+    def _resume_open_write(self) -> None:
+        """``resume=True``: continue the newest open partitioned write instead of starting one."""
+        open_writes = sorted(self.base.open_writes, key=lambda w: w.begun_at)
+        if not open_writes:
+            raise CommitConflictError(
+                f"{self.storage.root}: resume=True but no write is open there (it completed, was replaced or "
+                "fenced by a vacuum); run the write again with mode='append' or mode='overwrite'")
+        w = open_writes[-1]
+        self.write_id, self.begin_version, self.resumed = w.write_id, w.begun_at, True
+        begin = self.reader.read_entry(w.begun_at)
+        if begin.mode != _LOG_MODE[self.mode]:
+            raise CommitConflictError(f"{self.storage.root}: the open write {w.write_id} was begun with mode "
+                                      f"{_MODE_OF[begin.mode]!r}, not {self.mode!r}; resume it with that mode")
+        self.base = self.reader.snapshot(w.begun_at - 1) if w.begun_at > 0 else Snapshot(root=self.storage.root, version=-1)
+        log.info("resuming write %s (begun at version %d, %d partition(s) committed)", w.write_id, w.begun_at,
+                 len(w.partitions))
+
     def check_schema(self, specs: Sequence[ColumnSpec]) -> None:
         if self.mode == "append" and self.columns is not None:
             diffs = schema_diff(self.columns, specs)
@@ -142,7 +165,7 @@ class WriteJob:
         if self.storage.is_local:
             for attempt in range(5):  # another write may remove an empty _staging/ meanwhile
                 try:
-                    os.makedirs(self.storage.local_path(staging_prefix(self.write_id)), exist_ok=False)
+                    os.makedirs(self.storage.local_path(staging_prefix(self.write_id)), exist_ok=self.resumed)
                     break
                 except FileNotFoundError:
                     if attempt == 4:
@@ -198,8 +221,11 @@ class WriteJob:
             os.rename(os.path.join(src_root, attempt), os.path.join(dest_root, attempt))
         fsync_tree(dest_root)
 
-    def finish(self, tasks: Sequence[dict[str, Any]], *, schema: dict[str, Any], info: dict[str, Any]):
-        """Commit the accepted attempts' shards as one log entry; returns the entry."""
+    def finish(self, tasks: Sequence[dict[str, Any]], *, schema: dict[str, Any], info: dict[str, Any],
+               txn: Optional[dict[str, Any]] = None):
+        """Commit the accepted attempts' shards as one log entry (a ``stream`` entry carrying ``txn``
+        for a micro-batch); returns the entry. A micro-batch found already committed (a replay that
+        raced its first run) discards its shards and returns that earlier entry."""
         from sparkbridge import _faults
 
         tasks = sorted(tasks, key=lambda t: t["partition"])
@@ -216,14 +242,59 @@ class WriteJob:
             self._publish_local([t["attempt"] for t in tasks if t["entries"]])
         _faults.point("etl.commit.before_log")
         remove = tuple(stored_name(e) for e in self.base.shards) if self.mode == "overwrite" else ()
-        draft = Draft(operation="write", mode=_LOG_MODE[self.mode], write_id=self.write_id, read_version=read_version,
-                      add=tuple(entries), remove=remove, schema=schema, rows=int(sum(t["rows"] for t in tasks)),
-                      info=info)
+        rows = int(sum(t["rows"] for t in tasks))
+        if txn is not None:
+            draft = Draft(operation="stream", write_id=self.write_id, read_version=read_version, add=tuple(entries),
+                          schema=schema, rows=rows, txn=dict(txn), info=info)
+        else:
+            draft = Draft(operation="write", mode=_LOG_MODE[self.mode], write_id=self.write_id,
+                          read_version=read_version, add=tuple(entries), remove=remove, schema=schema, rows=rows,
+                          info=info)
         self.commit_attempted = True
-        entry = commit(self.storage, draft, reader=self.reader)
+        try:
+            entry = commit(self.storage, draft, reader=self.reader)
+        except Superseded as exc:
+            log.info("%s: %s; this run's shards are discarded", self.storage.root, exc)
+            self.commit_attempted = False  # nothing of this run is referenced: abort may delete it
+            raise
         self.committed = True
         self._stop_heartbeat()
         _faults.point("etl.commit.after_log")
+        return entry
+
+    def begin(self, *, schema: dict[str, Any], info: dict[str, Any]):
+        """``commit="partition"``: open the write in the log before any task runs (tasks commit
+        their partitions on top of it). Returns the begin entry (None when resuming)."""
+        if self.resumed:
+            latest = self.reader.refresh()
+            if latest.schema is not None and latest.schema.get("fingerprint") != schema.get("fingerprint"):
+                raise SchemaMismatchError(f"{self.storage.root}: resume=True with another schema than the open "
+                                          f"write {self.write_id} was begun with")
+            return None
+        read_version = self._base_version()
+        remove = tuple(stored_name(e) for e in self.base.shards) if self.mode == "overwrite" else ()
+        draft = Draft(operation="begin", mode=_LOG_MODE[self.mode], write_id=self.write_id, read_version=read_version,
+                      remove=remove, schema=schema, info=info)
+        self.commit_attempted = True
+        entry = commit(self.storage, draft, reader=self.reader)
+        self.begin_version = entry.version
+        return entry
+
+    def complete(self, tasks: Sequence[dict[str, Any]], *, partitions: int):
+        """``commit="partition"``: every partition is claimed; close the write with its row count."""
+        latest = self.reader.refresh()
+        state = latest.writes.get(self.write_id)
+        claimed = set(state.partitions) if state is not None else set()
+        missing = sorted(set(range(partitions)) - claimed)
+        if missing:
+            raise CommitConflictError(
+                f"{self.storage.root}: write {self.write_id} ended but partitions {missing[:10]} have no commit in "
+                "the log (it was fenced, replaced, or its tasks were lost); rerun with resume=True")
+        draft = Draft(operation="complete", write_id=self.write_id, read_version=self.begin_version,
+                      rows=int(state.rows), info={"partitions": partitions})
+        entry = commit(self.storage, draft, reader=self.reader)
+        self.committed = True
+        self._stop_heartbeat()
         return entry
 
     def after_commit(self, *, retention_seconds: float, run_vacuum: bool = True) -> None:
@@ -248,6 +319,17 @@ class WriteJob:
         self._stop_heartbeat()
         if self.committed:
             return
+        if self.begin_version is not None:
+            # a partitioned write: its committed partitions stay readable, marked incomplete (resume=True
+            # finishes the write, mode='overwrite' replaces it, a vacuum fences it once idle)
+            log.warning("%s: write %s stopped before it completed; its committed partitions stay readable "
+                        "(version %d onwards), marked incomplete: rerun with resume=True to finish it",
+                        self.storage.root, self.write_id, self.begin_version)
+            try:
+                self._remove_staging()
+            except Exception as cleanup_exc:
+                log.warning("could not clean up write %s in %s: %s", self.write_id, self.storage.root, cleanup_exc)
+            return
         definite = isinstance(exc, (CommitConflictError, DatasetExistsError, SchemaMismatchError))
         try:
             self._remove_staging()
@@ -268,7 +350,12 @@ class WriteJob:
         itself once empty. A late attempt writer then fails to create its folder."""
         self.storage.delete_prefix(f"{staging_prefix(self.write_id)}/")
         if self.storage.is_local:
-            _rmdir(self.storage.local_path(staging_prefix(self.write_id)))
+            folder = self.storage.local_path(staging_prefix(self.write_id))
+            for _ in range(10):  # a cancelled attempt may still be closing a file in it
+                if not os.path.exists(folder):
+                    break
+                time.sleep(0.1)
+                self.storage.delete_prefix(f"{staging_prefix(self.write_id)}/")
             _rmdir(self.storage.local_path(STAGING))
 
 

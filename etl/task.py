@@ -52,6 +52,10 @@ class TaskConfig:
     shard_size: int
     nulls: str
     max_pending: int = 2
+    #: "job": the driver commits every partition in one log entry; "partition": each task commits
+    #: its own (see :mod:`sparkbridge.etl.partition`) on top of ``read_version`` (the begin entry)
+    commit: str = "job"
+    read_version: int = -1
 
     def config(self) -> dict[str, Any]:
         return shard_config(
@@ -270,8 +274,26 @@ def task_function(cfg: TaskConfig):
             cfg.storage.set_client_args(from_task_context(ctx))
         partition, attempt = ctx.partitionId(), ctx.attemptNumber()
         try:
+            if cfg.commit == "partition":
+                from sparkbridge.etl.partition import claimed
+
+                if claimed(cfg, partition):  # a retry after its commit landed, or a resumed write
+                    for _ in batches:
+                        pass
+                    row = {"attempt": None, "partition": partition, "task_attempt_id": ctx.taskAttemptId(),
+                           "attempt_number": attempt, "rows": 0, "nulls": {}, "entries": [], "superseded": True}
+                    yield pa.RecordBatch.from_arrays([pa.array([json.dumps(row)], pa.string())], [MANIFEST_FIELD])
+                    return
             row = run_task(cfg, batches, partition=partition, task_attempt_id=ctx.taskAttemptId(),
                            attempt_number=attempt)
+            if cfg.commit == "partition":
+                from sparkbridge.etl.partition import commit_partition
+
+                if row["nulls"]:  # nothing of this partition may become visible
+                    detail = ", ".join(f"{k!r}: {v}" for k, v in sorted(row["nulls"].items()))
+                    raise TaskFailure(f"nulls='error' and partition {partition} has nulls ({detail}); its rows were "
+                                      "not committed. Pass nulls='fill' or nulls='mask', or clean these columns first")
+                row = commit_partition(cfg, row)
         except TaskFailure:
             raise
         except (EncodeError, ShardFormatError) as exc:  # explained to the user by the driver

@@ -26,6 +26,7 @@ from sparkbridge.errors import (
     WriteError,
 )
 from sparkbridge.etl.commit import WriteJob, schema_record
+from sparkbridge.log.commit import Superseded
 from sparkbridge.etl.credentials import task_credentials
 from sparkbridge.log.vacuum import DEFAULT_RETENTION_SECONDS
 from sparkbridge.format.codecs import compression_extension, hash_bytes
@@ -65,6 +66,7 @@ class WriteResult:
     raw_bytes: int = 0
     partitions: int = 0
     version: int = -1  # the log version this write committed
+    skipped: bool = False  # a stream batch already committed (replayed): nothing written
 
     @property
     def rows_per_second(self) -> float:
@@ -134,6 +136,9 @@ def write_mds(
     shard_size: Union[int, str] = "64MB",
     decimals: str = "string",
     retention_seconds: float = DEFAULT_RETENTION_SECONDS,
+    commit: str = "job",
+    resume: bool = False,
+    _txn: Optional[dict] = None,
 ) -> WriteResult:
     """Write ``df`` to ``out`` (local folder or ``s3://bucket/prefix``) as an MDS dataset.
 
@@ -147,16 +152,34 @@ def write_mds(
     recorded per column in the manifest), ``mask`` (same values plus a ``<col>__null`` uint8 column).
     ``decimals``: ``string`` (exact ``str_decimal``) or ``float`` (float64). ``columns``: which
     columns to write, in this order. ``shard_size``: bytes per uncompressed shard, int or "64MB".
-    S3 outputs honour ``S3_ENDPOINT_URL``/``AWS_*`` of the driver (forwarded to the tasks).
+    ``commit``: ``job`` (default: one log entry when every task is done) or ``partition`` (each
+    partition is committed by the task that wrote it, as soon as it is done, exactly once — a
+    ``StreamingLoader(..., follow=True)`` trains on it while the job still runs; ``index.json``
+    for stock readers is refreshed at the end, when the write is marked complete). A failed
+    partitioned write leaves its committed partitions readable and marked incomplete: rerun with
+    ``resume=True`` (same input, same partitioning: claimed partitions are skipped, the rest are
+    written, then the write completes) or with ``mode="overwrite"``.
+    S3 outputs use the driver's ``S3_ENDPOINT_URL``/``AWS_*`` (sent with the tasks, redacted).
     """
     started = time.perf_counter()
     compression, hashes = _check_options(compression, hashes)
     size_limit = parse_size(shard_size)
     if not isinstance(retention_seconds, (int, float)) or retention_seconds < 0:
         raise UsageError(f"retention_seconds must be a number >= 0, got {retention_seconds!r}")
+    if commit not in ("job", "partition"):
+        raise UsageError(f"commit must be 'job' or 'partition', got {commit!r}")
+    if resume and commit != "partition":
+        raise UsageError("resume=True continues a write committed per partition: pass commit='partition'")
+    if _txn is not None and (mode != "append" or commit != "job"):
+        raise UsageError("a streaming micro-batch (mds_sink) is always appended with commit='job'")
     storage = open_storage(out)
     plans = plan_columns(df.schema, columns=columns, nulls=nulls, decimals=decimals)
-    job = WriteJob(storage, mode)  # reads the latest version and applies the mode
+    job = WriteJob(storage, mode, resume=resume)  # reads the latest version and applies the mode
+    if _txn is not None and job.base.txns.get(_txn["app_id"], -1) >= _txn["batch_id"]:
+        log.info("%s: batch %d of stream %s is already committed (a replay after a restart): skipped",
+                 storage.root, _txn["batch_id"], _txn["app_id"])
+        return WriteResult(rows=0, shards=0, bytes=0, seconds=time.perf_counter() - started, out=storage.root,
+                           mode=mode, job_id="", skipped=True, version=job.base.version)
 
     from sparkbridge.etl.prepare import measure_array_shapes, prepare_frame
     from sparkbridge.etl.task import MANIFEST_FIELD, TaskConfig, task_function
@@ -177,11 +200,14 @@ def write_mds(
               schema_record(columns=specs, fingerprint=fingerprint, nulls=nulls, compression=compression,
                             hashes=hashes))
     prepared = prepare_frame(df, plans, nulls=nulls)
+    if commit == "partition":
+        job.begin(schema=schema, info={"writer": "sparkbridge.etl.write_mds", "mode": mode})
     job.start()
     log.info("write_mds: %d columns to %s (mode=%s, nulls=%s, compression=%s, shard_size=%d, write %s)",
              len(plans), storage.root, mode, nulls, compression, size_limit, job.write_id)
     cfg = TaskConfig(storage=storage, job_id=job.write_id, plans=tuple(plans), compression=compression,
-                     hashes=hashes, shard_size=size_limit, nulls=nulls)
+                     hashes=hashes, shard_size=size_limit, nulls=nulls, commit=commit,
+                     read_version=-1 if job.begin_version is None else job.begin_version)
     try:
         try:
             with task_credentials(df.sparkSession, storage):
@@ -202,21 +228,30 @@ def write_mds(
                 f"nulls='error' and the data has nulls ({detail}); nothing was written. Pass "
                 "nulls='fill' or nulls='mask', or clean these columns first"
             )
-        entry = job.finish(tasks, schema=schema, info={"writer": "sparkbridge.etl.write_mds", "mode": mode,
-                                                      "partitions": len(tasks)})
+        if commit == "partition":
+            entry = job.complete(tasks, partitions=len(tasks))
+        else:
+            entry = job.finish(tasks, schema=schema, txn=_txn,
+                               info={"writer": "sparkbridge.etl.write_mds", "mode": mode, "partitions": len(tasks)})
+    except Superseded as exc:  # a replayed stream batch committed meanwhile by its first run
+        job.abort(exc)
+        return WriteResult(rows=0, shards=0, bytes=0, seconds=time.perf_counter() - started, out=storage.root,
+                           mode=mode, job_id=job.write_id, skipped=True,
+                           version=exc.entry.version if exc.entry is not None else -1)
     except BaseException as exc:
         job.abort(exc)
         raise
     job.after_commit(retention_seconds=retention_seconds)
-    new_entries = [e for t in tasks for e in t["entries"]]
+    new_entries = [e for t in tasks if not t.get("superseded") for e in t["entries"]]
     stored = sum((e["zip_data"] or e["raw_data"])["bytes"] for e in new_entries)
     raw = sum(e["raw_data"]["bytes"] for e in new_entries)
     result = WriteResult(
-        rows=sum(t["rows"] for t in tasks), shards=len(new_entries), bytes=stored,
+        rows=int(entry.rows) if commit == "partition" else sum(t["rows"] for t in tasks), shards=len(new_entries),
+        bytes=stored,
         seconds=time.perf_counter() - started, out=storage.root, mode=mode, job_id=job.write_id,
         columns=tuple(p.name for p in plans), raw_bytes=raw, partitions=len(tasks), version=entry.version,
     )
-    if result.rows == 0:
+    if result.rows == 0 and _txn is None:
         log.warning("the DataFrame was empty: %s holds a committed dataset with 0 rows", result.out)
     log.info("wrote %d rows in %d shards (%d bytes) to %s in %.2f s", result.rows, result.shards,
              result.bytes, result.out, result.seconds)

@@ -23,6 +23,9 @@ _LAZY = {
     "read_source": "sparkbridge.etl.sources",
     "write_mds": "sparkbridge.etl.writer",
     "WriteResult": "sparkbridge.etl.writer",
+    "mds_sink": "sparkbridge.etl.sink",
+    "open_dataset": "sparkbridge.log.snapshot",
+    "vacuum": "sparkbridge.log.vacuum",
     "StreamingLoader": "sparkbridge.bridge.loader",
 }
 
@@ -31,7 +34,10 @@ __all__ = ["__version__", *_LAZY, *_errors]
 if TYPE_CHECKING:  # pragma: no cover
     from sparkbridge.bridge.loader import StreamingLoader
     from sparkbridge.etl.sources import read_source
+    from sparkbridge.etl.sink import mds_sink
     from sparkbridge.etl.writer import WriteResult, write_mds
+    from sparkbridge.log.snapshot import open_dataset
+    from sparkbridge.log.vacuum import vacuum
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,8 @@
 """``index.json`` and ``manifest.json``: snapshots of the latest version for stock Mosaic readers.
 
+"Latest" means the newest version with no write open: a write committed a partition at a time
+(``commit="partition"``) reaches stock readers only once complete, at its end.
+
 They are derived, never the commit point: a crash after a log entry and before these files leaves
 them at an earlier version (stock readers see that earlier, consistent version; sparkbridge reads
 the log), and the next commit, ``sparkbridge vacuum`` or :func:`sync_derived` repairs them.
@@ -39,17 +42,19 @@ def derived_version(manifest_bytes: Optional[bytes]) -> int:
 
 
 def sync_derived(storage: Storage, reader: Optional[LogReader] = None, *, attempts: int = 20) -> Optional[int]:
-    """Bring ``index.json`` and ``manifest.json`` to the latest version; returns that version, or
-    None when another writer keeps winning (the files are then at least as new as when called)."""
+    """Bring ``index.json`` and ``manifest.json`` to the latest complete version; returns that
+    version, or None when there is none yet or another writer keeps winning (the files are then at
+    least as new as when called)."""
     from sparkbridge import _faults
 
     reader = reader or LogReader(storage)
     for _ in range(attempts):
         m_bytes, m_token = storage.read_token(MANIFEST_BASENAME)
         i_bytes, i_token = storage.read_token(INDEX_BASENAME)
-        latest: Snapshot = reader.refresh()
-        if latest.version < 0:
-            return None
+        version = reader.complete_version()
+        if version is None or version < 0:
+            return None  # nothing complete yet (or no log): nothing to derive
+        latest: Snapshot = reader.snapshot(version)
         have = derived_version(m_bytes)
         in_sync = i_bytes is not None and index_sha256([], i_bytes) == index_sha256(latest.shards)
         if have >= latest.version and in_sync:

@@ -38,8 +38,9 @@ CHECKPOINT_INTERVAL = 32
 
 @dataclass
 class WriteState:
-    """What the log says about one write: ``open`` (begun, partitions landing), ``complete`` or
-    ``fenced`` (a vacuum decided it may never commit again)."""
+    """What the log says about one write: ``open`` (begun, partitions landing), ``complete``,
+    ``fenced`` (a vacuum decided it may never commit again) or ``replaced`` (an overwrite landed
+    while it was open)."""
 
     write_id: str
     mode: str
@@ -147,6 +148,10 @@ class Snapshot:
             self.shards = self.shards + list(e.add)
         if e.schema is not None:
             self.schema = e.schema
+        if e.replaces:  # an overwrite ends every write still open on the data it replaces
+            for w in self.writes.values():
+                if w.state == "open" and w.write_id != e.write_id:
+                    w.state = "replaced"
         if op in ("write", "begin"):
             state = "complete" if op == "write" else "open"
             self.writes[e.write_id] = WriteState(e.write_id, e.mode, state, [], _rows(e.add), e.version,
@@ -310,6 +315,26 @@ class LogReader:
     def latest(self) -> Snapshot:
         """The latest state without copying (callers must not modify it)."""
         return self.refresh()
+
+    def complete_version(self) -> Optional[int]:
+        """The newest version with no write open (a partitioned write shows only once complete):
+        what a loader that does not follow, and ``index.json``, present. None when the first write
+        is still open (or nothing is committed); -1 for a dataset without a log."""
+        latest = self.refresh()
+        if latest.legacy:
+            return -1
+        if latest.version < 0:
+            return None
+        opened = [w.begun_at for w in latest.open_writes]
+        if not opened:
+            return latest.version
+        before = min(opened) - 1
+        while before >= 0:
+            snap = self._replay_to(before)
+            if not snap.open_writes:
+                return before
+            before = min(w.begun_at for w in snap.open_writes) - 1
+        return None
 
     def entries_after(self, version: int) -> list[LogEntry]:
         latest = self.refresh()
