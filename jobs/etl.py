@@ -52,6 +52,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", default="64MB", help="uncompressed shard size limit (default 64MB)")
     parser.add_argument("--decimals", choices=("string", "float"), default="string",
                         help="decimal columns as exact strings (default) or float64")
+    parser.add_argument("--commit", choices=("job", "partition"), default="job",
+                        help="commit the whole job at its end (default), or each partition as soon as it is "
+                             "written, so `StreamingLoader(..., follow=True)` trains while the job runs")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --commit partition: finish the open write a failed run left (same input)")
     parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="extra Spark setting")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (last line of stdout)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -272,6 +277,8 @@ def convert(spark: "SparkSession", args: argparse.Namespace, *, progress: bool =
             hashes=hashes,
             shard_size=args.shard_size,
             decimals=args.decimals,
+            commit=getattr(args, "commit", "job"),
+            resume=getattr(args, "resume", False),
         )
 
 
@@ -295,7 +302,7 @@ def preflight(args: argparse.Namespace) -> None:
         local = source[len("file://"):] if source.startswith("file://") else source
         if not os.path.exists(local):
             raise FileNotFoundError(f"input not found: {source}")
-    if args.mode == "error":
+    if args.mode == "error" and not getattr(args, "resume", False):
         WriteJob(open_storage(str(args.output)), "error")  # raises DatasetExistsError
 
 
