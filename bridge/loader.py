@@ -87,6 +87,10 @@ class StreamingLoader:
         download_timeout: float = 60.0,
         clean_stale_shm: bool = True,
         version: Optional[int] = None,
+        follow: bool = False,
+        follow_timeout: float = 600.0,
+        follow_idle_timeout: Optional[float] = 60.0,
+        follow_poll: float = 0.2,
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -104,7 +108,7 @@ class StreamingLoader:
             raise ValueError("validate_hash must be a hash name such as 'xxh64', True/None (auto) or False")
         if validate_hash is True:
             validate_hash = None
-        self.source = resolve_source(remote_or_local, local)
+        self.source = resolve_source(remote_or_local, local, must_exist=not follow)
         if clean_stale_shm:
             from sparkbridge.bridge.distributed import clean_stale_shared_memory
 
@@ -123,7 +127,14 @@ class StreamingLoader:
             validate_hash=validate_hash, drop_last=drop_last, decoded_cache_bytes=decoded_cache_bytes,
             columns=columns, features=features, label=label,
         )
-        self.dataset = self._build_dataset(version)
+        self._follow: Optional[dict] = None  # the followed epoch's settings while it is not finished
+        self._follower: Any = None
+        self._follow_resume: Optional[dict] = None
+        if follow:
+            self._follow = self._follow_target(version=version, timeout=follow_timeout,
+                                               idle_timeout=follow_idle_timeout, poll=follow_poll)
+        # None while the first epoch follows a write that is still running (built when it completes)
+        self.dataset = None if self._follow is not None else self._build_dataset(version)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.drop_last = bool(drop_last)
@@ -149,6 +160,96 @@ class StreamingLoader:
         self._dl_capacity = 0
         self._closed = False
 
+    def _follow_target(self, *, version, timeout: float, idle_timeout: Optional[float], poll: float) -> Optional[dict]:
+        """What the first epoch follows (rank 0 decides), or None when there is nothing to follow."""
+        from sparkbridge.bridge.distributed import broadcast_from_rank0
+        from sparkbridge.bridge.follow import find_target
+        from sparkbridge.errors import UsageError
+        from sparkbridge.log.snapshot import LogReader
+
+        if version is not None:
+            raise UsageError("follow=True reads commits as they land; it cannot be combined with version=")
+        if self.source.storage is None:
+            raise UsageError(f"follow=True needs a dataset log: a local folder or s3:// root, not {self.source.name}")
+        for name, value in (("follow_timeout", timeout), ("follow_poll", poll)):
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise UsageError(f"{name} must be a positive number of seconds, got {value!r}")
+        reader = LogReader(self.source.storage)
+        target = broadcast_from_rank0(lambda: find_target(reader, timeout=timeout, poll=poll))
+        if target is None:
+            logger.info("%s: the latest version is complete and no stream writes to it; nothing to follow",
+                        self.source.name)
+            return None
+        logger.info("%s: following %s from version %d", self.source.name,
+                    f"write {target.write_id}" if target.write_id else "a stream", target.start_version)
+        return {"target": target, "timeout": timeout, "idle_timeout": idle_timeout, "poll": poll}
+
+    def _following(self) -> bool:
+        return self._follow is not None and self._epoch == 0
+
+    def _new_follower(self):
+        from sparkbridge.bridge.distributed import broadcast_from_rank0, world_info
+        from sparkbridge.bridge.follow import Follower
+        from sparkbridge.log.snapshot import LogReader
+
+        opts = self._dataset_options
+        rank, world, _ = world_info()
+        if world > 1:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                from sparkbridge.errors import UsageError
+
+                raise UsageError("follow=True under torchrun needs torch.distributed initialized before iterating "
+                                 "(the ranks agree on which commits each step reads)")
+        resume = self._follow_resume or {}
+        root_local = opts["local"] if opts["local"] is not None else self._follow_cache()
+        return Follower(
+            reader=LogReader(self.source.storage), target=self._follow["target"], root_local=root_local,
+            batch_size=self.batch_size, shuffle=opts["shuffle"], seed=opts["shuffle_seed"], rank=rank, world=world,
+            drop_last=self.drop_last, columns=opts["columns"], features=opts["features"], label=opts["label"],
+            validate_hash=opts["validate_hash"], decoded_cache_bytes=opts["decoded_cache_bytes"] or (1 << 30),
+            poll=self._follow["poll"], timeout=self._follow["timeout"], idle_timeout=self._follow["idle_timeout"],
+            history=resume.get("history", ()), skip_batches=int(resume.get("batches", 0)),
+            broadcast=broadcast_from_rank0 if world > 1 else None,
+        )
+
+    def _follow_cache(self) -> str:
+        """Where a remote followed dataset's shards land when no ``local`` was given."""
+        import hashlib
+        import tempfile
+
+        name = hashlib.sha256(self.source.name.encode()).hexdigest()[:16]
+        path = os.path.join(tempfile.gettempdir(), "sparkbridge-follow", name)
+        logger.info("follow cache for %s defaults to %s", self.source.name, path)
+        return path
+
+    def _follow_pass(self) -> Iterator[Any]:
+        """The followed first epoch; when it ends, the finished version is opened for the next."""
+        follower = self._new_follower()
+        self._follower = follower
+        self._consumed = follower.skip_batches
+        self._active = True
+        token = object()
+        self._token = token
+
+        class _Plan:  # the follower learns its columns from the first shard that lands
+            def to_tensors(self, batch, buf_tensor=None):
+                return follower.plan.to_tensors(batch, buf_tensor)
+
+        for out in to_batches(iter(follower), _Plan(), device=self.device, pin_memory=self.pin_memory,
+                              prefetch=self.prefetch):
+            if self._token is token:
+                self._consumed += 1
+            yield out
+        if self._token is not token or not follower.finished:
+            return
+        logger.info("%s: the followed epoch ended at version %d (%d batches); later epochs read that version",
+                    self.source.name, follower.version, self._consumed)
+        self.dataset = self._build_dataset(follower.version)
+        self._follow, self._follower, self._follow_resume = None, None, None
+        self._finish_pass(0)
+
     def _build_dataset(self, version: Optional[int]):
         from sparkbridge.bridge.dataset import BatchDataset
 
@@ -160,19 +261,31 @@ class StreamingLoader:
 
     @property
     def version(self) -> int:
-        """The dataset version this loader reads (-1 for a dataset without a log)."""
+        """The dataset version this loader reads (-1 for a dataset without a log); while the first
+        epoch follows a running write, the newest version it has taken in."""
+        if self.dataset is None:
+            return self._follower.version if self._follower is not None else self._follow["target"].start_version
         return self.dataset.version
 
     @property
     def plan(self):
+        if self.dataset is None:
+            if self._follower is None or self._follower.plan is None:
+                raise RuntimeError("the columns of a followed dataset are known once its first shard lands "
+                                   "(after the first batch)")
+            return self._follower.plan
         return self.dataset.plan
 
     @property
     def columns(self) -> list[str]:
-        return list(self.dataset.plan.columns)
+        return list(self.plan.columns)
 
     @property
     def world_size(self) -> int:
+        if self.dataset is None:
+            from sparkbridge.bridge.distributed import world_info
+
+            return world_info()[1]
         return int(self.dataset._parallel_rank_world.num_ranks)
 
     @property
@@ -188,6 +301,9 @@ class StreamingLoader:
         self._token = None
 
     def __len__(self) -> int:
+        if self._following():
+            raise TypeError("the length of a followed epoch is unknown until its write completes "
+                            "(iterate it; len() works from the second epoch on)")
         if self._len is None:
             from streaming.base.partition import get_partitions
 
@@ -227,6 +343,11 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[Any]:
         if self._closed:
             raise RuntimeError("this StreamingLoader was closed; build a new one (load_state_dict resumes it)")
+        if self._following():
+            if self._active and self._follower is not None and self._consumed > 0 and not self._follow_resume:
+                raise RuntimeError("the followed epoch was left unfinished; it cannot be restarted in this loader "
+                                   "(save state_dict() and resume a new loader with it)")
+            return self._follow_pass()
         if self._active and self._consumed == 0:
             # An iterator that never yielded is not a pass: tqdm.auto, for one, calls iter() once
             # in its constructor and again when the loop starts. Read the same epoch again.
@@ -330,6 +451,8 @@ class StreamingLoader:
     def state_dict(self) -> dict[str, Any]:
         """Where to resume: every batch handed out so far counts as consumed (call it after the
         training step on the last batch). The same on every rank."""
+        if self._following():
+            return self._follow_state()
         epoch, sample = self._epoch, self._start
         if self._active:
             if self._consumed >= self._pass_batches:
@@ -340,9 +463,26 @@ class StreamingLoader:
             self.dataset._resume(self.dataset.work_world(1), epoch)
         return self._describe(epoch, sample).to_dict()
 
+    def _follow_state(self) -> dict[str, Any]:
+        target = self._follow["target"]
+        follow = (self._follower.state(self._consumed) if self._follower is not None else
+                  {"start_version": target.start_version, "write_id": target.write_id, "stream": target.stream,
+                   "history": [], "batches": 0})
+        opts = self._dataset_options
+        return LoaderState(
+            dataset=f"follow:{target.write_id or 'stream'}@v{target.start_version}", version=target.start_version,
+            source=self.source.name, epoch=0, sample_in_epoch=0, shuffle=bool(opts["shuffle"]),
+            shuffle_seed=int(opts["shuffle_seed"]), shuffle_algo=str(opts["shuffle_algo"]),
+            shuffle_block_size=opts["shuffle_block_size"], num_canonical_nodes=opts["num_canonical_nodes"],
+            initial_physical_nodes=None, world_size=self.world_size, batch_size=self.batch_size, follow=follow,
+        ).to_dict()
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue exactly after the last consumed batch of the saved run (any ``num_workers``)."""
         saved = LoaderState.from_dict(state)
+        if saved.follow is not None:
+            self._load_follow_state(saved)
+            return
         if saved.version is not None and saved.version >= 0 and saved.version != self.dataset.version:
             # the run started on another version: read exactly that one again (while retained)
             self._rebuild(saved.version)
@@ -359,6 +499,32 @@ class StreamingLoader:
         self._len = None
         self._epoch, self._start, self._consumed, self._active = saved.epoch, saved.sample_in_epoch, 0, False
         self._token = None
+
+    def _load_follow_state(self, saved: LoaderState) -> None:
+        """Resume inside a followed epoch: the same write, from the same start, skipping the
+        batches consumed (their draws are replayed from the recorded adoptions)."""
+        from sparkbridge.bridge.follow import FollowTarget
+
+        f = saved.follow
+        if self._follow is None:
+            self._follow = {"timeout": 600.0, "idle_timeout": 60.0, "poll": 0.2}
+            logger.info("resuming a followed epoch of %s with default follow settings", self.source.name)
+        for name in ("shuffle", "shuffle_seed"):
+            mine = self._dataset_options[name]
+            if getattr(saved, name) != mine:
+                raise StateError(f"the state was saved with {name}={getattr(saved, name)!r} but this loader has "
+                                 f"{name}={mine!r}: the followed epoch's remaining rows would differ")
+        if saved.batch_size != self.batch_size or saved.world_size != self.world_size:
+            raise StateError("a followed epoch resumes only with the same batch size and world size "
+                             f"(saved {saved.batch_size} x {saved.world_size}, now {self.batch_size} x {self.world_size})")
+        self._follow["target"] = FollowTarget(int(f["start_version"]), f.get("write_id"), bool(f.get("stream")))
+        if self.dataset is not None:
+            from sparkbridge.bridge.distributed import release_shared_memory
+
+            release_shared_memory(self.dataset)
+            self.dataset = None
+        self._follow_resume = dict(f)
+        self._epoch, self._start, self._consumed, self._active, self._token = 0, 0, 0, False, None
 
     def _rebuild(self, version: int) -> None:
         from sparkbridge.bridge.distributed import release_shared_memory
@@ -388,8 +554,10 @@ class StreamingLoader:
             self._executor = None
         from sparkbridge.bridge.distributed import release_shared_memory
 
-        release_shared_memory(self.dataset)
-        self.dataset._sb_cache = None  # up to decoded_cache_bytes of decoded shards
+        self._follower = None
+        if self.dataset is not None:
+            release_shared_memory(self.dataset)
+            self.dataset._sb_cache = None  # up to decoded_cache_bytes of decoded shards
 
     def __del__(self) -> None:
         try:
@@ -398,5 +566,5 @@ class StreamingLoader:
             pass
 
     def __repr__(self) -> str:
-        return (f"StreamingLoader({self.dataset.source!r}, batch_size={self.batch_size}, "
+        return (f"StreamingLoader({self.source.name!r}, batch_size={self.batch_size}, "
                 f"columns={self.columns}, num_workers={self.num_workers}, epoch={self._epoch})")

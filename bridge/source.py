@@ -44,7 +44,8 @@ class Source:
         return self.remote or self.local or "?"
 
 
-def resolve_source(remote_or_local: Union[str, os.PathLike], local: Optional[Union[str, os.PathLike]]) -> Source:
+def resolve_source(remote_or_local: Union[str, os.PathLike], local: Optional[Union[str, os.PathLike]], *,
+                   must_exist: bool = True) -> Source:
     src = os.fspath(remote_or_local)
     if not src:
         raise UsageError("remote_or_local must name a dataset folder or URL")
@@ -55,7 +56,7 @@ def resolve_source(remote_or_local: Union[str, os.PathLike], local: Optional[Uni
             logger.info("no `local` cache folder given for %s; Mosaic picks one under the temp dir", src)
         storage = open_storage(src) if src.startswith("s3://") else None
         return Source(src, os.fspath(local) if local is not None else None, storage)
-    if not os.path.isdir(src):
+    if must_exist and not os.path.isdir(src):
         raise DatasetNotFoundError(f"dataset folder {src} does not exist")
     if local is None or os.path.abspath(os.fspath(local)) == os.path.abspath(src):
         return Source(None, src, open_storage(src))

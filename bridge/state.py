@@ -35,6 +35,7 @@ class LoaderState:
     world_size: int
     batch_size: int
     version: Optional[int] = None  # the log version read (None in states saved before the log)
+    follow: Optional[dict] = None  # inside a followed first epoch: what bridge.follow needs to resume
     format: str = STATE_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,7 +48,7 @@ class LoaderState:
         if obj.get("format") not in _READABLE:
             raise StateError(f"not a sparkbridge loader state (format={obj.get('format')!r}, expected {STATE_FORMAT!r})")
         fields = set(cls.__dataclass_fields__)
-        missing = sorted(fields - set(obj) - {"version"})
+        missing = sorted(fields - set(obj) - {"version", "follow"})
         if missing:
             raise StateError(f"loader state lacks {missing}")
         state = cls(**{k: obj[k] for k in fields if k in obj})
