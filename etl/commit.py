@@ -38,7 +38,7 @@ from sparkbridge.errors import (
 )
 from sparkbridge.format.index import stored_name
 from sparkbridge.format.manifest import ColumnSpec
-from sparkbridge.log.commit import Draft, Superseded, commit, write_checkpoint
+from sparkbridge.log.commit import Draft, Superseded, commit
 from sparkbridge.log.derived import sync_derived
 from sparkbridge.log.layout import STAGING, job_file, new_write_id, staging_prefix
 from sparkbridge.log.snapshot import LogReader, Snapshot
@@ -305,7 +305,6 @@ class WriteJob:
         try:
             sync_derived(self.storage, self.reader)
             _faults.point("etl.commit.after_derived")
-            write_checkpoint(self.storage, self.reader, self.reader.latest().version)
             self._remove_staging()
             if run_vacuum:
                 vacuum(self.storage, retention_seconds=retention_seconds)

@@ -181,6 +181,9 @@ def commit(storage: Storage, draft: Draft, *, reader: Optional[LogReader] = None
             _faults.point("log.commit.after_put")
             logger.debug("committed %s to %s", entry.describe(), storage.root)
             reader.refresh()
+            # whoever commits a version on the interval checkpoints it (tasks of a partitioned write
+            # too): a replay then never reads more than CHECKPOINT_INTERVAL entries
+            write_checkpoint(storage, reader, version)
             return entry
         logger.debug("%s: version %d was taken by another writer (try %d); re-reading the log",
                      storage.root, version, attempt + 1)

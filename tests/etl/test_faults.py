@@ -96,7 +96,7 @@ SPECULATIVE_JOB = textwrap.dedent('''
     import json, os, sys, time
     from pyspark.sql import SparkSession
     from sparkbridge import etl
-    master, out, markers = sys.argv[1:4]
+    master, out, markers, commit = sys.argv[1:5]
     spark = (SparkSession.builder.master(master).appName("h1-speculation")
              .config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1")
              .config("spark.executor.memory", "512m").config("spark.sql.session.timeZone", "UTC")
@@ -118,7 +118,7 @@ SPECULATIVE_JOB = textwrap.dedent('''
 
     df = (spark.range(0, 2000, numPartitions=4).selectExpr("id", "repeat(cast(id as string), 300) AS s")
           .mapInArrow(slow, "id long, s string"))
-    result = etl.write_mds(df, out, shard_size="64KB")
+    result = etl.write_mds(df, out, shard_size="64KB", commit=commit)
     print("RESULT " + json.dumps(result.to_dict()), flush=True)
     spark.stop()
 ''')
@@ -157,30 +157,35 @@ def _two_host_cluster(base: Path):
 
 
 def test_speculative_attempts_are_never_mixed_in(tmp_path):
-    out = str(tmp_path / "ds")
-    markers = tmp_path / "markers"
-    markers.mkdir()
+    """Both commit modes on one cluster: per job (the driver keeps one attempt per partition) and
+    per partition (the first attempt to claim a partition wins; the stalled one adds nothing)."""
     script = tmp_path / "job.py"
     script.write_text(SPECULATIVE_JOB)
     (tmp_path / "cluster").mkdir()
+    runs = {}
     with _two_host_cluster(tmp_path / "cluster") as master:
-        proc = subprocess.run([sys.executable, str(script), master, out, str(markers)], capture_output=True,
-                              text=True, timeout=240, cwd=str(REPO), env=dict(os.environ, PYSPARK_PYTHON=sys.executable))
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+        for commit in ("job", "partition"):
+            out, markers = str(tmp_path / f"ds-{commit}"), tmp_path / f"markers-{commit}"
+            markers.mkdir()
+            proc = subprocess.run([sys.executable, str(script), master, out, str(markers), commit], capture_output=True,
+                                  text=True, timeout=240, cwd=str(REPO), env=dict(os.environ, PYSPARK_PYTHON=sys.executable))
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            runs[commit] = (out, markers, json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0]))
         time.sleep(1.0)
-    attempts = sorted(os.listdir(markers))
-    assert any(m.startswith("p1-n1-") for m in attempts), f"no speculative attempt was launched: {attempts}"
-    assert result["rows"] == 2000
-    ids = stock_ids(out)
-    assert len(ids) == 2000 and sorted(ids) == list(range(2000))
-    folders = _folders_by_partition(_index(out))
-    assert all(len(v) == 1 for v in folders.values()) and len(folders) == 4
-    (p1,) = folders["p00001"]
-    tid_of = {m.split("-n")[1].split("-t")[0]: m.split("-t")[1] for m in attempts if m.startswith("p1-")}
-    assert p1.endswith(f"-a{tid_of['1']}")  # the fast speculative copy won; the stalled one did not
-    assert not os.path.exists(os.path.join(out, "_staging"))
-    assert leftovers(out) == []
+    for commit, (out, markers, result) in runs.items():
+        attempts = sorted(os.listdir(markers))
+        assert any(m.startswith("p1-n1-") for m in attempts), f"{commit}: no speculative attempt was launched: {attempts}"
+        assert result["rows"] == 2000
+        ids = stock_ids(out)
+        assert len(ids) == 2000 and sorted(ids) == list(range(2000)), commit
+        folders = _folders_by_partition(_index(out))
+        assert all(len(v) == 1 for v in folders.values()) and len(folders) == 4
+        (p1,) = folders["p00001"]
+        tid_of = {m.split("-n")[1].split("-t")[0]: m.split("-t")[1] for m in attempts if m.startswith("p1-")}
+        assert p1.endswith(f"-a{tid_of['1']}")  # the fast speculative copy won; the stalled one did not
+        assert not os.path.exists(os.path.join(out, "_staging"))
+        assert leftovers(out) == [], commit
+    assert log_versions(runs["partition"][0]) == ["begin (create)"] + ["partition"] * 4 + ["complete"]
 
 
 # --------------------------------------------------------------------------- SIGKILL
