@@ -228,15 +228,10 @@ class WriteJob:
         raced its first run) discards its shards and returns that earlier entry."""
         from sparkbridge import _faults
 
+        from sparkbridge.etl.partition import attempt_entries
+
         tasks = sorted(tasks, key=lambda t: t["partition"])
-        entries = []
-        for task in tasks:
-            for entry in task["entries"]:
-                entry = dict(entry)
-                for key in ("raw_data", "zip_data"):
-                    if entry.get(key):
-                        entry[key] = dict(entry[key], basename=f"{self.write_id}/{task['attempt']}/{entry[key]['basename']}")
-                entries.append(entry)
+        entries = [e for task in tasks for e in attempt_entries(self.write_id, task)]
         read_version = self._base_version()
         if self.storage.is_local:
             self._publish_local([t["attempt"] for t in tasks if t["entries"]])

@@ -23,7 +23,7 @@ from sparkbridge.log.layout import staging_prefix
 from sparkbridge.log.snapshot import LogReader
 from sparkbridge.storage import fsync_tree
 
-__all__ = ["claimed", "commit_partition"]
+__all__ = ["claimed", "commit_partition", "attempt_entries"]
 
 
 def claimed(cfg: Any, partition: int) -> bool:
@@ -33,13 +33,14 @@ def claimed(cfg: Any, partition: int) -> bool:
     return w is not None and (partition in w.partitions or w.state != "open")
 
 
-def _prefixed(cfg: Any, row: dict[str, Any]) -> list[dict[str, Any]]:
+def attempt_entries(write_id: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A task's index entries with basenames relative to the dataset root (``W/<attempt>/...``)."""
     out = []
     for entry in row["entries"]:
         entry = dict(entry)
         for key in ("raw_data", "zip_data"):
             if entry.get(key):
-                entry[key] = dict(entry[key], basename=f"{cfg.job_id}/{row['attempt']}/{entry[key]['basename']}")
+                entry[key] = dict(entry[key], basename=f"{write_id}/{row['attempt']}/{entry[key]['basename']}")
         out.append(entry)
     return out
 
@@ -63,7 +64,7 @@ def commit_partition(cfg: Any, row: dict[str, Any]) -> dict[str, Any]:
     _publish(cfg, attempt)
     _faults.point(f"etl.partition.before_log.p{partition}.a{row['attempt_number']}")
     draft = Draft(operation="partition", write_id=cfg.job_id, read_version=cfg.read_version, partition=partition,
-                  add=tuple(_prefixed(cfg, row)), info={"attempt": attempt, "rows": row["rows"]})
+                  add=tuple(attempt_entries(cfg.job_id, row)), info={"attempt": attempt, "rows": row["rows"]})
     try:
         entry = commit(cfg.storage, draft)
     except Superseded:

@@ -145,14 +145,8 @@ class LocalStorage(Storage):
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         path = self.local_path(rel)
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        folder, tmp = _synced_temp(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -162,14 +156,8 @@ class LocalStorage(Storage):
 
     def put_if_absent(self, rel: str, data: bytes) -> bool:
         path = self.local_path(rel)
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        folder, tmp = _synced_temp(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             _faults.point("storage.put_if_absent.before_link")
             try:
                 os.link(tmp, path)  # atomic, and fails when the name exists: the commit point
@@ -224,10 +212,7 @@ class LocalStorage(Storage):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(fd, data)
         _fsync_dir(os.path.dirname(path))
         return True
 
@@ -269,6 +254,28 @@ class LocalStorage(Storage):
         count = sum(len(files) for _, _, files in os.walk(path))
         shutil.rmtree(path, ignore_errors=True)
         return count
+
+
+def _synced_temp(path: str, data: bytes) -> tuple[str, str]:
+    """(folder, temp file beside ``path`` holding ``data``, fsynced): the first half of an atomic
+    replace or create. The caller renames or links it, or removes it."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        _write_synced(fd, data)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return folder, tmp
+
+
+def _write_synced(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the open descriptor, fsync it and close it."""
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def fsync_tree(folder: str) -> None:

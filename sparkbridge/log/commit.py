@@ -31,7 +31,7 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import fields, replace
 from typing import Optional, Sequence
 
 from sparkbridge import _faults
@@ -56,35 +56,12 @@ class Superseded(SparkbridgeError):
         self.entry = entry
 
 
-@dataclass(frozen=True)
-class Draft:
-    """A log entry before it has a version number (see :class:`~sparkbridge.log.entry.LogEntry`)."""
-
-    operation: str
-    write_id: str
-    read_version: int
-    mode: Optional[str] = None
-    add: tuple[dict, ...] = ()
-    remove: tuple[str, ...] = ()
-    schema: Optional[dict] = None
-    partition: Optional[int] = None
-    rows: Optional[int] = None
-    txn: Optional[dict] = None
-    fence: tuple[str, ...] = ()
-    retained_from: Optional[int] = None
-    info: dict = field(default_factory=dict)
-    commit_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+class Draft(LogEntry):
+    """A log entry before it has a version number: the same fields, committed by :func:`commit`."""
 
     def entry(self, version: int, timestamp: float) -> LogEntry:
-        return LogEntry(version=version, operation=self.operation, commit_id=self.commit_id,
-                        write_id=self.write_id, timestamp=timestamp, read_version=self.read_version,
-                        mode=self.mode, add=tuple(self.add), remove=tuple(self.remove), schema=self.schema,
-                        partition=self.partition, rows=self.rows, txn=self.txn, fence=tuple(self.fence),
-                        retained_from=self.retained_from, info=dict(self.info))
-
-    @property
-    def replaces(self) -> bool:
-        return self.operation == "import" or (self.operation in ("write", "begin") and self.mode == "overwrite")
+        values = {f.name: getattr(self, f.name) for f in fields(LogEntry)}
+        return LogEntry(**{**values, "version": version, "timestamp": timestamp})
 
     @property
     def creates(self) -> bool:

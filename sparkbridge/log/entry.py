@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -78,16 +79,17 @@ def _int(obj: dict, key: str, where: str, *, optional: bool = False, minimum: in
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LogEntry:
-    """A parsed, checked log entry (see the module doc for the operations)."""
+    """A parsed, checked log entry (see the module doc for the operations). Before it is
+    committed it has no version yet (``-1``): :class:`sparkbridge.log.commit.Draft`."""
 
-    version: int
     operation: str
-    commit_id: str
     write_id: str
-    timestamp: float
     read_version: int
+    version: int = -1
+    commit_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    timestamp: float = 0.0
     mode: Optional[str] = None
     add: tuple[dict, ...] = ()
     remove: tuple[str, ...] = ()
