@@ -218,13 +218,14 @@ def test_extract_raw_rejects_bad_rows(tmp_path, rows):
         flights.extract_raw(tmp_path, rows=rows)
 
 
-def test_demo_rejects_bad_arguments(tmp_path, repo_root):
+def test_demo_rejects_bad_arguments(tmp_path, capsys):
     from sparkbridge.jobs.cli import main
 
-    with pytest.raises(SystemExit, match="--epochs must be at least 1"):
-        main(["demo", "--out", str(tmp_path), "--epochs", "0"])
-    with pytest.raises(SystemExit, match="--rows must be positive"):
-        main(["demo", "--out", str(tmp_path), "--rows", "0"])
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "0"]) == 2
+    assert capsys.readouterr().err == "sparkbridge demo: error: --epochs must be at least 1, got 0\n"
+    assert main(["demo", "--out", str(tmp_path), "--rows", "0"]) == 2
+    assert capsys.readouterr().err == "sparkbridge demo: error: --rows must be positive, got 0\n"
+    assert not list(tmp_path.iterdir())  # refused before any work
 
 
 def test_dataset_without_features_json_is_a_clear_error(tmp_path):
