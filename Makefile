@@ -13,7 +13,7 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install java bench lint clean
+.PHONY: demo test install java bench lint clean cluster-demo
 
 install: $(STAMP)
 
@@ -48,3 +48,8 @@ lint: install
 
 clean:
 	rm -rf $(OUT) bench-output .pytest_cache
+
+# A Spark standalone master + 2 workers and SeaweedFS (S3) on 127.0.0.1, the flights ETL with
+# spark-submit on it, torchrun training from S3; prints where each part ran, stops everything.
+cluster-demo: install java
+	$(VENV)/bin/sparkbridge cluster-demo --rows $(or $(ROWS),20000)

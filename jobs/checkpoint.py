@@ -91,7 +91,8 @@ def _read(path: Path, validate: Optional[Callable[[dict], None]]) -> dict[str, A
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        detail = (str(exc).strip().splitlines() or ["empty or truncated file"])[0][:200]
+        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}: {detail})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a sparkbridge training checkpoint (format {found!r}, "

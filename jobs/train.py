@@ -40,7 +40,9 @@ _NUMERIC = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "int64", "int
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset root: a local folder or s3://bucket/prefix")
-    parser.add_argument("--local", default=None, help="local cache folder for a remote dataset")
+    parser.add_argument("--cache", "--local", dest="local", default=None,
+                        help="local cache folder for a remote dataset (--cache: torchrun takes --local for its own "
+                             "--local-addr)")
     parser.add_argument("--label", required=True, help="label column")
     parser.add_argument("--features", default=None,
                         help="comma-separated feature columns (default: every fixed-width numeric column "
@@ -65,7 +67,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=int, default=10, help="steps per metrics.jsonl record (default 10)")
     parser.add_argument("--eval", default=None, metavar="DATA",
                         help="after training, evaluate on this dataset (same columns and standardization)")
-    parser.add_argument("--eval-local", default=None, help="local cache folder for a remote --eval dataset")
+    parser.add_argument("--eval-cache", dest="eval_local", default=None,
+                        help="local cache folder for a remote --eval dataset")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -184,7 +187,7 @@ def run_train(args: argparse.Namespace) -> int:
             # the start of epoch 0: no second Mosaic dataset, and the same shards stay cached.
             stats = _statistics(loader, features=features, label=args.label, task=task,
                                 compute=compute_standardization, names=feature_names,
-                                progress=not args.no_progress and rank == 0)
+                                progress=not args.no_progress and rank == 0, announce=rank == 0)
             loader.set_epoch(0)
         width = loader.plan.blocks[0].shape[0]
         model: nn.Module = mlp(width, hidden=args.hidden).to(device)
@@ -281,15 +284,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _statistics(loader: Any, *, features: list[str], label: str, task: str, compute: Any, names: Any,
-                progress: bool) -> Any:
+                progress: bool, announce: bool) -> Any:
     from tqdm.auto import tqdm
 
     expanded = names(loader.plan.feature_parts)
     with tqdm(total=len(loader), desc="statistics", unit="batch", disable=not progress, dynamic_ncols=True) as bar:
         stats = compute(loader, features=expanded, target=label, standardize_target=task == "regression",
                         progress=lambda rows: bar.update(1))
-    log.info("standardization from %d rows: %d feature(s)%s", stats.rows, len(expanded),
-             f", target {label!r} mean {stats.target_mean:.6g} std {stats.target_std:.6g}" if task == "regression" else "")
+    if announce:
+        log.info("standardization from %d rows: %d feature(s)%s", stats.rows, len(expanded),
+                 f", target {label!r} mean {stats.target_mean:.6g} std {stats.target_std:.6g}"
+                 if task == "regression" else "")
     return stats
 
 

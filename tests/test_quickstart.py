@@ -147,39 +147,6 @@ def test_demo_end_to_end_on_a_slice(tmp_path, repo_root, spark):
 
 
 @pytest.mark.slow
-def test_cluster_job_writes_s3_and_trainer_streams_it(tmp_path, repo_root, spark_cluster, s3_bucket):
-    """The docker/compose.yaml flow without Docker: spark-submit on a standalone cluster → S3 →
-    ``sparkbridge demo --dataset s3://...`` streaming from the object store."""
-    rows = 5_000
-    exp = _expected(rows)
-    root = s3_bucket.url("flights")
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable)
-    submit = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--master", spark_cluster,
-         "--conf", "spark.ui.enabled=false", "--conf", "spark.executor.memory=768m",
-         str(repo_root / "jobs" / "flights.py"), "--raw", str(tmp_path / "raw"), "--out", root, "--rows", str(rows)],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert submit.returncode == 0, f"spark-submit failed:\n{submit.stdout[-3000:]}\n{submit.stderr[-6000:]}"
-    lines = submit.stdout.splitlines()
-    start = len(lines) - 1 - lines[::-1].index("{")  # the job prints its result last, as indented JSON
-    result = json.JSONDecoder().raw_decode("\n".join(lines[start:]))[0]
-    assert result["train"]["rows"] == exp["rows_train"] and result["test"]["rows"] == exp["rows_test"]
-    keys = s3_bucket.keys("flights/")
-    for key in ("flights/features.json", "flights/train/index.json", "flights/test/index.json"):
-        assert key in keys
-
-    assert _demo_in_process(None, "--out", str(tmp_path / "trainer"), "--dataset", root, "--epochs", "1") == 0
-    summary = json.loads((tmp_path / "trainer" / "summary.json").read_text())
-    assert summary["etl_seconds"] is None and summary["dataset"] == root
-    for key in ("rows_written", "rows_train", "rows_test", "positives_train", "positives_test", "majority_class"):
-        assert summary[key] == exp[key], key
-    assert summary["shards"] == result["train"]["shards"] + result["test"]["shards"]
-    assert summary["steps"] == math.ceil(exp["rows_train"] / summary["batch_size"])
-    assert (tmp_path / "trainer" / "cache" / "train" / "index.json").is_file()  # streamed via the local cache
-
-
-@pytest.mark.slow
 def test_notebook_runs_on_the_active_session(spark, tmp_path, monkeypatch, repo_root):
     import runpy
 
