@@ -37,6 +37,8 @@ logger.hadoop.level = error
 # a custom level for the shell's logger keeps Spark from announcing "Setting default log level"
 logger.repl.name = org.apache.spark.repl.Main
 logger.repl.level = {level}
+logger.gateway.name = org.apache.spark.api.python.PythonGatewayServer
+logger.gateway.level = {level}
 """
 
 

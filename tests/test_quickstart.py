@@ -146,27 +146,6 @@ def test_demo_end_to_end_on_a_slice(tmp_path, repo_root, spark):
 
 
 
-@pytest.mark.slow
-def test_notebook_runs_on_the_active_session(spark, tmp_path, monkeypatch, repo_root):
-    import runpy
-
-    rows = 3_000
-    exp = _expected(rows)
-    monkeypatch.setenv("SPARKBRIDGE_NOTEBOOK_OUT", str(tmp_path))
-    monkeypatch.setenv("SPARKBRIDGE_NOTEBOOK_ROWS", str(rows))
-    monkeypatch.setenv("SPARKBRIDGE_NOTEBOOK_EPOCHS", "1")
-    path = str(repo_root / "jobs" / "notebooks" / "quickstart_databricks.py")
-    assert open(path).readline() == "# Databricks notebook source\n"
-    cells = runpy.run_path(path, init_globals={"spark": spark}, run_name="__main__")
-    assert cells["spark"] is spark and spark.range(3).count() == 3  # used, and left running
-    assert cells["results"]["train"].rows == exp["rows_train"]
-    assert cells["results"]["test"].rows == exp["rows_test"]
-    assert cells["trained"].rows == exp["rows_train"]
-    assert cells["metrics"]["rows"] == exp["rows_test"] and cells["metrics"]["positives"] == exp["positives_test"]
-    assert cells["metrics"]["baseline_accuracy"] == pytest.approx(exp["baseline_accuracy"], abs=1e-12)
-    assert (tmp_path / "training.png").stat().st_size > 10_000
-
-
 def test_extract_raw_slices_once(tmp_path):
     first = flights.extract_raw(tmp_path, rows=5)
     lines = first.flights.read_text().splitlines()
