@@ -134,7 +134,6 @@ def _etl(args: argparse.Namespace, out: Path, spark: Optional["SparkSession"], *
 #: The demo's Spark settings on a new session (an active one is used as it is).
 _DEMO_SPARK_CONF = {
     "spark.ui.enabled": "false",
-    "spark.sql.shuffle.partitions": "8",
     "spark.sql.files.maxPartitionBytes": "8m",  # the 31 MB flights CSV is parsed by 4 tasks, not 1
     "spark.driver.memory": "2g",
 }
