@@ -299,7 +299,7 @@ def build_features(
 
     hourly, means, stds = _read_weather(spark, raw.weather)
     hourly = hourly.persist()  # small; both writes join it
-    log.info("weather gaps are filled with the column mean (plus a *_missing flag): %s",
+    log.debug("weather gaps are filled with the column mean (plus a *_missing flag): %s",
              {c: round(v, 3) for c, v in means.items()})
 
     labelled = flights.where(arr_delay.isNotNull())

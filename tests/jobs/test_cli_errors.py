@@ -158,3 +158,17 @@ def test_interrupt_exits_130(capsys):
 
     assert run_command("sparkbridge demo", interrupted, None) == 130
     assert capsys.readouterr().err == "sparkbridge demo: interrupted\n"
+
+
+@pytest.mark.slow
+def test_an_error_spark_reports_is_one_line_too(tmp_path):
+    """A schema Spark cannot parse: Spark's own first line, not a py4j traceback (a real JVM)."""
+    csv = tmp_path / "in.csv"
+    csv.write_text("a,b\n1,2\n")
+    proc = sparkbridge("convert", str(csv), str(tmp_path / "out"), "--master", "local[1]", "--schema", "a INTT",
+                       "--no-progress", cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("sparkbridge convert: error: "), proc.stderr[-3000:]
+    assert "INTT" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
