@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from sparkbridge.bridge.device import resolve_device, to_batches
-from sparkbridge.bridge.source import open_version, resolve_source
+from sparkbridge.bridge.source import mark_cache, open_version, resolve_source
 from sparkbridge.bridge.state import LoaderState, StateError
 
 __all__ = ["StreamingLoader", "StateError"]
@@ -109,6 +109,8 @@ class StreamingLoader:
         if validate_hash is True:
             validate_hash = None
         self.source = resolve_source(remote_or_local, local, must_exist=not follow)
+        if self.source.remote is not None and self.source.local is not None:
+            mark_cache(self.source.local, self.source.remote)
         if clean_stale_shm:
             from sparkbridge.bridge.distributed import clean_stale_shared_memory
 
@@ -222,6 +224,7 @@ class StreamingLoader:
         name = hashlib.sha256(self.source.name.encode()).hexdigest()[:16]
         path = os.path.join(tempfile.gettempdir(), "sparkbridge-follow", name)
         logger.info("follow cache for %s defaults to %s", self.source.name, path)
+        mark_cache(path, self.source.name)
         return path
 
     def _follow_pass(self) -> Iterator[Any]:

@@ -25,7 +25,11 @@ from sparkbridge.format.index import check_index
 from sparkbridge.log.snapshot import LogReader, Snapshot
 from sparkbridge.storage import Storage, open_storage
 
-__all__ = ["Source", "resolve_source", "open_version"]
+__all__ = ["Source", "resolve_source", "open_version", "mark_cache", "CACHE_MARKER"]
+
+#: Written into a ``local=`` cache folder of a remote dataset: what says it is a cache (and of
+#: what), so ``sparkbridge clean --cache`` deletes it and never a dataset.
+CACHE_MARKER = ".sparkbridge-cache.json"
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +65,21 @@ def resolve_source(remote_or_local: Union[str, os.PathLike], local: Optional[Uni
     if local is None or os.path.abspath(os.fspath(local)) == os.path.abspath(src):
         return Source(None, src, open_storage(src))
     return Source(src, os.fspath(local), open_storage(src))
+
+
+def mark_cache(folder: str, remote: str) -> None:
+    """Record in ``folder`` that it caches ``remote`` (idempotent, best effort)."""
+    path = os.path.join(folder, CACHE_MARKER)
+    if os.path.exists(path):
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"cache_of": remote}, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.debug("could not mark %s as a cache of %s: %s", folder, remote, exc)
 
 
 def _fresh_remote_index(source: Source, timeout: float) -> Snapshot:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from sparkbridge.errors import SparkbridgeError, UsageError
+
 __all__ = ["BENCHMARKS", "add_bench_arguments", "run_bench", "bench_command"]
 
 log = logging.getLogger("sparkbridge.bench")
@@ -45,8 +47,7 @@ def bench_command(name: str, *, rows: Optional[int] = None, extra: Sequence[str]
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.rows is not None and args.rows <= 0:
-        print(f"error: --rows must be positive, got {args.rows}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--rows must be positive, got {args.rows}")
     names = list(BENCHMARKS) if args.which == "all" else [args.which]
     env = dict(os.environ)
     env.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -55,9 +56,8 @@ def run_bench(args: argparse.Namespace) -> int:
     for name in names:
         script = REPO / BENCHMARKS[name]
         if not script.exists():
-            print(f"error: {script} does not exist", file=sys.stderr)
-            failed.append(name)
-            continue
+            raise FileNotFoundError(f"{script} does not exist: `sparkbridge bench` runs from a source checkout "
+                                    "(the benchmarks are not installed with the package)")
         argv = bench_command(name, rows=args.rows, extra=shlex.split(args.extra or ""))
         log.info("running %s: %s", name, " ".join(argv))
         started = time.perf_counter()
@@ -66,6 +66,5 @@ def run_bench(args: argparse.Namespace) -> int:
         if code != 0:
             failed.append(name)
     if failed:
-        print(f"benchmark(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
+        raise SparkbridgeError(f"benchmark(s) failed: {', '.join(failed)} (their output is above)")
     return 0

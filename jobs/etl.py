@@ -15,13 +15,14 @@ import json
 import logging
 import os
 import sys
-import threading
 from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from sparkbridge.errors import DatasetExistsError, SchemaError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
 
-__all__ = ["add_convert_arguments", "run_convert", "convert", "add_features", "preflight", "build_session", "main", "SparkProgress"]
+__all__ = ["add_convert_arguments", "run_convert", "convert", "add_features", "preflight", "build_session", "main"]
 
 log = logging.getLogger("sparkbridge.convert")
 
@@ -71,7 +72,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _submit_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from sparkbridge.jobs.cli import Parser
+
+    parser = Parser(
         prog="spark-submit jobs/etl.py", description="Convert CSV/Parquet into an MDS dataset (exactly once)."
     )
     parser.add_argument("--input", required=True, help="CSV/Parquet file, folder or glob")
@@ -87,7 +90,7 @@ def _columns(select: Optional[Sequence[str]], *, option: str = "--select") -> Op
         return None
     cols = [c.strip() for item in select for c in item.split(",") if c.strip()]
     if len(set(cols)) != len(cols):
-        raise ValueError(f"{option} names a column twice: {cols}")
+        raise UsageError(f"{option} names a column twice: {cols}")
     return cols
 
 
@@ -103,11 +106,11 @@ def add_features(df: Any, columns: Sequence[str], *, name: str, dtype: str) -> A
     fields = {f.name: f for f in df.schema.fields}
     for col in columns:
         if col not in fields:
-            raise ValueError(f"--features: no column {col!r}; the input has {df.columns}")
+            raise SchemaError(f"--features: no column {col!r}; the input has {df.columns}")
         if not isinstance(fields[col].dataType, NumericType):
-            raise ValueError(f"--features: column {col!r} is {fields[col].dataType.simpleString()}, not numeric")
+            raise SchemaError(f"--features: column {col!r} is {fields[col].dataType.simpleString()}, not numeric")
     if name in fields:
-        raise ValueError(f"--features-name {name!r} is already a column of the input; pick another name")
+        raise SchemaError(f"--features-name {name!r} is already a column of the input; pick another name")
     element = "float" if dtype == "float32" else "double"
     values = [F.col(c).cast(element) for c in columns]
     any_null = functools.reduce(lambda a, b: a | b, [F.col(c).isNull() for c in columns])
@@ -119,70 +122,9 @@ def _conf_pairs(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--conf expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--conf expects KEY=VALUE, got {item!r}")
         out[key.strip()] = value
     return out
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class SparkProgress:
-    """A tqdm bar on stderr fed by Spark's status tracker: tasks done / tasks of the active stages.
-
-    Why not Spark's console progress bar: it is off under spark-submit by default and interleaves
-    with our logging; this one is a single bar named after the running stage.
-    """
-
-    def __init__(self, spark: "SparkSession", *, enabled: bool = True, interval: float = 0.5) -> None:
-        self._sc = spark.sparkContext
-        self._enabled = enabled
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self.phase = "spark"  # shown in the bar: set it to what the job is doing
-
-    def __enter__(self) -> "SparkProgress":
-        if self._enabled:
-            self._thread = threading.Thread(target=self._run, name="spark-progress", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        from tqdm import tqdm
-
-        tracker = self._sc.statusTracker()
-        bar = None
-        current: Optional[tuple] = None
-        try:
-            while not self._stop.wait(self._interval):
-                try:
-                    infos = [tracker.getStageInfo(s) for s in tracker.getActiveStageIds()]
-                except Exception:  # the context is stopping
-                    break
-                infos = [i for i in infos if i is not None]
-                if not infos:
-                    continue
-                key = tuple(sorted(i.stageId for i in infos))
-                total = sum(i.numTasks for i in infos)
-                done = sum(i.numCompletedTasks for i in infos)
-                if key != current:
-                    if bar is not None:
-                        bar.close()
-                    bar = tqdm(total=total, desc=f"{self.phase} (stage {key[0]})", unit="task", file=sys.stderr,
-                               leave=False, dynamic_ncols=True)
-                    current = key
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-        finally:
-            if bar is not None:
-                bar.close()
 
 
 # --------------------------------------------------------------------------- the job
@@ -217,29 +159,15 @@ def _ship_etl_package(spark: "SparkSession") -> str:
     return zpath
 
 
-def build_session(*, master: Optional[str], conf: dict[str, str], app_name: str = "sparkbridge-convert") -> "SparkSession":
-    """A SparkSession for the job; ``master=None`` keeps what spark-submit configured."""
-    from pyspark.sql import SparkSession
+def build_session(*, master: Optional[str], conf: dict[str, str], app_name: str = "sparkbridge-convert",
+                  verbose: bool = False) -> "SparkSession":
+    """A SparkSession for the job (:func:`jobs.spark.spark_session`); ``master=None`` keeps what
+    spark-submit configured. Executors get the driver's S3 settings with each write's tasks
+    (:mod:`sparkbridge.etl.credentials`), not through ``spark.executorEnv``, where Spark's redaction
+    leaves ``AWS_ACCESS_KEY_ID`` readable."""
+    from sparkbridge.jobs.spark import spark_session
 
-    builder = SparkSession.builder.appName(app_name)
-    if master is not None:
-        builder = builder.master(master)
-    # Our own progress bar (SparkProgress) replaces Spark's console one, which would interleave with it.
-    defaults = {"spark.sql.session.timeZone": "UTC", "spark.ui.showConsoleProgress": "false"}
-    if not os.environ.get("PYSPARK_PYTHON") and "spark.pyspark.python" not in conf:
-        # Python workers must import pyarrow and etl: run them with this interpreter. PySpark reads
-        # the variable (not the conf) when it creates the context; this is an entry point's own env.
-        os.environ["PYSPARK_PYTHON"] = sys.executable
-        log.info("PYSPARK_PYTHON=%s (default: this interpreter)", sys.executable)
-    for key, value in defaults.items():
-        if key not in conf:
-            log.info("Spark setting %s=%s (default of this job)", key, value)
-    # Executors get the driver's S3 settings with each write's tasks (sparkbridge.etl.credentials),
-    # not through spark.executorEnv, where Spark's redaction leaves AWS_ACCESS_KEY_ID readable.
-    for key, value in {**defaults, **conf}.items():
-        builder = builder.config(key, value)
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("SPARKBRIDGE_SPARK_LOG_LEVEL", "WARN"))
+    spark, _ = spark_session(master, app_name=app_name, conf=dict(conf), verbose=verbose)
     return spark
 
 
@@ -250,36 +178,39 @@ def convert(spark: "SparkSession", args: argparse.Namespace, *, progress: bool =
     features = _columns(getattr(args, "features", None), option="--features")
     compression = None if str(args.compression).lower() in ("none", "") else args.compression
     hashes = tuple(h.strip() for h in str(args.hashes).split(",") if h.strip() and h.strip().lower() != "none")
+    from sparkbridge.jobs.progress import SparkProgress
+
     with SparkProgress(spark, enabled=progress) as bar:
-        bar.phase = "read"
-        log.info("reading %s", args.input)
-        df = etl.read_source(spark, args.input, format=args.format, schema=args.schema, bad_records=args.bad_records)
+        with bar.phase("read"):
+            log.info("reading %s", args.input)
+            df = etl.read_source(spark, args.input, format=args.format, schema=args.schema,
+                                 bad_records=args.bad_records)
         if columns is not None:
             missing = [c for c in columns if c not in df.columns]
             if missing:
-                raise ValueError(f"--select: no column(s) {missing} in {args.input}; it has {df.columns}")
+                raise SchemaError(f"--select: no column(s) {missing} in {args.input}; it has {df.columns}")
         if features:
             df = add_features(df, features, name=args.features_name, dtype=args.features_dtype)
             if columns is None:
                 columns = [c for c in df.columns if c not in features and c != args.features_name]
             columns = columns + [args.features_name]
             log.info("features: %s → %s (%s array)", features, args.features_name, args.features_dtype)
-        bar.phase = "write"
         log.info("writing %s (mode=%s, nulls=%s, compression=%s, hashes=%s, shard size %s)",
                  args.output, args.mode, args.nulls, compression, list(hashes), args.shard_size)
-        return etl.write_mds(
-            df,
-            args.output,
-            mode=args.mode,
-            columns=columns,
-            nulls=args.nulls,
-            compression=compression,
-            hashes=hashes,
-            shard_size=args.shard_size,
-            decimals=args.decimals,
-            commit=getattr(args, "commit", "job"),
-            resume=getattr(args, "resume", False),
-        )
+        with bar.phase("write"):
+            return etl.write_mds(
+                df,
+                args.output,
+                mode=args.mode,
+                columns=columns,
+                nulls=args.nulls,
+                compression=compression,
+                hashes=hashes,
+                shard_size=args.shard_size,
+                decimals=args.decimals,
+                commit=getattr(args, "commit", "job"),
+                resume=getattr(args, "resume", False),
+            )
 
 
 def _summary(result: Any) -> str:
@@ -303,34 +234,25 @@ def preflight(args: argparse.Namespace) -> None:
         if not os.path.exists(local):
             raise FileNotFoundError(f"input not found: {source}")
     if args.mode == "error" and not getattr(args, "resume", False):
-        WriteJob(open_storage(str(args.output)), "error")  # raises DatasetExistsError
+        try:
+            WriteJob(open_storage(str(args.output)), "error")
+        except DatasetExistsError:
+            raise DatasetExistsError(f"{args.output} already holds a dataset: pass --mode overwrite to replace it "
+                                     "or --mode append to add to it") from None
 
 
 def _run(args: argparse.Namespace, *, master: Optional[str]) -> int:
-    from sparkbridge.errors import ConcurrentWriteError, DatasetExistsError, WriteError
-
-    try:
-        conf = _conf_pairs(args.conf)
-        _columns(args.select)
-        _columns(args.features, option="--features")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        preflight(args)
-    except (FileNotFoundError, DatasetExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    spark = build_session(master=master, conf=conf)
+    """Check the options, then run the job; errors propagate to ``cli.run_command`` (one line, exit code)."""
+    conf = _conf_pairs(args.conf)
+    _columns(args.select)
+    _columns(args.features, option="--features")
+    preflight(args)  # a missing input or a refused write fails here, before a JVM starts
+    spark = build_session(master=master, conf=conf, verbose=getattr(args, "verbose", False))
     shipped: Optional[str] = None
     try:
         if not spark.sparkContext.master.startswith("local"):
             shipped = _ship_etl_package(spark)
         result = convert(spark, args, progress=not args.no_progress)
-    except (FileNotFoundError, DatasetExistsError, ValueError, TypeError, WriteError, ConcurrentWriteError) as exc:
-        # Bad input, options or a refused write: the message names the file/column; no JVM traceback.
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         spark.stop()
         if shipped is not None:
@@ -347,14 +269,12 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """spark-submit entry."""
+    """spark-submit entry: the same options, errors and exit codes as ``sparkbridge convert``."""
+    from sparkbridge.jobs.cli import configure_logging, run_command
+
     args = _submit_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    return _run(args, master=args.master)
+    configure_logging(args.verbose)
+    return run_command("spark-submit jobs/etl.py", lambda a: _run(a, master=a.master), args, verbose=args.verbose)
 
 
 if __name__ == "__main__":  # spark-submit jobs/etl.py

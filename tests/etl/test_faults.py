@@ -127,7 +127,7 @@ SPECULATIVE_JOB = textwrap.dedent('''
 @contextlib.contextmanager
 def _two_host_cluster(base: Path):
     """A master and two 1-core workers that Spark sees as different hosts."""
-    from tests.servers import _master_state, _poll, _spawn, _stop, free_ports, spark_home
+    from sparkbridge.jobs.local_cluster import _master_state, _poll, _spawn, _stop, free_ports, spark_home
 
     home = spark_home()
     spark_class = str(Path(home) / "bin" / "spark-class")

@@ -24,6 +24,10 @@ def test_arguments_and_command_lines():
     assert bench.bench_command("etl") == [sys.executable, str(bench.REPO / "bench" / "etl.py")]
 
 
-def test_rejects_non_positive_rows(capsys):
-    assert bench.run_bench(parse("loader", "--rows", "0")) == 2
-    assert "--rows must be positive" in capsys.readouterr().err
+def test_rejects_non_positive_rows():
+    import pytest
+
+    from sparkbridge.errors import UsageError
+
+    with pytest.raises(UsageError, match="--rows must be positive, got 0"):
+        bench.run_bench(parse("loader", "--rows", "0"))

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from sparkbridge.jobs.datasets import inspect_dataset, validate_dataset
+from sparkbridge.jobs.local_cluster import spark_submit
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
@@ -114,7 +114,7 @@ def test_spark_submit_on_standalone_cluster_to_s3(spark_cluster, s3_bucket, s3_s
     assert len(expected) == 26115
     output = s3_bucket.url("weather")
     cmd = [
-        str(VENV_BIN / "spark-submit"), "--master", spark_cluster,
+        spark_submit(), "--master", spark_cluster,
         "--conf", "spark.executor.memory=512m", "--conf", "spark.executor.cores=1",
         "--conf", "spark.cores.max=2", "--conf", "spark.ui.enabled=false",
         "--driver-memory", "768m",

