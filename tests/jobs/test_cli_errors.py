@@ -167,7 +167,7 @@ def test_an_error_spark_reports_is_one_line_too(tmp_path):
     csv.write_text("a,b\n1,2\n")
     proc = sparkbridge("convert", str(csv), str(tmp_path / "out"), "--master", "local[1]", "--schema", "a INTT",
                        "--no-progress", cwd=tmp_path)
-    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    errors = [line for line in proc.stderr.splitlines() if ": error:" in line or "Exception" in line]
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith("sparkbridge convert: error: "), proc.stderr[-3000:]
     assert "INTT" in errors[0] and "Traceback" not in proc.stderr
