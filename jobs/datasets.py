@@ -145,11 +145,7 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    try:
-        info = inspect_dataset(args.dataset, version=args.version)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"sparkbridge inspect: {exc}", file=sys.stderr)
-        return 2
+    info = inspect_dataset(args.dataset, version=args.version)  # errors: one line from cli.run_command
     print(json.dumps(info, indent=2, sort_keys=True) if args.json else _format_inspect(info))
     return 0
 

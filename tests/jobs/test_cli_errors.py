@@ -76,7 +76,7 @@ CASES = {
                                                     "'loader', 'all')")),
     "clean, not a cache": (["clean", "--cache", "{tmp}"], 1,
                            "sparkbridge clean: error: --cache {tmp}: refusing to delete a folder that is not a shard "
-                           "cache (no index.json in it or in its subfolders)"),
+                           "cache (no cache marker or index.json in it or in its subfolders)"),
     "clean, missing cache": (["clean", "--cache", "{tmp}/nope"], 1,
                              "sparkbridge clean: error: --cache {tmp}/nope: no such folder"),
     "clean, negative retention": (["clean", "--vacuum", "{ds}", "--retention-hours", "-1"], 2,
@@ -118,12 +118,11 @@ def test_unknown_or_label_feature_is_refused(numeric):
         ["id", "x"], False)
 
 
-@pytest.mark.xfail(strict=True, reason="jobs/datasets.py run_inspect catches the error itself (exit 2, no 'error:'); "
-                                       "dropping its try/except lets cli.run_command report it (exit 1)")
 def test_inspect_missing_dataset(tmp_path):
     proc = sparkbridge("inspect", str(tmp_path / "nope"), cwd=tmp_path)
+    nope = tmp_path / "nope"
     assert (proc.returncode, proc.stderr.splitlines()) == (1, [
-        f"sparkbridge inspect: error: no MDS dataset at {tmp_path / 'nope'}: {tmp_path / 'nope'}/index.json does not exist"])
+        f"sparkbridge inspect: error: no dataset at {nope}: neither {nope}/_log/ nor {nope}/index.json exists"])
 
 
 def test_verbose_shows_the_traceback_and_still_ends_with_the_line(tmp_path):
