@@ -37,7 +37,7 @@ CASES = {
     # name: (argv, exit code, the stderr line) -- {tmp} is the test's folder, {ds} a numeric dataset
     "no command": ([], 2, usage("", "", "the following arguments are required: COMMAND")),
     "unknown command": (["trian"], 2, usage("", "", "argument COMMAND: invalid choice: 'trian' (choose from 'demo', "
-                                                    "'convert', 'inspect', 'validate', 'train', 'bench', 'clean', "
+                                                    "'convert', 'inspect', 'validate', 'vacuum', 'train', 'bench', 'clean', "
                                                     "'cluster-demo')")),
     "train without --label": (["train", "--data", "{ds}"], 2,
                               usage("train", "", "the following arguments are required: --label")),
