@@ -26,6 +26,7 @@ class TrainResult:
     final_loss: float
     positives: int  # label = 1 rows in one epoch
     history: dict[str, list[float]] = field(default_factory=dict)  # per step: step, loss, rows, seconds, wait, epoch
+    first_batch_seconds: Optional[float] = None  # from the loader's first iteration to its first batch
 
     @property
     def rows_per_second(self) -> float:
@@ -47,8 +48,11 @@ def train_model(
     torch_threads: Optional[int] = 1,
     device: Optional[str] = None,
     progress: bool = True,
+    follow: bool = False,
+    on_step: Any = None,
 ) -> TrainResult:
-    """Train FlightDelayNet on shuffled batches streamed from ``train_dir`` (folder or s3:// URL)."""
+    """Train FlightDelayNet on shuffled batches streamed from ``train_dir`` (folder or s3:// URL).
+    ``follow``: the first epoch streams the split while Spark still writes it (``--live``)."""
     import torch
 
     if epochs < 1:
@@ -63,13 +67,13 @@ def train_model(
     try:
         return _train(train_dir, local=local, cardinality=cardinality, numeric=numeric, label=label, epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers, device=device,
-                      progress=progress)
+                      progress=progress, follow=follow, on_step=on_step)
     finally:
         torch.set_num_threads(previous_threads)  # the caller's process-wide setting, as it was
 
 
 def _train(train_dir: str, *, local, cardinality, numeric, label, epochs, batch_size, lr, seed, num_workers,
-           device, progress) -> TrainResult:
+           device, progress, follow=False, on_step=None) -> TrainResult:
     import torch
 
     from sparkbridge.bridge import StreamingLoader
@@ -78,7 +82,8 @@ def _train(train_dir: str, *, local, cardinality, numeric, label, epochs, batch_
 
     categorical = list(cardinality)
     loader = StreamingLoader(train_dir, local=local, batch_size=batch_size, shuffle=True, seed=seed,
-                             columns=categorical + list(numeric) + [label], num_workers=num_workers, device=device)
+                             columns=categorical + list(numeric) + [label], num_workers=num_workers, device=device,
+                             follow=follow, follow_poll=0.1)
     try:
         model = FlightDelayNet(cardinality, len(numeric)).to(device or "cpu")
         model.train()
@@ -96,14 +101,14 @@ def _train(train_dir: str, *, local, cardinality, numeric, label, epochs, batch_
                 positives[0] += int(y.sum().item())
             return float(loss.item()), int(y.shape[0])
 
-        done = fit(loader, step, epochs=epochs, progress=progress)
+        done = fit(loader, step, epochs=epochs, progress=progress, on_step=on_step)
     finally:
         loader.close()  # worker processes, the epoch-order thread, Mosaic shared memory
     if done.steps == 0:
         raise RuntimeError(f"{train_dir}: the loader produced no batches; is the dataset empty?")
     return TrainResult(model=model, rows=done.rows, steps=done.steps, seconds=done.seconds,
                        loader_wait_seconds=done.wait_seconds, final_loss=done.final_loss(), positives=positives[0],
-                       history=done.history)
+                       history=done.history, first_batch_seconds=done.first_batch_seconds)
 
 
 def evaluate_model(

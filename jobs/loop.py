@@ -36,6 +36,7 @@ class FitResult:
     wait_seconds: float = 0.0
     last_step: int = 0  # global step after this run
     stopped: bool = False  # max_steps reached before the last epoch ended
+    first_batch_seconds: Optional[float] = None  # from the start of fit() to the first batch
     history: dict[str, list[float]] = field(default_factory=lambda: {
         "step": [], "loss": [], "rows": [], "seconds": [], "wait": [], "epoch": []})
 
@@ -80,7 +81,7 @@ def fit(
     for epoch in range(loader.epoch, epochs):
         if result.stopped:
             break
-        bar = tqdm(total=len(loader), desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch",
+        bar = tqdm(total=_length(loader), desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch",
                    disable=not progress, dynamic_ncols=True)
         it = iter(loader)
         recent: list[float] = []
@@ -91,6 +92,8 @@ def fit(
             except StopIteration:
                 break
             t1 = time.perf_counter()
+            if result.first_batch_seconds is None:
+                result.first_batch_seconds = t1 - start
             loss, rows = step_fn(batch, epoch)
             t2 = time.perf_counter()
             result.steps += 1
@@ -114,3 +117,11 @@ def fit(
             on_epoch_end(epoch, result)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _length(loader: Any) -> Optional[int]:
+    """Batches in the coming epoch, None when unknown (an epoch that follows a running write)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None

@@ -52,6 +52,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (default: 1; the model is tiny, more threads only add sync overhead)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--live", action="store_true",
+                        help="train while Spark still writes: partitions are committed as they are written and "
+                             "the first epoch follows them (prints the time to first batch and the overlap)")
     parser.add_argument(
         "--dataset",
         default=None,
@@ -131,6 +134,123 @@ def _etl(args: argparse.Namespace, out: Path, spark: Optional["SparkSession"], *
     return str(dataset), flights.feature_spec(features), facts
 
 
+class _LiveETL:
+    """``--live``: the write of both splits runs in a thread (committed a partition at a time)
+    while the main thread trains on the train split as it lands."""
+
+    def __init__(self, args: argparse.Namespace, out: Path, spark: Optional["SparkSession"]) -> None:
+        import shutil
+        import threading
+
+        from sparkbridge.jobs import flights
+        from sparkbridge.jobs.spark import spark_session
+
+        self.dataset = out / "dataset"
+        raw = flights.extract_raw(out / "raw", rows=args.rows, progress=False)
+        self.created = False
+        if spark is None:
+            spark, self.created = spark_session(args.master, app_name="sparkbridge-demo",
+                                                verbose=getattr(args, "verbose", False), conf=_DEMO_SPARK_CONF)
+        self.spark = spark
+        self.master = args.master if self.created else "active session"
+        t0 = time.perf_counter()
+        self.features = flights.build_features(spark, raw)
+        self.features_seconds = time.perf_counter() - t0
+        self.spec = flights.feature_spec(self.features)
+        # a fresh dataset: the follower must see this write begin, not the previous run's version
+        shutil.rmtree(self.dataset, ignore_errors=True)
+        self.results: dict = {}
+        self.error: Optional[BaseException] = None
+        self.started = time.perf_counter()
+        self.ended: Optional[float] = None
+
+        def write() -> None:
+            try:
+                self.results = flights.write_splits(self.features, str(self.dataset), mode="error",
+                                                    shard_size=args.shard_size, commit="partition")
+            except BaseException as exc:  # reported by finish()
+                self.error = exc
+            self.ended = time.perf_counter()
+
+        self.thread = threading.Thread(target=write, name="sparkbridge-live-etl", daemon=True)
+        self.thread.start()
+
+    def rows_written(self) -> int:
+        """Rows committed so far, both splits (from their logs)."""
+        from sparkbridge.log.snapshot import LogReader
+        from sparkbridge.storage import open_storage
+
+        total = 0
+        for split in ("train", "test"):
+            if (self.dataset / split / "_log").is_dir():
+                total += LogReader(open_storage(str(self.dataset / split))).refresh().rows
+        return total
+
+    def finish(self) -> dict:
+        self.thread.join()
+        try:
+            self.features.unpersist()
+        finally:
+            if self.created:
+                self.spark.stop()
+        if self.error is not None:
+            raise self.error
+        r = self.results
+        return {
+            "rows_written": r["train"].rows + r["test"].rows, "shards": r["train"].shards + r["test"].shards,
+            "bytes": r["train"].bytes + r["test"].bytes,
+            "etl_seconds": round(self.features_seconds + (self.ended - self.started), 3),
+            "write_seconds": round(self.ended - self.started, 3), "master": self.master,
+        }
+
+    def timing(self, train_started: float, trained) -> dict:
+        """Time to first batch (from the start of the write) and how long writing and training overlapped."""
+        train_ended = train_started + trained.seconds
+        first = train_started + (trained.first_batch_seconds or 0.0)
+        return {
+            "live": True,
+            "time_to_first_batch": round(first - self.started, 3),
+            "overlap_seconds": round(max(0.0, min(self.ended, train_ended) - max(self.started, train_started)), 3),
+            "wait_share": round(trained.loader_wait_seconds / trained.seconds, 4) if trained.seconds else 0.0,
+        }
+
+
+class _LiveStatus:
+    """One line, every few seconds, for both sides of a ``--live`` run: rows written, rows
+    trained, and the share of training time spent waiting for data."""
+
+    def __init__(self, etl: _LiveETL, *, every: float = 5.0, enabled: bool = True) -> None:
+        import threading
+
+        self.etl, self.every = etl, every
+        self.rows = 0
+        self.wait = 0.0
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if enabled else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def on_step(self, record) -> None:
+        self.rows += record.rows
+        self.wait += record.wait_seconds
+        self.seconds += record.seconds
+
+    def line(self) -> str:
+        share = self.wait / self.seconds if self.seconds else 0.0
+        return (f"live: {self.etl.rows_written():,} rows written, {self.rows:,} rows trained, "
+                f"{share:.0%} of training time waiting for data")
+
+    def _run(self) -> None:
+        from tqdm.auto import tqdm
+
+        while not self._stop.wait(self.every):
+            tqdm.write(self.line())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 #: The demo's Spark settings on a new session (an active one is used as it is).
 _DEMO_SPARK_CONF = {
     "spark.ui.enabled": "false",
@@ -156,7 +276,14 @@ def run_demo(args: argparse.Namespace, *, spark: Optional["SparkSession"] = None
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    if args.dataset:
+    live = None
+    if args.live and args.dataset:
+        raise UsageError("--live writes the dataset while training on it; it cannot be combined with --dataset")
+    if args.live:
+        log.info("live: Spark writes the splits a partition at a time while training follows them")
+        live = _LiveETL(args, out, spark)
+        root, spec, facts = str(live.dataset), live.spec, {}
+    elif args.dataset:
         root = args.dataset.rstrip("/")
         spec = flights.read_feature_spec(root)
         log.info("using the existing dataset %s (no ETL)", root)
@@ -174,21 +301,33 @@ def run_demo(args: argparse.Namespace, *, spark: Optional["SparkSession"] = None
     cache = {split: str(out / "cache" / split) if is_remote(root) else None for split in ("train", "test")}
 
     log.info("training for %d epoch(s), streaming %s/train through bridge.StreamingLoader", args.epochs, root)
-    trained = train_model(
-        f"{root}/train",
-        local=cache["train"],
-        cardinality=cardinality,
-        numeric=numeric,
-        label=label,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        num_workers=args.num_workers,
-        torch_threads=args.torch_threads,
-        device=args.device,
-        progress=progress,
-    )
+    status = _LiveStatus(live, enabled=progress) if live is not None else None
+    train_started = time.perf_counter()
+    try:
+        trained = train_model(
+            f"{root}/train",
+            local=cache["train"],
+            cardinality=cardinality,
+            numeric=numeric,
+            label=label,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            num_workers=args.num_workers,
+            torch_threads=args.torch_threads,
+            device=args.device,
+            progress=progress,
+            follow=live is not None,
+            on_step=status.on_step if status is not None else None,
+        )
+    finally:
+        if status is not None:
+            status.stop()
+    if live is not None:
+        facts = live.finish()
+        facts.update(live.timing(train_started, trained))
+        log.info(status.line())
     if trained.rows != args.epochs * counts["rows_train"]:
         raise RuntimeError(
             f"{root}/train: the loader delivered {trained.rows} rows in {args.epochs} epoch(s), "
