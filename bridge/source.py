@@ -64,7 +64,7 @@ def resolve_source(remote_or_local: Union[str, os.PathLike], local: Optional[Uni
 
 def _fresh_remote_index(source: Source, timeout: float) -> Snapshot:
     """A remote we cannot list: download its ``index.json`` now (never trust a cached copy)."""
-    from streaming.base.storage import download_file
+    from sparkbridge.bridge.mosaic import download_file
 
     with tempfile.TemporaryDirectory(prefix="sparkbridge-index-") as tmp:
         path = os.path.join(tmp, "index.json")
