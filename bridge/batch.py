@@ -270,6 +270,15 @@ class BatchPlan:
                     src = src.reshape((m, k) + blk.shape)
                 dst[r0:r0 + k, sel] = src.swapaxes(0, 1)
 
+    def gather_rows(self, rows: np.ndarray, layout: ShardLayout, alloc: Callable[[int], np.ndarray]) -> PackedBatch:
+        """A batch from whole packed rows already gathered (``rows``: ``void`` records of an
+        all-fixed-width ``layout``, e.g. one ``take`` from the resident table)."""
+        n = len(rows)
+        _, total = self.layout(n)
+        buf = alloc(total)
+        self._fill_rows(self.views(buf, n), rows.view(np.uint8).reshape(n, -1), layout, slice(None))
+        return PackedBatch(n, buf, {})
+
     def gather(
         self,
         groups: Sequence[tuple[Any, np.ndarray, Optional[np.ndarray]]],

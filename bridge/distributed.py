@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import Optional
 
 __all__ = ["world_info", "broadcast_from_rank0", "clean_stale_shared_memory", "stale_shared_memory",
@@ -18,7 +17,12 @@ __all__ = ["world_info", "broadcast_from_rank0", "clean_stale_shared_memory", "s
 logger = logging.getLogger(__name__)
 
 _SHM_DIR = "/dev/shm"
-_MOSAIC_NAME = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|resume|epoch_shape|epoch_data)$")
+
+
+def _mosaic_name(name: str) -> bool:
+    from sparkbridge.bridge.mosaic import SHM_NAME
+
+    return SHM_NAME.match(name) is not None
 
 
 def world_info() -> tuple[int, int, int]:
@@ -77,7 +81,7 @@ def stale_shared_memory() -> list[str]:
     uid = os.getuid()
     ours = []
     for name in os.listdir(_SHM_DIR):
-        if _MOSAIC_NAME.match(name):
+        if _mosaic_name(name):
             try:
                 if os.stat(os.path.join(_SHM_DIR, name)).st_uid == uid:
                     ours.append(name)
@@ -118,28 +122,8 @@ def clean_stale_shared_memory() -> int:
 
 
 def release_shared_memory(dataset) -> int:
-    """Close a ``StreamingDataset``'s shared memory now (unlinking what this process created).
+    """Close a ``StreamingDataset``'s shared memory now (see :func:`bridge.mosaic.release_shared_memory`);
+    ``StreamingLoader.close`` does it."""
+    from sparkbridge.bridge.mosaic import release_shared_memory as release
 
-    Mosaic registers every segment it opens with ``atexit``, so each dataset keeps its file
-    descriptors until the interpreter exits, and every later dataset in the process opens the
-    segments of all earlier ones again: a process that builds many loaders runs out of file
-    descriptors. Call this when a dataset is no longer used (``StreamingLoader.close`` does)."""
-    import atexit
-
-    holders = [getattr(dataset, "_locals_shm", None), getattr(dataset, "_resume_shm", None)]
-    for name in ("_next_epoch", "_cache_usage"):
-        holders.append(getattr(getattr(getattr(dataset, name, None), "arr", None), "shm", None))
-    for name in ("_shard_states", "_shard_access_times"):
-        holders.append(getattr(getattr(dataset, name, None), "shm", None))
-    holders.append(getattr(getattr(getattr(dataset, "_shared_barrier", None), "_arr", None), "shm", None))
-    released = 0
-    for shm in holders:
-        if shm is None or not hasattr(shm, "cleanup"):
-            continue
-        try:
-            shm.cleanup()
-        except (BufferError, OSError):  # still exported to a live array: leave it to atexit
-            continue
-        atexit.unregister(shm.cleanup)
-        released += 1
-    return released
+    return release(dataset)

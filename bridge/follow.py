@@ -34,8 +34,11 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from sparkbridge.bridge.batch import BatchPlan, PackedBatch
-from sparkbridge.bridge.decode import ShardCache, ShardFiles, decode_shard, read_shard
+from sparkbridge.bridge.cache import ShardCache
+from sparkbridge.bridge.decode import decode_shard
+from sparkbridge.bridge.fetch import pick_hash
 from sparkbridge.errors import CommitConflictError, FollowTimeoutError, ShardFormatError, UsageError
+from sparkbridge.format.check import check_shard
 from sparkbridge.format.index import stored_name
 from sparkbridge.format.mds import ShardLayout
 from sparkbridge.format.paths import confined_path
@@ -81,9 +84,14 @@ def find_target(reader: LogReader, *, timeout: float, poll: float) -> Optional[F
 @dataclass
 class _Shard:
     entry: dict
-    files: ShardFiles
+    name: str  # the stored file, as the log lists it
+    path: str  # where it is read locally (the dataset root, or the cache folder it is fetched into)
     layout: ShardLayout
     start: int  # global number of its first row
+
+    @property
+    def samples(self) -> int:
+        return int(self.entry["samples"])
 
 
 @dataclass
@@ -207,25 +215,17 @@ class Follower:
             self._add_shard(entry)
 
     def _add_shard(self, entry: dict) -> None:
-        raw = entry["raw_data"]
-        zipped = entry.get("zip_data")
-        where = f"{self.reader.root}, shard {stored_name(entry)}"
-        files = ShardFiles(
-            name=stored_name(entry),
-            raw_path=confined_path(self.root_local, raw["basename"], where=where),
-            zip_path=confined_path(self.root_local, zipped["basename"], where=where) if zipped else None,
-            raw_hashes=dict(raw.get("hashes") or {}), zip_hashes=dict(zipped.get("hashes") or {}) if zipped else {},
-            compression=entry.get("compression"), samples=int(entry["samples"]),
-        )
+        name = stored_name(entry)
+        where = f"{self.reader.root}, shard {name}"
         layout = ShardLayout.from_index_entry(entry)
         if self.plan is None:
-            self.plan = BatchPlan([layout], shard_names=[files.name], manifest=self.manifest, **self.options)
+            self.plan = BatchPlan([layout], shard_names=[name], manifest=self.manifest, **self.options)
         elif (layout.column_names, layout.column_encodings) != (self.shards[0].layout.column_names,
                                                                 self.shards[0].layout.column_encodings):
             raise ShardFormatError(f"{where}: its columns differ from the dataset's first shard")
         start = self.total
-        n = files.samples
-        self.shards.append(_Shard(entry, files, layout, start))
+        n = int(entry["samples"])
+        self.shards.append(_Shard(entry, name, confined_path(self.root_local, name, where=where), layout, start))
         self.total += n
         first = start + ((self.rank - start) % self.world)  # this rank's first row number in the shard
         if first < start + n:
@@ -330,31 +330,35 @@ class Follower:
         shard = self.shards[i]
 
         def load():
-            buf = None
-            for attempt in range(2):
-                try:
-                    buf = read_shard(shard.files, validate_hash=self.validate_hash)
-                    break
-                except FileNotFoundError:
-                    if attempt or self.reader.storage.is_local and os.path.realpath(self.root_local) == \
-                            os.path.realpath(self.reader.storage.root):
-                        raise FileNotFoundError(f"shard {shard.files.name!r} of {self.reader.root} is listed in the "
-                                                "log but missing") from None
-                    self._download(shard)
-            return decode_shard(shard.files, shard.layout, buf)
+            if not os.path.exists(shard.path):
+                if self._reads_in_place():
+                    raise FileNotFoundError(f"shard {shard.name!r} of {self.reader.root} is listed in the log but "
+                                            "missing: the dataset is incomplete")
+                self._download(shard)
+            with open(shard.path, "rb") as f:
+                stored = f.read()
+            e = shard.entry
+            zipped = e.get("zip_data")
+            hashes = dict((zipped or e["raw_data"]).get("hashes") or {})
+            report = check_shard(stored, where=f"shard {shard.name!r}", compression=e.get("compression") if zipped else None,
+                                 raw_bytes=int(e["raw_data"]["bytes"]), samples=shard.samples, stored_hashes=hashes,
+                                 hash_names=pick_hash(hashes, self.validate_hash)).raise_first()
+            return decode_shard(shard.name, shard.layout, report.raw, report.offsets)
 
         return self.cache.get(i, load)
 
+    def _reads_in_place(self) -> bool:
+        storage = self.reader.storage
+        return storage.is_local and os.path.realpath(self.root_local) == os.path.realpath(storage.root)
+
     def _download(self, shard: _Shard) -> None:
         """Fetch a shard of a remote (or separately cached) dataset into the local folder."""
-        name = stored_name(shard.entry)
-        path = shard.files.zip_path if shard.entry.get("zip_data") else shard.files.raw_path
-        data = self.reader.storage.read_bytes(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.part"
+        data = self.reader.storage.read_bytes(shard.name)
+        os.makedirs(os.path.dirname(shard.path), exist_ok=True)
+        tmp = f"{shard.path}.{os.getpid()}.part"
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        os.replace(tmp, shard.path)
 
     def _gather(self, rows: np.ndarray) -> PackedBatch:
         starts = np.fromiter((s.start for s in self.shards), np.int64, len(self.shards))

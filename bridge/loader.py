@@ -27,7 +27,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from sparkbridge.bridge.device import resolve_device, to_batches
-from sparkbridge.bridge.source import mark_cache, open_version, resolve_source
+from sparkbridge.bridge.passes import PassBoard
+from sparkbridge.bridge.source import Source, mark_cache, open_version, resolve_source
 from sparkbridge.bridge.state import LoaderState, StateError
 
 __all__ = ["StreamingLoader", "StateError"]
@@ -55,8 +56,14 @@ class StreamingLoader:
     * Integrity: shards are checked against index.json hashes (``validate_hash=None`` picks xxh64
       when present, a name forces one, False skips) and their layout; a bad shard raises
       :class:`~bridge.decode.CorruptShardError` naming it. Without hashes only layout damage shows.
-    * Memory: each process keeps up to ``decoded_cache_bytes`` (default 1 GiB) of decoded shards;
-      ``cache_limit`` bounds the local disk cache of a remote dataset (Mosaic evicts old shards).
+    * Memory: anonymous memory for decoded shards stays within ``decoded_cache_bytes`` (default
+      1 GiB) whatever the shuffle. A dataset of fixed-width columns that fits is held as one row
+      table shared by all worker processes; otherwise shards are decoded in memory while the
+      pass's working set fits, and read from decompressed files on local disk, memory-mapped
+      (page cache, shared by workers), when it does not: the ``local`` cache of a remote dataset,
+      or for a local dataset without ``local=`` a folder under ``$SPARKBRIDGE_CACHE_DIR`` (default
+      the temp dir; logged, removed by :meth:`close`), never the dataset root. ``cache_limit``
+      bounds that folder (Mosaic evicts the least recently used shards).
     """
 
     def __init__(
@@ -129,6 +136,8 @@ class StreamingLoader:
             validate_hash=validate_hash, drop_last=drop_last, decoded_cache_bytes=decoded_cache_bytes,
             columns=columns, features=features, label=label,
         )
+        self._board = PassBoard()
+        self._spill_folders: list[str] = []
         self._follow: Optional[dict] = None  # the followed epoch's settings while it is not finished
         self._follower: Any = None
         self._follow_resume: Optional[dict] = None
@@ -258,7 +267,33 @@ class StreamingLoader:
 
         snapshot = open_version(self.source, version, download_timeout=self._dataset_options["download_timeout"])
         logger.debug("%s: reading version %s (%s)", self.source.name, snapshot.version, snapshot.identity)
-        return BatchDataset(snapshot=snapshot, **self._dataset_options)
+        options = dict(self._dataset_options)
+        origin = self._origin(self.source)
+        if origin is not None and self.source.remote is None:
+            if any(s.get("zip_data") for s in snapshot.shards):
+                # compressed and no local= given: read in place, spill into a folder of our choosing
+                options["remote"], options["local"] = origin, self._new_spill_folder(origin)
+            else:
+                origin = None  # uncompressed: every shard is mapped in place, nothing is ever written
+        return BatchDataset(snapshot=snapshot, origin=origin, board=self._board, **options)
+
+    @staticmethod
+    def _origin(source: Source) -> Optional[str]:
+        """The local dataset root when the dataset is a local folder (read in place)."""
+        if source.remote is None:
+            return source.local
+        return source.remote if "://" not in source.remote else None
+
+    def _new_spill_folder(self, root: str) -> str:
+        from sparkbridge.bridge.distributed import broadcast_from_rank0
+        from sparkbridge.bridge.spill import new_spill_folder, remove_stale_spill_folders
+
+        remove_stale_spill_folders()
+        folder = broadcast_from_rank0(lambda: new_spill_folder(root))
+        self._spill_folders.append(folder)
+        logger.info("%s: shards that do not fit decoded_cache_bytes will be decompressed into %s (removed by "
+                    "close(); pass local= to choose the folder)", root, folder)
+        return folder
 
     # ------------------------------------------------------------------ facts
 
@@ -289,7 +324,9 @@ class StreamingLoader:
             from sparkbridge.bridge.distributed import world_info
 
             return world_info()[1]
-        return int(self.dataset._parallel_rank_world.num_ranks)
+        from sparkbridge.bridge import mosaic
+
+        return int(mosaic.rank_world(self.dataset).num_ranks)
 
     @property
     def epoch(self) -> int:
@@ -308,19 +345,21 @@ class StreamingLoader:
             raise TypeError("the length of a followed epoch is unknown until its write completes "
                             "(iterate it; len() works from the second epoch on)")
         if self._len is None:
-            from streaming.base.partition import get_partitions
+            from sparkbridge.bridge import mosaic
 
             ds = self.dataset
             world = ds.work_world(max(1, self.num_workers))
-            ds._resume(world, 0)
-            ids = get_partitions(ds.partition_algo, ds.epoch_size, ds.num_canonical_nodes, world.num_nodes,
+            mosaic.apply_order_defaults(ds, world)
+            ids = mosaic.get_partitions(ds.partition_algo, ds.epoch_size, ds.num_canonical_nodes, world.num_nodes,
                                  world.ranks_per_node, world.workers_per_rank, self.batch_size, 0,
                                  ds.initial_physical_nodes)
             self._len = self._count_batches(ids)
         return self._len
 
     def _count_batches(self, work: np.ndarray) -> int:
-        p = self.dataset._parallel_rank_world
+        from sparkbridge.bridge import mosaic
+
+        p = mosaic.rank_world(self.dataset)
         mine = work[p.node, p.rank_of_node]  # (workers, batches per worker, batch size)
         seq = np.ascontiguousarray(mine.transpose(1, 0, 2)).reshape(-1, self.batch_size) >= 0
         return int(seq.all(axis=1).sum()) if self.drop_last else int(seq.any(axis=1).sum())
@@ -363,9 +402,7 @@ class StreamingLoader:
         work = self._submit(epoch, start).result()
         with self._lock:
             self._futures.pop((epoch, start, max(1, self.num_workers)), None)
-        ds = self.dataset
-        ds.sb_epoch, ds.sb_sample_in_epoch = epoch, start
-        ds.sb_work = ((epoch, start, max(1, self.num_workers)), work)
+        self._board.set(epoch, start, max(1, self.num_workers), work)
         token = object()
         self._token = token
         self._pass_batches = self._count_batches(work)
@@ -378,38 +415,34 @@ class StreamingLoader:
         import torch
         from torch.utils.data import DataLoader
 
-        ds = self.dataset
-        if self._dl is None or work.size > self._dl_capacity:
+        ds, board = self.dataset, self._board
+        if self._dl is None or work.size > board.capacity():
             self._shutdown_workers()
-            ds.sb_control = torch.zeros(16, dtype=torch.int64).share_memory_()
-            ds.sb_work_shared = torch.empty(max(1, work.size), dtype=torch.int64).share_memory_()
-            self._dl_capacity = work.size
             # a DataLoader keeps at most prefetch * workers batches outstanding, all possibly at
             # one worker once the others are done: that many slots plus two are never overwritten
             # before this process has copied them out
             slots = self.prefetch * self.num_workers + 2
             slot_bytes = ds.plan.layout(self.batch_size)[1]
-            if self.num_workers * slots * slot_bytes <= _MAX_SLOT_BYTES:
-                ds.sb_slots = torch.empty((self.num_workers, slots, slot_bytes), dtype=torch.uint8).share_memory_()
-            else:
-                ds.sb_slots = None
+            if not board.share(capacity=work.size, workers=self.num_workers, slots=slots, slot_bytes=slot_bytes,
+                               max_slot_bytes=_MAX_SLOT_BYTES):
                 logger.info("batches of %d bytes are too large for shared slots; using torch's IPC", slot_bytes)
+            ds.prepare_for_workers()  # the resident table the workers share, before they fork
             self._dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                   prefetch_factor=self.prefetch, persistent_workers=True)
-        ds.publish(epoch, start, work)
+        board.publish(epoch, start, work, ds.order_settings())
         return iter(self._dl)
 
     def _shutdown_workers(self) -> None:
         if self._dl is not None:
-            it = getattr(self._dl, "_iterator", None)
-            if it is not None:
-                it._shutdown_workers()
+            from sparkbridge.bridge.torch_compat import shutdown_workers
+
+            shutdown_workers(self._dl)
             self._dl = None
 
     def _owned(self, source: Iterator[Any]) -> Iterator[Any]:
         """Copy each batch out of its worker's shared slot as soon as it arrives (before the
         DataLoader can hand that slot out again); pinned staging for a GPU is bridge.device's."""
-        slots = self.dataset.sb_slots.numpy() if self.dataset.sb_slots is not None else None
+        slots = self._board.slots.numpy() if self._board.slots is not None else None
         layout = self.dataset.plan.layout
         for batch in source:
             if batch.slot is not None:
@@ -424,7 +457,8 @@ class StreamingLoader:
         if self.num_workers == 0:
             source: Any = iter(self.dataset)
         else:
-            source = self._owned(self._workers(epoch, self.dataset.sb_sample_in_epoch, self.dataset.sb_work[1]))
+            work = self._board.work_for(epoch, self._board.start, self.num_workers)
+            source = self._owned(self._workers(epoch, self._board.start, work))
         self._submit(epoch + 1, 0)  # after the workers are forked: never fork under a busy thread
         for out in to_batches(source, self.dataset.plan, device=self.device, pin_memory=self.pin_memory,
                               prefetch=self.prefetch):
@@ -441,13 +475,15 @@ class StreamingLoader:
     # ------------------------------------------------------------------ state
 
     def _describe(self, epoch: int, sample: int) -> LoaderState:
+        from sparkbridge.bridge import mosaic
+
         ds = self.dataset
         return LoaderState(
             dataset=ds.identity, version=ds.version, source=str(ds.source), epoch=epoch, sample_in_epoch=sample,
             shuffle=bool(ds.shuffle), shuffle_seed=int(ds.shuffle_seed), shuffle_algo=str(ds.shuffle_algo),
             shuffle_block_size=ds.shuffle_block_size, num_canonical_nodes=ds.num_canonical_nodes,
             initial_physical_nodes=ds.initial_physical_nodes if ds.initial_physical_nodes is not None
-            else ds._parallel_rank_world.num_nodes,
+            else mosaic.rank_world(ds).num_nodes,
             world_size=self.world_size, batch_size=self.batch_size,
         )
 
@@ -463,7 +499,9 @@ class StreamingLoader:
             else:
                 sample = self._start + self._consumed * self.batch_size * self.world_size
         if self.dataset.num_canonical_nodes is None:
-            self.dataset._resume(self.dataset.work_world(1), epoch)
+            from sparkbridge.bridge import mosaic
+
+            mosaic.apply_order_defaults(self.dataset, self.dataset.work_world(1))
         return self._describe(epoch, sample).to_dict()
 
     def _follow_state(self) -> dict[str, Any]:
@@ -522,15 +560,13 @@ class StreamingLoader:
                              f"(saved {saved.batch_size} x {saved.world_size}, now {self.batch_size} x {self.world_size})")
         self._follow["target"] = FollowTarget(int(f["start_version"]), f.get("write_id"), bool(f.get("stream")))
         if self.dataset is not None:
-            from sparkbridge.bridge.distributed import release_shared_memory
-
-            release_shared_memory(self.dataset)
+            self._shutdown_workers()
+            self._release(self.dataset)
             self.dataset = None
         self._follow_resume = dict(f)
         self._epoch, self._start, self._consumed, self._active, self._token = 0, 0, 0, False, None
 
     def _rebuild(self, version: int) -> None:
-        from sparkbridge.bridge.distributed import release_shared_memory
         from sparkbridge.errors import VersionNotFoundError
 
         try:
@@ -541,9 +577,20 @@ class StreamingLoader:
         logger.info("%s: resuming on version %d, the version the saved run read (the latest is %d)",
                     self.source.name, version, self.dataset.version)
         self._shutdown_workers()
-        release_shared_memory(self.dataset)
+        self._release(self.dataset)
         self.dataset = dataset
         self._len = None
+
+    def _release(self, dataset) -> None:
+        from sparkbridge.bridge.mosaic import release_shared_memory
+        from sparkbridge.bridge.spill import remove_spill_folder
+
+        release_shared_memory(dataset)
+        dataset.release()  # up to decoded_cache_bytes of decoded shards, maps, the resident table
+        local = dataset.streams[0].local
+        if local in self._spill_folders:
+            self._spill_folders.remove(local)
+            remove_spill_folder(local)
 
     def close(self) -> None:
         """Stop the worker processes and the background epoch-order thread and release Mosaic's
@@ -555,12 +602,10 @@ class StreamingLoader:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
-        from sparkbridge.bridge.distributed import release_shared_memory
-
+        self._board.drop_shared()
         self._follower = None
         if self.dataset is not None:
-            release_shared_memory(self.dataset)
-            self.dataset._sb_cache = None  # up to decoded_cache_bytes of decoded shards
+            self._release(self.dataset)
 
     def __del__(self) -> None:
         try:

@@ -2,44 +2,102 @@
 
 sparkbridge keeps Mosaic for what it does well (sample order, partitioning over ranks and workers,
 download and cache-limit eviction, elastic resumption) and replaces the per-sample fetch. That
-needs a few names Mosaic does not document as public; every such use is here, so a Mosaic upgrade
+needs names Mosaic does not document as public; every such use is here, so a Mosaic upgrade
 touches this file and ``tests/bridge/test_mosaic_adapter.py``, which pins the behaviour relied on.
+The rest of ``bridge/`` calls the functions below and never reads an underscore attribute of a
+Mosaic object.
 
+* The tested range is checked at import (:data:`SUPPORTED`); outside it the import fails and says
+  which version to install.
+* Mosaic is imported without ``streaming/__init__.py`` (see :mod:`bridge.mosaic_import`).
 * :class:`SnapshotStream` — a ``Stream`` whose shards come from a dataset version (the log), not
-  from ``index.json`` in the cache folder. Why: Mosaic reuses a cached ``index.json`` if one
-  exists, so after an overwrite a loader with the same ``local=`` served the old data silently.
-* ``generate_work``, ``get_partitions``, ``ShardState``, ``World``, ``maybe_init_dist``.
+  from ``index.json`` in the cache folder (Mosaic reuses a cached ``index.json``, so after an
+  overwrite a loader with the same ``local=`` served the old data silently); it also decompresses
+  with :func:`sparkbridge.format.check.check_shard` (hash, bounded size, sample count) instead of
+  Mosaic's unbounded decompression, and reads a local dataset's compressed shards in place
+  instead of copying them into the cache first.
+* Order: :func:`apply_order_defaults`, ``generate_work``, ``get_partitions``; worlds:
+  :func:`rank_world`, :func:`detect_worker_worlds`; the shard cache: :func:`shard_states`,
+  :func:`touch_shard`, :func:`prepare_shard`; shared memory: :func:`release_shared_memory`,
+  :data:`SHM_NAME`.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Optional, Sequence
+import logging
+import os
+import re
+from time import time_ns
+from typing import Any, Callable, Optional, Sequence
 
-from streaming import Stream
-from streaming.base.batching import generate_work
-from streaming.base.dataset import _ShardState as ShardState
-from streaming.base.distributed import maybe_init_dist
-from streaming.base.format import reader_from_json
-from streaming.base.partition import get_partitions
-from streaming.base.world import World
+from sparkbridge.bridge.mosaic_import import load_streaming_base
+from sparkbridge.errors import ShardFormatError, SparkbridgeError
 
-from sparkbridge.errors import ShardFormatError
+__all__ = ["SUPPORTED", "MOSAIC_VERSION", "check_version", "StreamingDataset", "SnapshotStream", "ShardState",
+           "World", "generate_work", "get_partitions", "maybe_init_dist", "download_file", "apply_order_defaults",
+           "rank_world", "detect_worker_worlds", "shard_states", "touch_shard", "prepare_shard",
+           "release_shared_memory", "SHM_NAME"]
 
-__all__ = ["SnapshotStream", "generate_work", "get_partitions", "ShardState", "World", "maybe_init_dist"]
+logger = logging.getLogger(__name__)
+
+#: Mosaic releases this adapter is tested with (inclusive lower, exclusive upper bound).
+SUPPORTED = ((0, 13, 0), (0, 14, 0))
+
+load_streaming_base((
+    "streaming._version", "streaming.base.dataset", "streaming.base.stream", "streaming.base.batching",
+    "streaming.base.partition", "streaming.base.format", "streaming.base.distributed", "streaming.base.world",
+    "streaming.base.storage",
+))
+
+from streaming._version import __version__ as MOSAIC_VERSION  # noqa: E402
+
+
+def check_version(version: str) -> None:
+    """Refuse a Mosaic release outside :data:`SUPPORTED`, saying what to install."""
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+    lo, hi = SUPPORTED
+    if not (lo <= parts < hi):
+        raise ImportError(
+            f"sparkbridge.bridge is tested with mosaicml-streaming {'.'.join(map(str, lo))} up to (not including) "
+            f"{'.'.join(map(str, hi))}, but {version} is installed; it relies on Mosaic internals that change "
+            f"between releases: `pip install mosaicml-streaming=={'.'.join(map(str, lo))}` (the pinned version)")
+
+
+check_version(MOSAIC_VERSION)
+
+from streaming.base.batching import generate_work  # noqa: E402
+from streaming.base.dataset import StreamingDataset  # noqa: E402
+from streaming.base.dataset import _ShardState as ShardState  # noqa: E402
+from streaming.base.distributed import maybe_init_dist  # noqa: E402
+from streaming.base.format import reader_from_json  # noqa: E402
+from streaming.base.partition import get_partitions  # noqa: E402
+from streaming.base.storage import CloudDownloader  # noqa: E402
+from streaming.base.stream import Stream  # noqa: E402
+from streaming.base.world import World  # noqa: E402
+
+#: Names of the shared-memory segments Mosaic creates (``<6-digit prefix>_<kind>``).
+SHM_NAME = re.compile(
+    r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|resume|epoch_shape|epoch_data)$")
 
 
 class SnapshotStream(Stream):
     """A stream over the shard entries of one dataset version.
 
     ``remote``/``local`` mean what they mean to Mosaic (a remote root and its cache, or a local
-    root alone); the entries were checked (paths confined to the root) before they got here."""
+    root alone); the entries were checked (paths confined to the root) before they got here.
+    ``check(entry_index, stored_bytes) -> raw bytes`` validates and decompresses one shard (it
+    raises naming the shard); it runs wherever Mosaic prepares a shard (any worker process)."""
 
-    def __init__(self, *, remote: Optional[str], local: Optional[str], shards: Sequence[dict], name: str) -> None:
+    def __init__(self, *, remote: Optional[str], local: Optional[str], shards: Sequence[dict], name: str,
+                 check: Callable[[int, bytes], Any]) -> None:
         super().__init__(remote=remote, local=local)
-        self._shards_json = [dict(s) for s in shards]
-        self._index_size = len(json.dumps({"shards": self._shards_json, "version": 2}))
+        self._shards_json = shards
+        self._by_zip = {s["zip_data"]["basename"]: i for i, s in enumerate(shards) if s.get("zip_data")}
+        import json
+
+        self._index_size = len(json.dumps({"shards": list(shards), "version": 2}))
         self._name = name
+        self._check = check
 
     def get_shards(self, world: Any, allow_unsafe_types: bool) -> list:
         shards = []
@@ -56,3 +114,134 @@ class SnapshotStream(Stream):
 
     def get_index_size(self) -> int:
         return self._index_size
+
+    def _write_raw(self, zip_info: Any, zipped: bytes, raw_filename: str) -> None:
+        raw = self._check(self._by_zip[zip_info.basename], zipped)
+        tmp = f"{raw_filename}.{os.getpid()}.tmp"
+        os.makedirs(os.path.dirname(raw_filename), exist_ok=True)
+        with open(tmp, "wb") as out:
+            out.write(memoryview(raw))
+        os.replace(tmp, raw_filename)
+
+    # Mosaic 0.13: Stream._decompress_shard_part(zip_info, zip_filename, raw_filename, compression)
+    def _decompress_shard_part(self, zip_info: Any, zip_filename: str, raw_filename: str,
+                               compression: Optional[str]) -> None:
+        with open(zip_filename, "rb") as f:
+            zipped = f.read()
+        self._write_raw(zip_info, zipped, raw_filename)
+        if not self.safe_keep_zip:
+            os.remove(zip_filename)
+
+    # Mosaic 0.13: Stream._prepare_shard_part(raw_info, zip_info, compression) -> change in cache bytes
+    def _prepare_shard_part(self, raw_info: Any, zip_info: Any = None, compression: Optional[str] = None) -> int:
+        remote = self.remote
+        if zip_info is None or remote is None or "://" in remote:
+            return super()._prepare_shard_part(raw_info, zip_info, compression)
+        # a local dataset read through a cache folder: decompress its shard in place, no copy
+        raw_filename = os.path.join(self.local, self.split, raw_info.basename)
+        if os.path.isfile(raw_filename):
+            return 0
+        zip_filename = os.path.join(remote, self.split, zip_info.basename)
+        with open(zip_filename, "rb") as f:  # FileNotFoundError: the dataset is incomplete
+            zipped = f.read()
+        self._write_raw(zip_info, zipped, raw_filename)
+        return int(raw_info.bytes)
+
+
+def download_file(remote: str, local: str, timeout: float) -> None:
+    """Download one file with Mosaic's downloader for ``remote``'s scheme (gs://, hf://, ...)."""
+    CloudDownloader.direct_download(remote, local, timeout)
+
+
+def apply_order_defaults(dataset: Any, world: Any) -> None:
+    """Mosaic's defaults for ``num_canonical_nodes`` (64 per node for py1s/py2s, else one per
+    node) and ``shuffle_block_size``, as its ``_resume`` sets them when nothing is resumed."""
+    if not dataset.num_canonical_nodes:
+        dataset.num_canonical_nodes = 64 * world.num_nodes if dataset.shuffle_algo in ("py1s", "py2s") \
+            else world.num_nodes
+        logger.debug("num_canonical_nodes defaults to %d (Mosaic's rule for %s)", dataset.num_canonical_nodes,
+                     dataset.shuffle_algo)
+    dataset._set_shuffle_block_size(world)
+
+
+def rank_world(dataset: Any) -> Any:
+    """This rank's ``World`` as Mosaic sees it for iteration (``replication`` applied)."""
+    return dataset._parallel_rank_world
+
+
+def detect_worker_worlds(dataset: Any) -> Any:
+    """Inside ``__iter__``: this worker's ``World`` (Mosaic keeps both views on the dataset)."""
+    dataset._unique_worker_world = dataset._unique_rank_world.detect_workers()
+    dataset._parallel_worker_world = dataset._parallel_rank_world.detect_workers()
+    return dataset._parallel_worker_world
+
+
+def shard_states(dataset: Any) -> Any:
+    """Mosaic's shared per-shard state array (``ShardState`` values), as numpy."""
+    return dataset._shard_states.numpy()
+
+
+def touch_shard(dataset: Any, shard_id: int) -> None:
+    """Mark a shard recently used, so that ``cache_limit`` eviction keeps it."""
+    dataset._shard_access_times[shard_id] = time_ns()
+
+
+def prepare_shard(dataset: Any, shard_id: int, *, blocking: bool, name: str, source: str) -> None:
+    """Mosaic's ``prepare_shard`` (download, cache_limit eviction), except that a failed download
+    raises an error naming the shard and does not leave it PREPARING: Mosaic leaves that state
+    behind on error, and every process waiting for the shard would spin forever."""
+    try:
+        dataset.prepare_shard(shard_id, blocking=blocking)
+    except Exception as exc:
+        lock = getattr(dataset, "_cache_filelock", None)
+        if lock is not None:
+            lock.acquire()
+        try:
+            if dataset._shard_states[shard_id] == ShardState.PREPARING:
+                dataset._shard_states[shard_id] = ShardState.REMOTE
+        finally:
+            if lock is not None:
+                lock.release()
+        if isinstance(exc, SparkbridgeError):  # a corrupt shard, named by the check
+            raise
+        message = f"shard {name!r} of {source} could not be downloaded: {type(exc).__name__}: {exc}"
+        if _is_missing(exc):
+            raise FileNotFoundError(message + " (the dataset is incomplete)") from None
+        raise RuntimeError(message) from exc
+
+
+def _is_missing(exc: BaseException) -> bool:
+    """Whether a download error means "no such file" (Mosaic raises FileNotFoundError for local
+    and some stores, botocore's ClientError with these codes for S3)."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+    return code in ("403", "404", "NoSuchKey", "NotFound")
+
+
+def release_shared_memory(dataset: Any) -> int:
+    """Close a ``StreamingDataset``'s shared memory now (unlinking what this process created).
+
+    Mosaic registers every segment it opens with ``atexit``, so each dataset keeps its file
+    descriptors until the interpreter exits, and every later dataset in the process opens the
+    segments of all earlier ones again: a process that builds many loaders runs out of file
+    descriptors. Returns how many segments were released."""
+    import atexit
+
+    holders = [getattr(dataset, "_locals_shm", None), getattr(dataset, "_resume_shm", None)]
+    for name in ("_next_epoch", "_cache_usage"):
+        holders.append(getattr(getattr(getattr(dataset, name, None), "arr", None), "shm", None))
+    for name in ("_shard_states", "_shard_access_times"):
+        holders.append(getattr(getattr(dataset, name, None), "shm", None))
+    holders.append(getattr(getattr(getattr(dataset, "_shared_barrier", None), "_arr", None), "shm", None))
+    released = 0
+    for shm in holders:
+        if shm is None or not hasattr(shm, "cleanup"):
+            continue
+        try:
+            shm.cleanup()
+        except (BufferError, OSError):  # still exported to a live array: leave it to atexit
+            continue
+        atexit.unregister(shm.cleanup)
+        released += 1
+    return released

@@ -84,7 +84,7 @@ def mark_cache(folder: str, remote: str) -> None:
 
 def _fresh_remote_index(source: Source, timeout: float) -> Snapshot:
     """A remote we cannot list: download its ``index.json`` now (never trust a cached copy)."""
-    from streaming.base.storage import download_file
+    from sparkbridge.bridge.mosaic import download_file
 
     with tempfile.TemporaryDirectory(prefix="sparkbridge-index-") as tmp:
         path = os.path.join(tmp, "index.json")

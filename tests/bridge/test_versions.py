@@ -123,7 +123,7 @@ def test_hostile_log_entry_is_refused(two_versions):
 def test_a_symlink_out_of_the_cache_is_refused(two_versions, tmp_path):
     root, cache = two_versions, tmp_path / "cache"
     loader = StreamingLoader(root, local=str(cache), batch_size=8)
-    first = loader.dataset.shard_files[0].name.split("/")[0]
+    first = loader.dataset.table.name(0).split("/")[0]
     loader.close()
     cache.mkdir(exist_ok=True)
     outside = tmp_path / "elsewhere"

@@ -1,0 +1,182 @@
+"""Getting a shard's checked bytes into this process: mapped from disk, or decompressed in memory.
+
+Where a shard is read from, in order:
+
+1. a decompressed copy on local disk (Mosaic's cache of a remote dataset, an uncompressed local
+   dataset, or a shard spilled to the cache folder): memory-mapped (:mod:`bridge.mapped`, no file
+   descriptor kept), so its pages are the page cache's, shared by every process; small files
+   (under 1 MiB) outside spill mode are read instead (thousands of tiny maps cost more than
+   their copies);
+2. unless the pass spills, a compressed copy (a local dataset's own file, read in place):
+   decompressed in memory, at most the size the index declares;
+3. otherwise Mosaic prepares it (download, ``cache_limit`` eviction; a local dataset's shard is
+   decompressed from the dataset root into the cache folder, never into the root), then 1.
+
+Every shard passes :func:`sparkbridge.format.check.check_shard` (hash per ``validate_hash``,
+bounded decompression, size, sample count, offsets) and :func:`bridge.decode.decode_shard` before
+a gather sees it; a mapped file is hashed once per process while it stays the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from sparkbridge.bridge import mosaic
+from sparkbridge.bridge.cache import ShardCache
+from sparkbridge.bridge.decode import DecodedShard, decode_shard
+from sparkbridge.bridge.mapped import map_file
+from sparkbridge.bridge.resident import LOADED, LOADING, ResidentRows
+from sparkbridge.bridge.shards import ShardTable
+from sparkbridge.format.check import ShardReport, check_shard
+
+__all__ = ["ShardReader", "pick_hash"]
+
+logger = logging.getLogger(__name__)
+
+_MAP_MIN_BYTES = 1 << 20
+_MAX_MAPS = 1024
+_CLAIM_WAIT_S = 30.0
+
+
+def pick_hash(hashes: dict, validate_hash: Union[str, bool, None]) -> tuple[str, ...]:
+    """Which hashes to compare: none (False, or the index has none), the named one, or xxh64 /
+    the first listed (None)."""
+    if validate_hash is False or (not hashes and not isinstance(validate_hash, str)):
+        return ()
+    if isinstance(validate_hash, str):
+        return (validate_hash,)
+    return ("xxh64",) if "xxh64" in hashes else (sorted(hashes)[0],)
+
+
+class ShardReader:
+    """Loads shards for one process (each DataLoader worker builds its own)."""
+
+    def __init__(self, *, dataset: Any, table: ShardTable, validate_hash: Union[str, bool, None], remote: Optional[str],
+                 source: str, cache_limit: Optional[int], budget: int, resident: Optional[ResidentRows],
+                 retry: int = 7) -> None:
+        self.dataset = dataset
+        self.table = table
+        self.validate_hash = validate_hash
+        self.remote = remote
+        self.source = source
+        self.cache_limit = cache_limit
+        self.retry = retry
+        self.cache = ShardCache(budget, max_maps=_MAX_MAPS)
+        self.resident = resident
+        self._validated: dict[int, tuple] = {}  # shard -> identity of the mapped file that passed
+
+    # ------------------------------------------------------------------ checks
+
+    def check_stored(self, i: int, stored: Any, *, compressed: bool) -> ShardReport:
+        t = self.table
+        where = f"shard {t.name(i)!r}"
+        if compressed:
+            hashes = t.zip_hashes(i)
+            return check_shard(stored, where=where, compression=t.compression(i), raw_bytes=int(t.raw_bytes[i]),
+                               samples=int(t.samples[i]), stored_hashes=hashes,
+                               hash_names=pick_hash(hashes, self.validate_hash)).raise_first()
+        hashes = t.raw_hashes(i)
+        names = pick_hash(hashes, self.validate_hash)
+        if t.compressed[i]:  # a decompressed copy: its own hash when the index has it
+            names = tuple(n for n in names if n in hashes)
+        return check_shard(stored, where=where, compression=None, raw_bytes=int(t.raw_bytes[i]),
+                           samples=int(t.samples[i]), stored_hashes=hashes, hash_names=names).raise_first()
+
+    def decompressed(self, i: int, zipped: bytes) -> np.ndarray:
+        """For :class:`bridge.mosaic.SnapshotStream`: check and decompress a stored shard."""
+        return self.check_stored(i, zipped, compressed=True).raw
+
+    # ------------------------------------------------------------------ loading
+
+    def _from_raw_file(self, i: int, path: str, *, spill: bool) -> Optional[DecodedShard]:
+        t = self.table
+        mapped = spill or int(t.raw_bytes[i]) >= _MAP_MIN_BYTES
+        try:
+            if mapped:
+                buf, ident = map_file(path)
+            else:
+                buf, ident = np.fromfile(path, dtype=np.uint8), None
+        except FileNotFoundError:
+            return None
+        if mapped and self._validated.get(i) == ident:
+            n = int(t.samples[i])
+            offsets = buf[4:4 + 4 * (n + 1)].view("<u4")
+        else:
+            report = self.check_stored(i, buf, compressed=False)
+            offsets = report.offsets
+            if mapped:
+                self._validated[i] = ident
+        return decode_shard(t.name(i), t.layout(i), buf, offsets, mapped=mapped)
+
+    def load(self, i: int, *, spill: bool) -> DecodedShard:
+        """Shard ``i``, checked, from wherever it is (see the module doc)."""
+        t = self.table
+        i = int(i)
+        for _ in range(1 + self.retry):
+            for path in t.raw_candidates(i):
+                shard = self._from_raw_file(i, path, spill=spill)
+                if shard is not None:
+                    return shard
+            if not spill or self.remote is None:
+                for path in t.zip_candidates(i):
+                    try:
+                        with open(path, "rb") as f:
+                            zipped = f.read()
+                    except FileNotFoundError:
+                        continue
+                    report = self.check_stored(i, zipped, compressed=True)
+                    return decode_shard(t.name(i), t.layout(i), report.raw, report.offsets)
+            if self.remote is None:
+                missing = (t.zip_candidates(i) or t.raw_candidates(i))[0]
+                raise FileNotFoundError(
+                    f"shard {t.name(i)!r} is listed in {self.source}/index.json but is missing ({missing}); "
+                    "the dataset is incomplete")
+            mosaic.prepare_shard(self.dataset, i, blocking=True, name=t.name(i), source=self.source)
+        raise RuntimeError(
+            f"shard {t.name(i)!r} was evicted again before it could be read {1 + self.retry} times: "
+            f"cache_limit={self.cache_limit} is too small for the read-ahead window")
+
+    def decoded(self, i: int, *, spill: bool = False) -> DecodedShard:
+        """The shard through this process's cache (loading it when absent)."""
+        i = int(i)
+        shard = self.cache.get(i, lambda: self.load(i, spill=spill))
+        if self.cache_limit and self.remote is not None:
+            if shard.mapped and mosaic.shard_states(self.dataset)[i] != mosaic.ShardState.LOCAL:
+                # Mosaic evicted the file (cache_limit): drop the map so the disk space is freed
+                self.cache.drop(i)
+                shard = self.cache.get(i, lambda: self.load(i, spill=spill))
+            mosaic.touch_shard(self.dataset, i)  # Mosaic evicts the least recently used first
+        return shard
+
+    # ------------------------------------------------------------------ the resident table
+
+    def load_resident(self, i: int, *, wait: bool) -> None:
+        """Put shard ``i``'s rows in the resident table. ``wait``: when another thread or process
+        is loading it, wait for it (the foreground); else leave it to them (read-ahead)."""
+        res = self.resident
+        i = int(i)
+        if res.state[i] == LOADED:
+            return
+        if not res.claim(i):
+            if not wait:
+                return
+            deadline = time.monotonic() + _CLAIM_WAIT_S
+            while res.state[i] == LOADING and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            if res.state[i] == LOADED:
+                return
+            res.claim(i)  # its loader failed or died: load it here
+        try:
+            shard = self.load(i, spill=False)
+            res.fill(i, int(self.table.starts[i]), shard.rows)
+        except BaseException:
+            res.unclaim(i)
+            raise
+
+    def drop(self) -> None:
+        self.cache.clear()
+

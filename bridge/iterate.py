@@ -1,0 +1,155 @@
+"""One pass of batches: this worker's sample ids, ``batch_size`` at a time, gathered from shards.
+
+Two ways, chosen per dataset and pass:
+
+* **resident** (every column fixed-width and the whole table fits ``decoded_cache_bytes``): a
+  batch is one ``take`` of packed rows from the resident table by sample id (see
+  :mod:`bridge.resident`); during the first pass, shards the batch needs that are not in the table
+  yet are loaded first (the read-ahead thread loads them in first-need order, as far ahead as it
+  can). No per-shard work per batch.
+* **per shard**: ids map to (shard, row) with one ``searchsorted``; rows are grouped by shard with
+  one stable ``argsort``; each shard's rows come from the process's shard cache (in memory, or
+  memory-mapped files when the pass's working set does not fit the budget: see
+  :mod:`bridge.working_set`). Shards the pass will not need again are marked for eviction first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from sparkbridge.bridge.batch import PackedBatch
+from sparkbridge.bridge.readahead import ReadAhead
+from sparkbridge.bridge.torch_compat import in_worker
+from sparkbridge.bridge.working_set import PassShape, analyze_pass
+
+__all__ = ["iter_batches"]
+
+logger = logging.getLogger(__name__)
+
+
+def _valid(chunk: np.ndarray) -> np.ndarray:
+    return chunk if chunk.min(initial=0) >= 0 else chunk[chunk >= 0]
+
+
+def iter_batches(ds: Any, ids: np.ndarray) -> Iterator[PackedBatch]:
+    """Batches of ``ds`` (a :class:`bridge.dataset.BatchDataset`) for the sample ids ``ids``
+    (this worker's share of the pass, -1 for padding), in that order."""
+    reader = ds.reader()
+    if reader.resident is not None:
+        source = _resident_batches(ds, reader, ids)
+    else:
+        source = _shard_batches(ds, reader, ids)
+    if not in_worker():
+        return source
+    return _for_transfer(source, ds.board)
+
+
+def _for_transfer(source: Iterator[PackedBatch], board: Any) -> Iterator[PackedBatch]:
+    import torch
+
+    for batch in source:
+        if board.last_slot is not None:
+            batch.buf, batch.slot = None, board.last_slot
+        else:
+            batch.buf = torch.from_numpy(batch.buf)
+        yield batch
+
+
+def _batches(ids: np.ndarray, batch_size: int, drop_last: bool, ahead: Optional[ReadAhead]):
+    """(batch index, valid ids) of each batch to yield, advancing the read-ahead position."""
+    n = len(ids)
+    for j in range(-(-n // batch_size)):
+        a, b = j * batch_size, min((j + 1) * batch_size, n)
+        chunk = _valid(ids[a:b])
+        if ahead is not None:
+            ahead.position = b
+        if len(chunk) == 0 or (len(chunk) < batch_size and drop_last):
+            continue
+        yield j, chunk
+
+
+def _resident_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedBatch]:
+    res, table, plan = reader.resident, ds.table, ds.plan
+    layout = table.layouts[0]
+    ahead = None
+    if not res.complete():
+        def plan_order() -> tuple[np.ndarray, np.ndarray]:
+            shape = analyze_pass(ids, table.ends, table.raw_bytes, batch_size=ds.batch_size, window=0)
+            return shape.order, shape.first
+
+        ahead = ReadAhead(plan_order, lambda s: reader.load_resident(s, wait=False), window=len(ids),
+                          skip=lambda s: res.state[s] != 0)
+        ahead.start()
+    try:
+        for _, chunk in _batches(ids, ds.batch_size, ds.drop_last, ahead):
+            if not res.complete():
+                for s in res.missing(table.shard_of(chunk)).tolist():
+                    reader.load_resident(s, wait=True)
+            yield plan.gather_rows(res.take(chunk), layout, ds.board.alloc)
+    finally:
+        if ahead is not None:
+            ahead.stop()
+
+
+def _shard_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedBatch]:
+    table, plan, B = ds.table, ds.plan, ds.batch_size
+    cache = reader.cache
+    cache.revive_all()
+    budget = cache.max_bytes
+    window = int(ds.predownload or 0)
+    shape: Optional[PassShape] = None
+    spill = in_worker() and ds.spill_for_workers  # workers share a mapped file, not a copy each
+    if int(table.raw_bytes.sum()) > budget:
+        shape = analyze_pass(ids, table.ends, table.raw_bytes, batch_size=B, window=window)
+        if shape.max_live_bytes > budget and not spill:
+            spill = True
+            logger.info("%s: this pass needs %d MB of decoded shards at once, more than decoded_cache_bytes=%d MB: "
+                        "reading decompressed shard files from %s, memory-mapped", ds.source,
+                        shape.max_live_bytes >> 20, budget >> 20, table.cache_root)
+    ahead = None
+    if len(cache) < table.count:
+        if shape is not None:
+            order, first = shape.order, shape.first
+            plan_order = lambda: (order, first)  # noqa: E731
+        else:
+            def plan_order() -> tuple[np.ndarray, np.ndarray]:
+                s = analyze_pass(ids, table.ends, table.raw_bytes, batch_size=B, window=window)
+                return s.order, s.first
+        ahead = ReadAhead(plan_order, lambda s: reader.decoded(s, spill=spill), window=window,
+                          skip=lambda s: s in cache)
+        ahead.start()
+    dead = None
+    if shape is not None:  # shards in order of their last use, to mark dead as the pass moves on
+        by_last = np.argsort(shape.last, kind="stable")
+        dead = (shape.order[by_last], shape.last[by_last] // B)
+    k = 0
+    try:
+        for j, chunk in _batches(ids, B, ds.drop_last, ahead):
+            s = table.shard_of(chunk)
+            rows = chunk - table.starts[s]
+            lo, hi = int(s.min()), int(s.max())
+            if lo == hi:
+                groups = [(reader.decoded(lo, spill=spill), rows, None)]
+            else:
+                order = np.argsort(s, kind="stable")
+                ss = s[order]
+                cuts = np.flatnonzero(ss[1:] != ss[:-1]) + 1
+                bounds = [0, *cuts.tolist(), len(ss)]
+                groups = []
+                for c0, c1 in zip(bounds[:-1], bounds[1:]):
+                    pos = order[c0:c1]
+                    groups.append((reader.decoded(int(ss[c0]), spill=spill), rows[pos], pos))
+            batch = plan.gather(groups, len(chunk), ds.board.alloc)
+            if dead is not None:
+                k0 = k
+                while k < len(dead[1]) and dead[1][k] <= j:
+                    k += 1
+                if k > k0:
+                    cache.mark_dead(dead[0][k0:k].tolist())
+            yield batch
+    finally:
+        if ahead is not None:
+            ahead.stop()

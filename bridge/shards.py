@@ -1,0 +1,131 @@
+"""What the loader knows about each shard, in compact numpy arrays built once per dataset.
+
+Why arrays and not an object per shard: a dataset of 10,000 small shards made 10,000 Python
+objects per loader and per worker, and per-batch work looped over them. Sizes, sample counts and
+sample offsets are int64 arrays here (inherited by forked workers, never copied per batch); names
+and hashes stay in the index entries they came from; local paths are resolved (and confined to
+their root, symlinks included) the first time a shard is read, not for every shard at
+construction, except that every distinct folder is checked up front.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from sparkbridge.format.mds import ShardLayout
+from sparkbridge.format.paths import confined_path
+
+__all__ = ["ShardTable"]
+
+
+class ShardTable:
+    """Per-shard facts of one dataset version.
+
+    ``cache_root``: where Mosaic keeps this dataset's files (the dataset root itself for a local
+    dataset read in place, else the ``local`` cache folder); ``origin_root``: a local dataset
+    root read through a cache folder (its files are read in place), else None."""
+
+    def __init__(self, entries: Sequence[dict], *, cache_root: str, origin_root: Optional[str], where: str) -> None:
+        self.entries = entries
+        self.cache_root = cache_root
+        self.origin_root = origin_root
+        self.where = where
+        n = len(entries)
+        self.count = n
+        self.samples = np.fromiter((int(e["samples"]) for e in entries), dtype=np.int64, count=n)
+        self.raw_bytes = np.fromiter((int(e["raw_data"]["bytes"]) for e in entries), dtype=np.int64, count=n)
+        self.zip_bytes = np.fromiter(((e.get("zip_data") or {}).get("bytes", 0) for e in entries), dtype=np.int64,
+                                     count=n)
+        self.compressed = np.fromiter((bool(e.get("zip_data")) for e in entries), dtype=bool, count=n)
+        self.ends = np.cumsum(self.samples)
+        self.starts = self.ends - self.samples
+        self.total_samples = int(self.ends[-1]) if n else 0
+        layouts: dict[tuple, int] = {}
+        self.layouts: list[ShardLayout] = []
+        index = np.empty(n, dtype=np.int32)
+        for i, e in enumerate(entries):
+            key = (tuple(e["column_names"]), tuple(e["column_encodings"]), tuple(e["column_sizes"]))
+            k = layouts.get(key)
+            if k is None:
+                k = layouts[key] = len(self.layouts)
+                self.layouts.append(ShardLayout.from_index_entry(
+                    {"column_names": key[0], "column_encodings": key[1], "column_sizes": key[2]}))
+            index[i] = k
+        self.layout_index = index
+        self._paths: dict[tuple[str, int], Optional[str]] = {}
+        self._check_folders()
+
+    def _check_folders(self) -> None:
+        """Every distinct folder a shard lives in stays inside its root (a symlinked folder
+        pointing out is refused now, naming the first shard in it)."""
+        roots = [("cache", self.cache_root)] + ([("origin", self.origin_root)] if self.origin_root else [])
+        seen: set[str] = set()
+        for i, e in enumerate(self.entries):
+            for key in ("raw_data", "zip_data"):
+                info = e.get(key)
+                if not info:
+                    continue
+                folder = info["basename"].rpartition("/")[0]
+                if folder and folder not in seen:
+                    seen.add(folder)
+                    for _, root in roots:
+                        confined_path(root, folder, where=f"{self.where}, shard {i}")
+
+    # ------------------------------------------------------------------ facts
+
+    def name(self, i: int) -> str:
+        """The stored file's name, as listed in the index (used in every error about the shard)."""
+        e = self.entries[i]
+        return (e.get("zip_data") or e["raw_data"])["basename"]
+
+    def layout(self, i: int) -> ShardLayout:
+        return self.layouts[int(self.layout_index[i])]
+
+    def compression(self, i: int) -> Optional[str]:
+        return self.entries[i].get("compression") if self.compressed[i] else None
+
+    def raw_hashes(self, i: int) -> dict:
+        return dict(self.entries[i]["raw_data"].get("hashes") or {})
+
+    def zip_hashes(self, i: int) -> dict:
+        return dict((self.entries[i].get("zip_data") or {}).get("hashes") or {})
+
+    def shard_of(self, sample_ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.ends, sample_ids, side="right")
+
+    # ------------------------------------------------------------------ paths
+
+    def _path(self, root: Optional[str], kind: str, i: int) -> Optional[str]:
+        if root is None:
+            return None
+        info = self.entries[i].get(kind)
+        if not info:
+            return None
+        key = (f"{kind}@{root}", i)
+        path = self._paths.get(key)
+        if path is None:
+            path = confined_path(root, info["basename"], where=f"{self.where}, shard {i}")
+            self._paths[key] = path
+        return path
+
+    def cache_raw(self, i: int) -> Optional[str]:
+        return self._path(self.cache_root, "raw_data", i)
+
+    def cache_zip(self, i: int) -> Optional[str]:
+        return self._path(self.cache_root, "zip_data", i)
+
+    def origin_raw(self, i: int) -> Optional[str]:
+        return self._path(self.origin_root, "raw_data", i)
+
+    def origin_zip(self, i: int) -> Optional[str]:
+        return self._path(self.origin_root, "zip_data", i)
+
+    def raw_candidates(self, i: int) -> list[str]:
+        """Where a decompressed copy of shard ``i`` may already be on local disk."""
+        return [p for p in (self.cache_raw(i), self.origin_raw(i)) if p is not None]
+
+    def zip_candidates(self, i: int) -> list[str]:
+        return [p for p in (self.cache_zip(i), self.origin_zip(i)) if p is not None]
+
