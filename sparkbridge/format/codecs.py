@@ -2,15 +2,19 @@
 
 Codecs import on first use (a dataset written with zstd never loads brotli); the C codecs release
 the GIL, so the writer and the loader compress, decompress and hash on background threads.
+
+A zstd file may hold several frames back to back (RFC 8878 §3.1): ``zstd.decompress``, which
+Mosaic uses, decodes such a file to the concatenation of the frames' contents. The writer uses that
+to compress a shard piece by piece while its batches arrive (see :func:`concatenates`).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 from sparkbridge.errors import ShardFormatError
 
-__all__ = ["compression_extension", "compress", "decompress", "hash_bytes"]
+__all__ = ["compression_extension", "compress", "decompress", "concatenates", "hash_bytes", "hash_parts"]
 
 
 def _split_compression(algo: str) -> tuple[str, Optional[int]]:
@@ -72,6 +76,13 @@ def compress(algo: Optional[str], data: Union[bytes, memoryview]) -> bytes:
     return _CODECS[family]()[0](data, _split_compression(algo)[1])
 
 
+def concatenates(algo: Optional[str]) -> bool:
+    """Whether pieces compressed one by one and written back to back decompress, with Mosaic's own
+    ``decompress``, to the pieces joined: true for zstd (one frame per piece). Other codecs are
+    compressed in one call per shard."""
+    return algo is not None and compression_extension(algo) == "zstd"
+
+
 def decompress(algo: Optional[str], data: Union[bytes, memoryview]) -> bytes:
     """Inverse of :func:`compress`."""
     if algo is None:
@@ -79,14 +90,26 @@ def decompress(algo: Optional[str], data: Union[bytes, memoryview]) -> bytes:
     return _CODECS[compression_extension(algo)]()[1](data)
 
 
-def hash_bytes(algo: str, data: Union[bytes, memoryview]) -> str:
-    """Hex digest by Mosaic's hash names: xxhash's (``xxh64``, ``xxh3_64``, ...) or hashlib's."""
+def _hasher(algo: str):
     import hashlib
 
     import xxhash
 
     if algo in xxhash.algorithms_available:
-        return getattr(xxhash, algo)(data).hexdigest()
+        return getattr(xxhash, algo)()
     if algo in hashlib.algorithms_available and not algo.startswith("shake_"):
-        return hashlib.new(algo, data).hexdigest()
+        return hashlib.new(algo)
     raise ShardFormatError(f"unsupported hash {algo!r}; use e.g. 'xxh64', 'xxh3_64' or 'sha1'")
+
+
+def hash_bytes(algo: str, data: Union[bytes, memoryview]) -> str:
+    """Hex digest by Mosaic's hash names: xxhash's (``xxh64``, ``xxh3_64``, ...) or hashlib's."""
+    return hash_parts(algo, (data,))
+
+
+def hash_parts(algo: str, parts: Iterable[Any]) -> str:
+    """:func:`hash_bytes` of the parts joined (any contiguous buffers), without joining them."""
+    h = _hasher(algo)
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()

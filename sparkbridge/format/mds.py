@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from sparkbridge.errors import ShardFormatError
-from sparkbridge.format.codecs import hash_bytes
+from sparkbridge.format.codecs import hash_parts
 
 __all__ = [
     "INDEX_BASENAME",
@@ -42,6 +42,8 @@ __all__ = [
     "pack_rows",
     "encode_shard",
     "encode_shard_chunks",
+    "shard_header",
+    "shard_parts",
     "sample_offsets",
     "column_starts",
     "gather_fixed",
@@ -190,14 +192,8 @@ def pack_rows(columns: Sequence[Union[FixedColumn, VarColumn]]) -> tuple[np.ndar
     sizes = np.full(n, head + fixed_total, dtype=np.int64)
     for lengths in var_lengths:
         sizes += lengths
-    if not var_lengths:  # every row has the same size: fill a 2-D buffer with strided copies
-        out = np.empty((n, head + fixed_total), dtype=np.uint8)
-        pos = 0
-        for col in columns:
-            w = col.width
-            out[:, pos:pos + w] = col.as_bytes()
-            pos += w
-        return out.reshape(-1), sizes
+    if not var_lengths:  # every row has the same size: one strided copy per column
+        return _pack_fixed(columns, n, fixed_total), sizes
     starts = np.zeros(n, dtype=np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
     out = np.empty(int(sizes.sum()), dtype=np.uint8)
@@ -220,6 +216,24 @@ def pack_rows(columns: Sequence[Union[FixedColumn, VarColumn]]) -> tuple[np.ndar
                 out[dest] = col.data[src[0]:src[-1]]
             within += lengths
     return out, sizes
+
+
+def _pack_fixed(columns: Sequence[FixedColumn], n: int, width: int) -> np.ndarray:
+    """Rows of fixed-width columns only: each column is copied into its slot of every row through
+    a strided view typed as the column (whole-element copies, not byte-wise ones)."""
+    out = np.empty(n * width, dtype=np.uint8)
+    if n == 0:
+        return out
+    pos = 0
+    for col in columns:
+        values = col.values
+        inner = values.shape[1:]  # a fixed ndarray column's value shape, C order inside the row
+        strides = (width,) + tuple(values.itemsize * int(np.prod(inner[k + 1:], dtype=np.int64))
+                                   for k in range(len(inner)))
+        dest = np.ndarray(values.shape, dtype=values.dtype, buffer=out, offset=pos, strides=strides)
+        dest[...] = values  # same dtype: the bytes are copied as they are
+        pos += col.width
+    return out
 
 
 def _scatter_fixed(out: np.ndarray, dest_starts: np.ndarray, values: np.ndarray) -> None:
@@ -250,8 +264,8 @@ def shard_config(
     }
 
 
-def encode_shard(config: dict[str, Any], data: np.ndarray, sizes: np.ndarray) -> bytes:
-    """Assemble one uncompressed shard from packed samples (see :func:`pack_rows`)."""
+def shard_header(config: dict[str, Any], sizes: np.ndarray) -> bytes:
+    """The bytes of a shard before its first sample: sample count, offsets, config JSON."""
     config_bytes = json.dumps(config, sort_keys=True).encode("utf-8")
     n = len(sizes)
     header = 4 + 4 * (n + 1) + len(config_bytes)
@@ -261,18 +275,26 @@ def encode_shard(config: dict[str, Any], data: np.ndarray, sizes: np.ndarray) ->
     offsets[1:] += header
     if offsets[-1] > _U32_MAX:
         raise ShardFormatError(f"a shard cannot exceed 4 GiB; this one would be {offsets[-1]} bytes")
-    return b"".join(
-        (np.uint32(n).tobytes(), offsets.astype(_U32).tobytes(), config_bytes, memoryview(data))
-    )
+    return b"".join((np.uint32(n).tobytes(), offsets.astype(_U32).tobytes(), config_bytes))
+
+
+def encode_shard(config: dict[str, Any], data: np.ndarray, sizes: np.ndarray) -> bytes:
+    """Assemble one uncompressed shard from packed samples (see :func:`pack_rows`)."""
+    return b"".join((shard_header(config, sizes), memoryview(data)))
 
 
 def encode_shard_chunks(config: dict[str, Any], chunks: Sequence[np.ndarray], sizes: np.ndarray) -> bytes:
     """:func:`encode_shard` for packed samples that arrive in several chunks (one per batch): the
     shard is joined once, without concatenating the chunks first."""
+    return b"".join(shard_parts(config, chunks, sizes))
+
+
+def shard_parts(config: dict[str, Any], chunks: Sequence[np.ndarray], sizes: np.ndarray) -> list[Any]:
+    """The shard as a list of buffers — its header, then the chunks — whose concatenation is
+    :func:`encode_shard`'s result: hash or compress them one by one, nothing is copied."""
     if sum(int(c.nbytes) for c in chunks) != int(np.sum(sizes, dtype=np.int64)):
         raise ShardFormatError("the chunks' total length does not match the sample sizes")
-    header = encode_shard(config, np.empty(0, dtype=np.uint8), sizes)  # header + config only
-    return b"".join([header, *(memoryview(c) for c in chunks)])
+    return [shard_header(config, sizes), *(memoryview(c) for c in chunks)]
 
 
 # --------------------------------------------------------------------------- reading
@@ -435,24 +457,31 @@ def decode_var_value(encoding: str, data: Union[bytes, memoryview]) -> Any:
     )
 
 
+#: One buffer, or a list/tuple of buffers that make up a file in order.
+Buffers = Union[bytes, memoryview, np.ndarray, list, tuple]
+
+
 def index_entry(
     config: dict[str, Any],
     *,
     samples: int,
     raw_basename: str,
-    raw: Union[bytes, memoryview],
+    raw: Buffers,
     zip_basename: Optional[str] = None,
-    zipped: Optional[Union[bytes, memoryview]] = None,
+    zipped: Optional[Buffers] = None,
 ) -> dict[str, Any]:
     """One shard's entry in ``index.json`` (Mosaic version 2). Basenames may contain ``/``: they
-    are relative to the dataset root, which lets each task attempt write into its own folder."""
+    are relative to the dataset root, which lets each task attempt write into its own folder.
+    ``raw`` and ``zipped`` are the file's bytes, or a list of buffers that make them up in order
+    (see :func:`shard_parts`): sizes and hashes are computed without joining them."""
     hashes = config["hashes"]
 
-    def info(basename: str, data: Union[bytes, memoryview]) -> dict[str, Any]:
+    def info(basename: str, data: Buffers) -> dict[str, Any]:
+        parts = list(data) if isinstance(data, (list, tuple)) else [data]
         return {
             "basename": basename,
-            "bytes": len(data),
-            "hashes": {h: hash_bytes(h, data) for h in hashes},
+            "bytes": sum(memoryview(p).nbytes for p in parts),
+            "hashes": {h: hash_parts(h, parts) for h in hashes},
         }
 
     entry = dict(config)
