@@ -8,7 +8,8 @@ write task prints one line to its stderr (the executor log), e.g.::
                              "encode": 0.05, "compress": 0.12, ...}
 
 ``wait_batch`` is the time the task waited for Spark's next Arrow batch (the JVM → Python transfer),
-the sink's phases (``compress``, ``hash``, ``write``, ``sink_idle``) run on its background thread.
+the sink's phases (``join``, ``compress``, ``hash``, ``write``, ``sink_idle``) run on its background
+thread; ``wait_sink`` is the task waiting for a free slot in the sink's queue.
 """
 
 from __future__ import annotations

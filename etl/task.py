@@ -19,10 +19,10 @@ import numpy as np
 
 from sparkbridge.errors import SparkbridgeError
 from sparkbridge.etl.encode import EncodeError, encode_batch, null_counts
-from sparkbridge.etl.layout import attempt_name, job_file, staging_prefix
 from sparkbridge.etl.phases import Phases
-from sparkbridge.format.mds import ShardFormatError, index_entry, shard_config, shard_parts
-from sparkbridge.format.codecs import compress, compression_extension, concatenates
+from sparkbridge.etl.layout import attempt_name, job_file, staging_prefix
+from sparkbridge.format.mds import ShardFormatError, encode_shard_chunks, index_entry, shard_config
+from sparkbridge.format.codecs import compress, compression_extension
 from sparkbridge.etl.types import ColumnPlan
 
 __all__ = ["TaskConfig", "TaskFailure", "run_task", "task_function", "MANIFEST_FIELD", "ERROR_TAG",
@@ -108,110 +108,56 @@ class _Target:
             self.storage.write_bytes_atomic(f"{self.cfg.job_id}/{self.attempt}/{basename}", data)
 
 
-#: Target size of one zstd frame: a shard is compressed piece by piece while its batches arrive,
-#: one frame per piece (see :func:`sparkbridge.format.codecs.concatenates`). Pieces that fit in
-#: the CPU's cache compress faster than one 64 MB call (measured on the ETL benchmark's table:
-#: ~10% at 1 MiB) and cost ~2% in ratio on text-like data (more below 1 MiB, so not smaller).
-FRAME_BYTES = 1 << 20
-
-
 class _ShardSink:
-    """Background thread: compress each shard's bytes as they arrive (zstd: one frame per
-    ``FRAME_BYTES``; other codecs: the whole shard once it is closed), then hash + store each
-    closed shard, in order. At most ``max_pending`` closed shards wait for it (memory bound)."""
+    """Background thread: join + compress + hash + store each closed shard, in order."""
 
-    def __init__(self, cfg: TaskConfig, target: _Target, phases: Phases) -> None:
+    def __init__(self, cfg: TaskConfig, target: _Target, phases: Optional[Phases] = None) -> None:
         self.cfg = cfg
         self.target = target
-        self.phases = phases
+        self.phases = phases or Phases()
         self.config = cfg.config()
         self.ext = compression_extension(cfg.compression) if cfg.compression else None
-        self.streaming = concatenates(cfg.compression)
         self.entries: list[dict[str, Any]] = []
         self.error: Optional[BaseException] = None
-        self.queue: "queue.Queue[Any]" = queue.Queue()
-        self.slots = threading.BoundedSemaphore(max(1, cfg.max_pending))
-        self.frames: list[bytes] = []  # compressed frames of the shard being filled
-        self.pending: list[memoryview] = []  # its bytes not yet in a frame
-        self.pending_bytes = 0
+        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=cfg.max_pending)
         self.thread = threading.Thread(target=self._run, name="sparkbridge-shard-sink", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        clock = self.phases.clock
         while True:
-            t = clock()
+            t = self.phases.clock()
             item = self.queue.get()
             self.phases.add("sink_idle", t)
             if item is None:
                 return
-            if item[0] == "shard":
-                try:
-                    if self.error is None:
-                        self._write(*item[1:])
-                except BaseException as exc:  # re-raised on the task thread
-                    self.error = exc
-                finally:
-                    self.frames, self.pending, self.pending_bytes = [], [], 0
-                    self.slots.release()
-            elif self.error is None:
-                try:
-                    self._feed(item[1])
-                except BaseException as exc:
-                    self.error = exc
-
-    def _feed(self, chunk: np.ndarray) -> None:
-        view = memoryview(chunk).cast("B")
-        while self.pending_bytes + len(view) >= FRAME_BYTES:
-            take = FRAME_BYTES - self.pending_bytes
-            self.pending.append(view[:take])
-            view = view[take:]
-            self._frame()
-        if len(view):
-            self.pending.append(view)
-            self.pending_bytes += len(view)
-
-    def _frame(self) -> None:
-        t = self.phases.clock()
-        piece = b"".join(self.pending)  # python-zstd takes bytes only: one copy of a cached piece
-        self.frames.append(compress(self.cfg.compression, piece))
-        self.pending, self.pending_bytes = [], 0
-        self.phases.add("compress", t)
-        self.phases.count("frames")
+            if self.error is not None:
+                continue
+            try:
+                self._write(*item)
+            except BaseException as exc:  # re-raised on the task thread
+                self.error = exc
 
     def _write(self, number: int, chunks: list[np.ndarray], sizes: list[np.ndarray]) -> None:
-        clock = self.phases.clock
+        phases = self.phases
+        t = phases.clock()
         size_arr = sizes[0] if len(sizes) == 1 else np.concatenate(sizes)
-        parts = shard_parts(self.config, chunks, size_arr)  # header, then the samples: no copy
+        raw = encode_shard_chunks(self.config, chunks, size_arr)
+        del chunks[:]  # the batches' buffers can go before compressing
+        t = phases.add("join", t)
         raw_name = f"shard.{number:05d}.mds"
         if self.ext:
+            zipped = compress(self.cfg.compression, raw)
+            t = phases.add("compress", t)
             zip_name = f"{raw_name}.{self.ext}"
-            if self.streaming:
-                if self.pending:
-                    self._frame()
-                t = clock()
-                zipped = [compress(self.cfg.compression, parts[0]), *self.frames]  # header frame first
-                self.phases.add("compress", t)
-            else:
-                t = clock()
-                zipped = [compress(self.cfg.compression, b"".join(parts))]
-                self.phases.add("compress", t)
-            t = clock()
-            entry = index_entry(self.config, samples=len(size_arr), raw_basename=raw_name, raw=parts,
+            entry = index_entry(self.config, samples=len(size_arr), raw_basename=raw_name, raw=raw,
                                 zip_basename=zip_name, zipped=zipped)
-            t = self.phases.add("hash", t)
-            data = zipped[0] if len(zipped) == 1 else b"".join(zipped)
-            del zipped[:], self.frames[:], chunks[:], parts[:]
-            self.target.write(zip_name, data)
-            self.phases.add("write", t)
+            t = phases.add("hash", t)
+            self.target.write(zip_name, zipped)
         else:
-            t = clock()
-            entry = index_entry(self.config, samples=len(size_arr), raw_basename=raw_name, raw=parts)
-            t = self.phases.add("hash", t)
-            data = b"".join(parts)
-            del chunks[:], parts[:]
-            self.target.write(raw_name, data)
-            self.phases.add("write", t)
+            entry = index_entry(self.config, samples=len(size_arr), raw_basename=raw_name, raw=raw)
+            t = phases.add("hash", t)
+            self.target.write(raw_name, raw)
+        phases.add("write", t)
         self.entries.append(entry)
 
     def _raise(self) -> None:
@@ -222,19 +168,11 @@ class _ShardSink:
             raise TaskFailure(f"writing a shard of attempt {self.target.attempt} failed: "
                               f"{type(err).__name__}: {err}") from err
 
-    def feed(self, chunk: np.ndarray) -> None:
-        """Bytes of the shard being filled, in order (compressed now when the codec streams)."""
-        if self.streaming:
-            self._raise()
-            self.queue.put(("chunk", chunk))
-
     def submit(self, number: int, chunks: list[np.ndarray], sizes: list[np.ndarray]) -> None:
-        """Close the shard whose bytes were fed: ``chunks`` are those bytes, ``sizes`` its samples'."""
         self._raise()
         t = self.phases.clock()
-        self.slots.acquire()  # blocks while max_pending closed shards wait for the thread
+        self.queue.put((number, chunks, sizes))  # blocks while max_pending shards wait
         self.phases.add("wait_sink", t)
-        self.queue.put(("shard", number, chunks, sizes))
 
     def abandon(self) -> None:
         """The task failed: stop writing queued shards and wait for the thread (its error, if any,
@@ -253,7 +191,7 @@ class _ShardSink:
 
 class _ShardCutter:
     """Accumulates packed batches and cuts them into shards under the size limit (header included,
-    as Mosaic's ``size_limit``); each piece goes to the sink as it is cut, each closed shard after."""
+    as Mosaic's ``size_limit``); each closed shard goes to the sink."""
 
     def __init__(self, sink: _ShardSink, size_limit: int) -> None:
         self.sink = sink
@@ -278,10 +216,10 @@ class _ShardCutter:
         while start < n:
             base = int(ends[start - 1]) if start else 0
             room = self.size_limit - (self.bytes + 4 + 4 * (self.rows + 1) + self.config_len)
-            if int(ends[-1] - base) + 4 * (n - start) <= room:
-                take = n - start  # the whole rest fits (the common case: no per-row test)
+            # the shard grows by each row's bytes plus 4 bytes of offset per row
+            if int(ends[-1]) - base + 4 * (n - start) <= room:
+                take = n - start  # the common case: the rest of the batch fits, no per-row test
             else:
-                # the shard grows by each row's bytes plus 4 bytes of offset per row
                 fits = (ends[start:] - base) + 4 * np.arange(1, n - start + 1) <= room
                 take = int(np.argmin(fits))
             if take == 0 and self.rows == 0:
@@ -290,10 +228,8 @@ class _ShardCutter:
                 self._flush()
                 continue
             hi = int(ends[start + take - 1])
-            chunk = data[base:hi]
-            self.chunks.append(chunk)
+            self.chunks.append(data[base:hi])
             self.sizes.append(sizes[start:start + take])
-            self.sink.feed(chunk)
             self.rows += take
             self.bytes += hi - base
             start += take
@@ -306,7 +242,7 @@ def run_task(cfg: TaskConfig, batches: Iterator[Any], *, partition: int, task_at
              attempt_number: int) -> dict[str, Any]:
     """Write one partition; returns the manifest row (attempt folder, index entries, counts)."""
     attempt = attempt_name(partition, task_attempt_id)
-    phases = Phases()
+    phases = Phases()  # opt-in timing of the phases below (etl.phases)
     sink = _ShardSink(cfg, _Target(cfg, attempt), phases)
     cutter = _ShardCutter(sink, cfg.shard_size)
     plans: Sequence[ColumnPlan] = cfg.plans
@@ -315,7 +251,7 @@ def run_task(cfg: TaskConfig, batches: Iterator[Any], *, partition: int, task_at
     started = t = phases.clock()
     try:
         for batch in batches:
-            t = phases.add("wait_batch", t)
+            t = phases.add("wait_batch", t)  # Spark's JVM → Arrow → Python transfer
             phases.count("batches")
             if batch.num_rows == 0:
                 continue

@@ -149,6 +149,7 @@ def write_mds(
     plans = plan_columns(df.schema, columns=columns, nulls=nulls, decimals=decimals)
     old_manifest, seen_index_sha = check_mode(storage, mode)
 
+    from sparkbridge.etl.arrow_conf import arrow_stream_conf
     from sparkbridge.etl.prepare import measure_array_shapes, prepare_frame
     from sparkbridge.etl.task import MANIFEST_FIELD, S3_ENV_KEYS, TaskConfig, task_function
 
@@ -182,7 +183,8 @@ def write_mds(
                 "before this job registered; nothing was written, retry the write"
             )
         try:
-            result_rows = prepared.mapInArrow(task_function(cfg), f"{MANIFEST_FIELD} string").collect()
+            with arrow_stream_conf(df.sparkSession, plans):  # Spark's Arrow batching, this query only
+                result_rows = prepared.mapInArrow(task_function(cfg), f"{MANIFEST_FIELD} string").collect()
         except Exception as exc:
             message = _task_error(exc)
             if message is not None:

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from sparkbridge.errors import ShardFormatError
-from sparkbridge.format.codecs import hash_parts
+from sparkbridge.format.codecs import hash_bytes
 
 __all__ = [
     "INDEX_BASENAME",
@@ -42,8 +42,6 @@ __all__ = [
     "pack_rows",
     "encode_shard",
     "encode_shard_chunks",
-    "shard_header",
-    "shard_parts",
     "sample_offsets",
     "column_starts",
     "gather_fixed",
@@ -264,8 +262,8 @@ def shard_config(
     }
 
 
-def shard_header(config: dict[str, Any], sizes: np.ndarray) -> bytes:
-    """The bytes of a shard before its first sample: sample count, offsets, config JSON."""
+def encode_shard(config: dict[str, Any], data: np.ndarray, sizes: np.ndarray) -> bytes:
+    """Assemble one uncompressed shard from packed samples (see :func:`pack_rows`)."""
     config_bytes = json.dumps(config, sort_keys=True).encode("utf-8")
     n = len(sizes)
     header = 4 + 4 * (n + 1) + len(config_bytes)
@@ -275,26 +273,18 @@ def shard_header(config: dict[str, Any], sizes: np.ndarray) -> bytes:
     offsets[1:] += header
     if offsets[-1] > _U32_MAX:
         raise ShardFormatError(f"a shard cannot exceed 4 GiB; this one would be {offsets[-1]} bytes")
-    return b"".join((np.uint32(n).tobytes(), offsets.astype(_U32).tobytes(), config_bytes))
-
-
-def encode_shard(config: dict[str, Any], data: np.ndarray, sizes: np.ndarray) -> bytes:
-    """Assemble one uncompressed shard from packed samples (see :func:`pack_rows`)."""
-    return b"".join((shard_header(config, sizes), memoryview(data)))
+    return b"".join(
+        (np.uint32(n).tobytes(), offsets.astype(_U32).tobytes(), config_bytes, memoryview(data))
+    )
 
 
 def encode_shard_chunks(config: dict[str, Any], chunks: Sequence[np.ndarray], sizes: np.ndarray) -> bytes:
     """:func:`encode_shard` for packed samples that arrive in several chunks (one per batch): the
     shard is joined once, without concatenating the chunks first."""
-    return b"".join(shard_parts(config, chunks, sizes))
-
-
-def shard_parts(config: dict[str, Any], chunks: Sequence[np.ndarray], sizes: np.ndarray) -> list[Any]:
-    """The shard as a list of buffers — its header, then the chunks — whose concatenation is
-    :func:`encode_shard`'s result: hash or compress them one by one, nothing is copied."""
     if sum(int(c.nbytes) for c in chunks) != int(np.sum(sizes, dtype=np.int64)):
         raise ShardFormatError("the chunks' total length does not match the sample sizes")
-    return [shard_header(config, sizes), *(memoryview(c) for c in chunks)]
+    header = encode_shard(config, np.empty(0, dtype=np.uint8), sizes)  # header + config only
+    return b"".join([header, *(memoryview(c) for c in chunks)])
 
 
 # --------------------------------------------------------------------------- reading
@@ -457,31 +447,24 @@ def decode_var_value(encoding: str, data: Union[bytes, memoryview]) -> Any:
     )
 
 
-#: One buffer, or a list/tuple of buffers that make up a file in order.
-Buffers = Union[bytes, memoryview, np.ndarray, list, tuple]
-
-
 def index_entry(
     config: dict[str, Any],
     *,
     samples: int,
     raw_basename: str,
-    raw: Buffers,
+    raw: Union[bytes, memoryview],
     zip_basename: Optional[str] = None,
-    zipped: Optional[Buffers] = None,
+    zipped: Optional[Union[bytes, memoryview]] = None,
 ) -> dict[str, Any]:
     """One shard's entry in ``index.json`` (Mosaic version 2). Basenames may contain ``/``: they
-    are relative to the dataset root, which lets each task attempt write into its own folder.
-    ``raw`` and ``zipped`` are the file's bytes, or a list of buffers that make them up in order
-    (see :func:`shard_parts`): sizes and hashes are computed without joining them."""
+    are relative to the dataset root, which lets each task attempt write into its own folder."""
     hashes = config["hashes"]
 
-    def info(basename: str, data: Buffers) -> dict[str, Any]:
-        parts = list(data) if isinstance(data, (list, tuple)) else [data]
+    def info(basename: str, data: Union[bytes, memoryview]) -> dict[str, Any]:
         return {
             "basename": basename,
-            "bytes": sum(memoryview(p).nbytes for p in parts),
-            "hashes": {h: hash_parts(h, parts) for h in hashes},
+            "bytes": len(data),
+            "hashes": {h: hash_bytes(h, data) for h in hashes},
         }
 
     entry = dict(config)
