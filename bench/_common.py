@@ -1,16 +1,24 @@
-"""Small helpers shared by the benchmarks: machine facts and a timer. Benchmarks print peers'
+"""Small helpers shared by the benchmarks: machine facts, a timer, and the report every benchmark
+leaves in ``bench-output/`` (a markdown table and a PNG chart, issue 11). Benchmarks print peers'
 figures from the same run; these facts make a printed ratio interpretable later."""
 
 from __future__ import annotations
 
 import os
 import platform
+import re
+import statistics
 import time
 from contextlib import contextmanager
 from importlib import metadata
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
-__all__ = ["machine_facts", "versions", "timer", "format_facts"]
+__all__ = ["machine_facts", "versions", "timer", "format_facts", "summarize", "markdown_table",
+           "write_report", "REPORT_DIR"]
+
+#: Where benchmarks leave their markdown + PNG reports (ignored by git).
+REPORT_DIR = Path(__file__).resolve().parents[1] / "bench-output"
 
 
 def versions(packages: Sequence[str] = ("pyspark", "pyarrow", "numpy", "mosaicml-streaming", "zstd", "xxhash")) -> dict[str, str]:
@@ -56,3 +64,66 @@ def timer() -> Iterator[list[float]]:
         yield out
     finally:
         out.append(time.perf_counter() - start)
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """best / median / worst of repeated timings (the spread is the noise of a shared machine)."""
+    return {"best": min(values), "median": statistics.median(values), "worst": max(values), "n": len(values)}
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table; numbers right-aligned."""
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|")
+
+    numeric = [bool(rows) and all(re.match(r"^[-+]?[\d.,]+", str(r[i])) for r in rows)
+               for i in range(len(headers))]
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+             "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(name: str, *, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]],
+                 bars: Mapping[str, float], bar_label: str, facts: Mapping[str, Any],
+                 notes: Sequence[str] = (), errors: Optional[Mapping[str, tuple[float, float]]] = None,
+                 out_dir: Optional[Path] = None) -> tuple[Path, Optional[Path]]:
+    """Write ``<name>.md`` (title, table, notes, machine facts) and ``<name>.png`` (one horizontal
+    bar per entry of ``bars``; ``errors`` gives (low, high) whiskers, e.g. best..worst) under
+    ``out_dir`` (default ``bench-output/``). Returns the two paths (PNG None without matplotlib)."""
+    out = Path(out_dir) if out_dir is not None else REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    png: Optional[Path] = out / f"{name}.png"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = list(bars)
+        values = [bars[k] for k in labels]
+        fig, ax = plt.subplots(figsize=(7, 0.6 * len(labels) + 1.4))
+        xerr = None
+        if errors:
+            xerr = [[max(0.0, bars[k] - errors[k][0]) for k in labels],
+                    [max(0.0, errors[k][1] - bars[k]) for k in labels]]
+        ax.barh(labels, values, xerr=xerr, color="#4c72b0", capsize=4)
+        ax.invert_yaxis()
+        ax.set_xlabel(bar_label)
+        ax.set_title(title, fontsize=10)
+        for i, (k, v) in enumerate(zip(labels, values)):  # the value, right of its whisker
+            ax.text(max(v, errors[k][1]) if errors else v, i, f"  {v:,.3g}", va="center", fontsize=8)
+        ax.set_xlim(0, max(max(e[1] for e in errors.values()) if errors else 0, max(values)) * 1.15)
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+    except ImportError:
+        png = None
+    md = [f"# {title}", "", markdown_table(headers, rows), ""]
+    md += [f"- {n}" for n in notes]
+    md += ["", "Machine: " + format_facts(dict(facts)), ""]
+    if png is not None:
+        md += [f"![{name}]({png.name})", ""]
+    path = out / f"{name}.md"
+    path.write_text("\n".join(md))
+    return path, png

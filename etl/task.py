@@ -19,6 +19,7 @@ import numpy as np
 
 from sparkbridge.errors import SparkbridgeError
 from sparkbridge.etl.encode import EncodeError, encode_batch, null_counts
+from sparkbridge.etl.phases import Phases
 from sparkbridge.log.layout import attempt_name, job_file, staging_prefix
 from sparkbridge.format.mds import ShardFormatError, encode_shard_chunks, index_entry, shard_config
 from sparkbridge.format.codecs import compress, compression_extension
@@ -108,9 +109,10 @@ class _Target:
 class _ShardSink:
     """Background thread: join + compress + hash + store each closed shard, in order."""
 
-    def __init__(self, cfg: TaskConfig, target: _Target) -> None:
+    def __init__(self, cfg: TaskConfig, target: _Target, phases: Optional[Phases] = None) -> None:
         self.cfg = cfg
         self.target = target
+        self.phases = phases or Phases()
         self.config = cfg.config()
         self.ext = compression_extension(cfg.compression) if cfg.compression else None
         self.entries: list[dict[str, Any]] = []
@@ -121,7 +123,9 @@ class _ShardSink:
 
     def _run(self) -> None:
         while True:
+            t = self.phases.clock()
             item = self.queue.get()
+            self.phases.add("sink_idle", t)
             if item is None:
                 return
             if self.error is not None:
@@ -132,19 +136,26 @@ class _ShardSink:
                 self.error = exc
 
     def _write(self, number: int, chunks: list[np.ndarray], sizes: list[np.ndarray]) -> None:
+        phases = self.phases
+        t = phases.clock()
         size_arr = sizes[0] if len(sizes) == 1 else np.concatenate(sizes)
         raw = encode_shard_chunks(self.config, chunks, size_arr)
         del chunks[:]  # the batches' buffers can go before compressing
+        t = phases.add("join", t)
         raw_name = f"shard.{number:05d}.mds"
         if self.ext:
             zipped = compress(self.cfg.compression, raw)
+            t = phases.add("compress", t)
             zip_name = f"{raw_name}.{self.ext}"
             entry = index_entry(self.config, samples=len(size_arr), raw_basename=raw_name, raw=raw,
                                 zip_basename=zip_name, zipped=zipped)
+            t = phases.add("hash", t)
             self.target.write(zip_name, zipped)
         else:
             entry = index_entry(self.config, samples=len(size_arr), raw_basename=raw_name, raw=raw)
+            t = phases.add("hash", t)
             self.target.write(raw_name, raw)
+        phases.add("write", t)
         self.entries.append(entry)
 
     def _raise(self) -> None:
@@ -157,7 +168,9 @@ class _ShardSink:
 
     def submit(self, number: int, chunks: list[np.ndarray], sizes: list[np.ndarray]) -> None:
         self._raise()
-        self.queue.put((number, chunks, sizes))
+        t = self.phases.clock()
+        self.queue.put((number, chunks, sizes))  # blocks while max_pending shards wait
+        self.phases.add("wait_sink", t)
 
     def abandon(self) -> None:
         """The task failed: stop writing queued shards and wait for the thread (its error, if any,
@@ -202,8 +215,11 @@ class _ShardCutter:
             base = int(ends[start - 1]) if start else 0
             room = self.size_limit - (self.bytes + 4 + 4 * (self.rows + 1) + self.config_len)
             # the shard grows by each row's bytes plus 4 bytes of offset per row
-            fits = (ends[start:] - base) + 4 * np.arange(1, n - start + 1) <= room
-            take = n - start if fits.all() else int(np.argmin(fits))
+            if int(ends[-1]) - base + 4 * (n - start) <= room:
+                take = n - start  # the common case: the rest of the batch fits, no per-row test
+            else:
+                fits = (ends[start:] - base) + 4 * np.arange(1, n - start + 1) <= room
+                take = int(np.argmin(fits))
             if take == 0 and self.rows == 0:
                 take = 1  # a sample larger than the limit gets a shard of its own
             if take == 0:
@@ -224,13 +240,17 @@ def run_task(cfg: TaskConfig, batches: Iterator[Any], *, partition: int, task_at
              attempt_number: int) -> dict[str, Any]:
     """Write one partition; returns the manifest row (attempt folder, index entries, counts)."""
     attempt = attempt_name(partition, task_attempt_id)
-    sink = _ShardSink(cfg, _Target(cfg, attempt))
+    phases = Phases()  # opt-in timing of the phases below (etl.phases)
+    sink = _ShardSink(cfg, _Target(cfg, attempt), phases)
     cutter = _ShardCutter(sink, cfg.shard_size)
     plans: Sequence[ColumnPlan] = cfg.plans
     nulls: dict[str, int] = {}
     rows = 0
+    started = t = phases.clock()
     try:
         for batch in batches:
+            t = phases.add("wait_batch", t)  # Spark's JVM → Arrow → Python transfer
+            phases.count("batches")
             if batch.num_rows == 0:
                 continue
             rows += batch.num_rows
@@ -238,15 +258,21 @@ def run_task(cfg: TaskConfig, batches: Iterator[Any], *, partition: int, task_at
                 for k, v in null_counts(batch, plans).items():
                     nulls[k] = nulls.get(k, 0) + v
             if nulls:  # the driver fails the job before commit; just count the rest
+                t = phases.clock()
                 continue
             enc = encode_batch(batch, plans)
+            t = phases.add("encode", t)
             cutter.add(enc.data, enc.sizes)
+            t = phases.add("cut", t)
         if not nulls:
             cutter.close()
         entries = sink.close()
+        phases.add("close", t)
     except BaseException:
         sink.abandon()
         raise
+    phases.report(partition=partition, attempt=attempt_number, rows=rows, shards=len(entries),
+                  total=round(phases.clock() - started, 4))
     return {
         "attempt": attempt,
         "partition": partition,

@@ -181,6 +181,7 @@ def write_mds(
         return WriteResult(rows=0, shards=0, bytes=0, seconds=time.perf_counter() - started, out=storage.root,
                            mode=mode, job_id="", skipped=True, version=job.base.version)
 
+    from sparkbridge.etl.arrow_conf import arrow_stream_conf
     from sparkbridge.etl.prepare import measure_array_shapes, prepare_frame
     from sparkbridge.etl.task import MANIFEST_FIELD, TaskConfig, task_function
 
@@ -210,7 +211,7 @@ def write_mds(
                      read_version=-1 if job.begin_version is None else job.begin_version)
     try:
         try:
-            with task_credentials(df.sparkSession, storage):
+            with task_credentials(df.sparkSession, storage), arrow_stream_conf(df.sparkSession, plans):
                 result_rows = prepared.mapInArrow(task_function(cfg), f"{MANIFEST_FIELD} string").collect()
         except Exception as exc:
             message = _task_error(exc)

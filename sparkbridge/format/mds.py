@@ -190,14 +190,8 @@ def pack_rows(columns: Sequence[Union[FixedColumn, VarColumn]]) -> tuple[np.ndar
     sizes = np.full(n, head + fixed_total, dtype=np.int64)
     for lengths in var_lengths:
         sizes += lengths
-    if not var_lengths:  # every row has the same size: fill a 2-D buffer with strided copies
-        out = np.empty((n, head + fixed_total), dtype=np.uint8)
-        pos = 0
-        for col in columns:
-            w = col.width
-            out[:, pos:pos + w] = col.as_bytes()
-            pos += w
-        return out.reshape(-1), sizes
+    if not var_lengths:  # every row has the same size: one strided copy per column
+        return _pack_fixed(columns, n, fixed_total), sizes
     starts = np.zeros(n, dtype=np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
     out = np.empty(int(sizes.sum()), dtype=np.uint8)
@@ -220,6 +214,24 @@ def pack_rows(columns: Sequence[Union[FixedColumn, VarColumn]]) -> tuple[np.ndar
                 out[dest] = col.data[src[0]:src[-1]]
             within += lengths
     return out, sizes
+
+
+def _pack_fixed(columns: Sequence[FixedColumn], n: int, width: int) -> np.ndarray:
+    """Rows of fixed-width columns only: each column is copied into its slot of every row through
+    a strided view typed as the column (whole-element copies, not byte-wise ones)."""
+    out = np.empty(n * width, dtype=np.uint8)
+    if n == 0:
+        return out
+    pos = 0
+    for col in columns:
+        values = col.values
+        inner = values.shape[1:]  # a fixed ndarray column's value shape, C order inside the row
+        strides = (width,) + tuple(values.itemsize * int(np.prod(inner[k + 1:], dtype=np.int64))
+                                   for k in range(len(inner)))
+        dest = np.ndarray(values.shape, dtype=values.dtype, buffer=out, offset=pos, strides=strides)
+        dest[...] = values  # same dtype: the bytes are copied as they are
+        pos += col.width
+    return out
 
 
 def _scatter_fixed(out: np.ndarray, dest_starts: np.ndarray, values: np.ndarray) -> None:
