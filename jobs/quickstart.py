@@ -360,6 +360,7 @@ def run_demo(args: argparse.Namespace, *, spark: Optional["SparkSession"] = None
         "train_seconds": round(trained.seconds, 3),
         "train_rows_per_second": round(trained.rows_per_second, 1),
         "loader_wait_seconds": round(trained.loader_wait_seconds, 3),
+        "first_batch_seconds": round(trained.first_batch_seconds or 0.0, 3),
         "epochs": args.epochs,
         "steps": trained.steps,
         "batch_size": args.batch_size,
@@ -390,6 +391,10 @@ def run_demo(args: argparse.Namespace, *, spark: Optional["SparkSession"] = None
             f"{summary['shards']} MDS shards in {summary['etl_seconds']:.1f} s (Spark {summary['master']}); dropped "
             f"{summary['rows_dropped_cancelled']:,} cancelled and {summary['rows_dropped_diverted']:,} diverted flights (no label)"
         )
+    if live is not None:
+        lines.append(f"  live: first batch {summary['time_to_first_batch']:.1f} s after the write began "
+                     f"(the write took {summary['write_seconds']:.1f} s); writing and training overlapped "
+                     f"{summary['overlap_seconds']:.1f} s; {summary['wait_share']:.0%} of training time waiting for data")
     lines += [
         f"  training: {args.epochs} epoch(s), {trained.steps} steps of {args.batch_size}, "
         f"{summary['train_rows_per_second']:,.0f} rows/s streamed through bridge.StreamingLoader, "

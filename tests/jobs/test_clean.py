@@ -51,15 +51,19 @@ def test_shared_memory_only_stale_segments(capsys, segments):
     assert os.path.exists(os.path.join(SHM, live))  # mapped by a live process: never touched
 
 
-def test_cache_of_a_remote_dataset_is_deleted_and_datasets_are_refused(tmp_path, capsys):
+def test_cache_of_a_remote_dataset_is_deleted_and_datasets_are_refused(tmp_path, capsys, s3_bucket):
     from sparkbridge.bridge import StreamingLoader
+    from sparkbridge.storage import open_storage
 
     data = write_numeric(tmp_path / "remote", 3000, compression="zstd", size_limit=1 << 12)
+    remote = open_storage(s3_bucket.url("train"))
+    for f in open_storage(str(data)).list_info(""):  # the same dataset, on S3
+        remote.write_bytes_atomic(f.rel, (data / f.rel).read_bytes())
     cache = tmp_path / "cache" / "train"
-    loader = StreamingLoader(str(data), local=str(cache), batch_size=500)
+    loader = StreamingLoader(s3_bucket.url("train"), local=str(cache), batch_size=500)
     assert sum(len(b["id"]) for b in loader) == 3000
     loader.close()
-    assert not (cache / "index.json").exists()  # the loader reads the dataset's log, never a cached index
+    assert not (cache / "index.json").exists()  # the loader reads the dataset itself, never a cached index
     index = json.loads((data / "index.json").read_text())
     shards = sorted(e["raw_data"]["basename"] for e in index["shards"])
     assert len(shards) > 2 and all((cache / s).exists() or (cache / (s + ".zstd")).exists() for s in shards)
