@@ -43,8 +43,7 @@ test: install java
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install java
-	$(PY) bench/etl.py
-	$(PY) bench/loader.py
+	$(VENV)/bin/sparkbridge bench all
 
 lint: install
 	$(VENV)/bin/hadolint docker/*.Dockerfile

@@ -1,4 +1,4 @@
-"""``sparkbridge bench [etl|loader|all] [--rows N]``: run the benchmarks in ``bench/``.
+"""``sparkbridge bench [etl|loader|memory|scale|live|all] [--rows N]``: run the benchmarks in ``bench/``.
 
 Each benchmark is a script that measures ours and its peers in one run and prints the ratios; this
 command runs them one after another as child processes of the same interpreter (the venv's python),
@@ -25,7 +25,13 @@ log = logging.getLogger("sparkbridge.bench")
 
 REPO = Path(__file__).resolve().parents[1]
 #: name -> script under bench/
-BENCHMARKS = {"etl": "bench/etl.py", "loader": "bench/loader.py"}
+BENCHMARKS = {
+    "etl": "bench/etl.py",  # write_mds vs dataframe_to_mds vs df.write.parquet
+    "loader": "bench/loader.py",  # StreamingLoader vs stock Mosaic vs the in-memory bound
+    "memory": "bench/memory.py",  # a bounded decoded budget vs unbounded, rows/s and RSS growth
+    "scale": "bench/scale.py",  # 100 -> 10,000 shards: open, first batch, RSS, rows/s vs stock
+    "live": "bench/live.py",  # training that follows the ETL vs ETL then training
+}
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

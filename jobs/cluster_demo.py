@@ -77,20 +77,6 @@ def _run_step(name: str, argv: Sequence[str], *, log_path: Path, env: dict, cwd:
         raise ClusterDemoError(f"{name} failed with exit code {code}; log {log_path}:\n{_tail(log_path)}")
 
 
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _executors_by_worker(webui: Optional[str], app_name: str, since_ms: float) -> list[dict[str, Any]]:
     """Which worker ran which executor of the newest application called ``app_name``."""
     from sparkbridge.jobs.local_cluster import master_state, worker_executors
@@ -142,7 +128,7 @@ def cluster_demo(
             master_webui = info["webui"]
         report["master"] = {"url": master, "webui": master_webui}
         root = f"s3://{bucket}/flights"
-        stack.enter_context(_environment(s3.env()))  # this process reads features.json from S3 too
+        stack.enter_context(local_cluster.environment(s3.env()))  # this process reads features.json from S3 too
         env = dict(os.environ, **s3.env(), PYSPARK_PYTHON=os.environ.get("PYSPARK_PYTHON", sys.executable),
                    OMP_NUM_THREADS="1")
 

@@ -44,6 +44,7 @@ __all__ = [
     "master_state",
     "worker_executors",
     "HOST",
+    "environment",
 ]
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,22 @@ def _poll(what: str, probe, *, timeout: float, procs: Sequence[_Proc], interval:
 # --------------------------------------------------------------------------------------------
 # SeaweedFS S3
 # --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set for the duration of the block, then exactly as before
+    (a variable that was unset is removed again): how a server's S3 settings reach this process."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def weed_binary() -> str:

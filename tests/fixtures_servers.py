@@ -16,14 +16,14 @@ the driver rather than rely on inherited variables.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
 
-from sparkbridge.jobs.local_cluster import S3Server, create_bucket, seaweedfs_server, spark_standalone_cluster
+from sparkbridge.jobs.local_cluster import (S3Server, create_bucket, environment, seaweedfs_server,
+                                           spark_standalone_cluster)
 
 __all__ = ["S3Bucket", "s3_server", "s3_bucket", "spark_cluster", "spark_cluster_webui"]
 
@@ -61,16 +61,8 @@ class S3Bucket:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> Iterator[S3Server]:
     with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as server:
-        saved = {k: os.environ.get(k) for k in server.env()}
-        os.environ.update(server.env())
-        try:
+        with environment(server.env()):
             yield server
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 @pytest.fixture

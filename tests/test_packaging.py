@@ -138,6 +138,9 @@ def test_wheel_installs_nothing_but_sparkbridge(tmp_path):
          str(REPO)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = tmp_path.glob("sparkbridge-*.whl")
+    import sparkbridge
+
+    assert wheel.name.startswith(f"sparkbridge-{sparkbridge.__version__}-"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"sparkbridge"}

@@ -1,0 +1,97 @@
+"""Many shards: open time, first batch, peak RSS and a shuffled epoch, ours vs stock Mosaic.
+
+    python bench/scale.py [--rows 1000000] [--shards 100 1000 10000]
+
+For each shard count the same rows (18 fixed-width columns, zstd, xxh64) are written into that
+many shards, then each reader runs in a fresh child process: ``StreamingLoader`` (shuffled, batch
+1024, one whole epoch) and stock ``StreamingDataset`` + ``DataLoader`` (shuffled; timed on its
+first batches only — a whole epoch of it takes minutes). Reported per reader: seconds to build
+it, seconds to its first batch, peak RSS, rows/s; then ours / stock in the same run. Writes
+``bench-output/scale.md`` and ``scale.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import format_facts, machine_facts, write_report
+from loader import write_dataset
+
+CHILD = r"""
+import json, resource, sys, time
+kind, path, cache, max_batches = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+t0 = time.perf_counter()
+if kind == "ours":
+    from sparkbridge.bridge import StreamingLoader
+    it_src = StreamingLoader(path, batch_size=1024, shuffle=True, seed=1)
+else:
+    from streaming import StreamingDataset
+    from torch.utils.data import DataLoader
+    it_src = DataLoader(StreamingDataset(remote=path, local=cache, batch_size=1024, shuffle=True, shuffle_seed=1),
+                        batch_size=1024, num_workers=0)
+built = time.perf_counter() - t0
+it = iter(it_src)
+first = next(it)
+t_first = time.perf_counter() - t0
+rows, batches, t1 = len(first["i32"]), 1, time.perf_counter()
+for batch in it:
+    rows += len(batch["i32"])
+    batches += 1
+    if max_batches and batches >= max_batches:
+        break
+elapsed = time.perf_counter() - t1
+print(json.dumps({"open_s": built, "first_batch_s": t_first, "rows": rows,
+                  "rows_per_s": (rows - len(first["i32"])) / elapsed if elapsed > 0 else 0.0,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def child(kind: str, data: Path, cache: Path, max_batches: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, kind, str(data), str(cache), str(max_batches)],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} on {data} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--shards", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--stock-batches", type=int, default=50, help="batches stock Mosaic is timed on")
+    args = parser.parse_args(argv)
+    table, bars = [], {}
+    with tempfile.TemporaryDirectory(prefix="sparkbridge-bench-scale-") as tmp:
+        for count in args.shards:
+            data = Path(tmp) / f"d{count}"
+            write_dataset(data, args.rows, shard_rows=-(-args.rows // count))
+            ours = child("ours", data, Path(tmp) / f"c-ours-{count}", 0)
+            stock = child("stock", data, Path(tmp) / f"c-stock-{count}", args.stock_batches)
+            for name, r in (("ours", ours), ("stock", stock)):
+                table.append([f"{count:,}", name, f"{r['open_s']:.2f}", f"{r['first_batch_s']:.2f}",
+                              f"{r['peak_rss_mb']:,.0f}", f"{r['rows_per_s']:,.0f}"])
+                print(f"{count:>6,} shards {name:>5}: open {r['open_s']:.2f} s, first batch {r['first_batch_s']:.2f} s, "
+                      f"peak RSS {r['peak_rss_mb']:,.0f} MB, {r['rows_per_s']:,.0f} rows/s", flush=True)
+            print(f"{count:>6,} shards ratios ours/stock: first batch {ours['first_batch_s'] / stock['first_batch_s']:.2f}x, "
+                  f"peak RSS {ours['peak_rss_mb'] / stock['peak_rss_mb']:.2f}x, rows/s "
+                  f"{ours['rows_per_s'] / max(stock['rows_per_s'], 1):.0f}x", flush=True)
+            bars[f"{count:,} shards, ours"] = ours["rows_per_s"]
+            bars[f"{count:,} shards, stock"] = stock["rows_per_s"]
+    facts = machine_facts()
+    print(format_facts(facts))
+    md, png = write_report("scale", title=f"{args.rows:,} rows in 100 to 10,000 shards: shuffled rows/s",
+                           headers=["shards", "reader", "open (s)", "first batch (s)", "peak RSS (MB)", "rows/s"],
+                           rows=table, bars=bars, bar_label="rows/s (shuffled)", facts=facts,
+                           notes=["each reader in a fresh process; stock timed on its first "
+                                  f"{args.stock_batches} batches"])
+    print(f"wrote {md}" + (f" and {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
