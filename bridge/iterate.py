@@ -71,11 +71,25 @@ def _batches(ids: np.ndarray, batch_size: int, drop_last: bool, ahead: Optional[
         yield j, chunk
 
 
+#: A local shard smaller than this decoded is read in the foreground, without read-ahead.
+_AHEAD_MIN_BYTES = 1 << 20
+
+
+def _ahead_pays(ds: Any, table: Any) -> bool:
+    """Whether a read-ahead thread helps fill the resident table. It does for remote shards
+    (downloads wait on the network) and for large ones (decompression and hashing release the
+    GIL); for many small local shards the work is mostly Python, and two threads contending for
+    the GIL were slower than one: 10,000 shards x 100 rows, first epoch 0.25M rows/s with
+    read-ahead, 0.33M without."""
+    remote = table.origin_root is None  # a local dataset is Mosaic's "remote" but our origin
+    return remote or int(table.raw_bytes.sum()) >= _AHEAD_MIN_BYTES * table.count
+
+
 def _resident_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedBatch]:
     res, table, plan = reader.resident, ds.table, ds.plan
     layout = table.layouts[0]
     ahead = None
-    if not res.complete():
+    if not res.complete() and _ahead_pays(ds, table):
         def plan_order() -> tuple[np.ndarray, np.ndarray]:
             shape = analyze_pass(ids, table.ends, table.raw_bytes, batch_size=ds.batch_size, window=0)
             return shape.order, shape.first

@@ -70,6 +70,8 @@ from streaming.base.dataset import StreamingDataset  # noqa: E402
 from streaming.base.dataset import _ShardState as ShardState  # noqa: E402
 from streaming.base.distributed import maybe_init_dist  # noqa: E402
 from streaming.base.format import reader_from_json  # noqa: E402
+from streaming.base.format.base.reader import FileInfo  # noqa: E402
+from streaming.base.format.mds.reader import MDSReader  # noqa: E402
 from streaming.base.partition import get_partitions  # noqa: E402
 from streaming.base.storage import CloudDownloader  # noqa: E402
 from streaming.base.stream import Stream  # noqa: E402
@@ -78,6 +80,18 @@ from streaming.base.world import World  # noqa: E402
 #: Names of the shared-memory segments Mosaic creates (``<6-digit prefix>_<kind>``).
 SHM_NAME = re.compile(
     r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|resume|epoch_shape|epoch_data)$")
+
+
+def _reader(dirname: str, split: Optional[str], info: dict) -> Any:
+    """``reader_from_json`` without its ``deepcopy`` of every entry (1.9 s of a loader's start at
+    10,000 shards): the entries are this loader's own copy, checked by ``check_index``, and a
+    reader only reads them. Other formats than MDS go through Mosaic's function."""
+    if info.get("format") != "mds" or info.get("version") != 2:
+        return reader_from_json(dirname, split, info)
+    args = {k: v for k, v in info.items() if k not in ("format", "version")}
+    for key in ("raw_data", "zip_data"):
+        args[key] = FileInfo(**args[key]) if args.get(key) else None
+    return MDSReader(dirname=dirname, split=split, **args)
 
 
 class SnapshotStream(Stream):
@@ -102,7 +116,7 @@ class SnapshotStream(Stream):
     def get_shards(self, world: Any, allow_unsafe_types: bool) -> list:
         shards = []
         for info in self._shards_json:
-            shard = reader_from_json(self.local, self.split, info)
+            shard = _reader(self.local, self.split, info)
             try:
                 shard.validate(allow_unsafe_types)
             except ValueError as exc:

@@ -10,12 +10,14 @@ construction, except that every distinct folder is checked up front.
 
 from __future__ import annotations
 
+import os
+
 from typing import Optional, Sequence
 
 import numpy as np
 
 from sparkbridge.format.mds import ShardLayout
-from sparkbridge.format.paths import confined_path
+from sparkbridge.format.paths import Confiner
 
 __all__ = ["ShardTable"]
 
@@ -55,7 +57,15 @@ class ShardTable:
             index[i] = k
         self.layout_index = index
         self._paths: dict[tuple[str, int], Optional[str]] = {}
+        self._confiners: dict[str, Confiner] = {}
+        self._cache_seen = False
         self._check_folders()
+
+    def _confiner(self, root: str) -> Confiner:
+        c = self._confiners.get(root)
+        if c is None:
+            c = self._confiners[root] = Confiner(root)
+        return c
 
     def _check_folders(self) -> None:
         """Every distinct folder a shard lives in stays inside its root (a symlinked folder
@@ -71,7 +81,7 @@ class ShardTable:
                 if folder and folder not in seen:
                     seen.add(folder)
                     for _, root in roots:
-                        confined_path(root, folder, where=f"{self.where}, shard {i}")
+                        self._confiner(root).path(folder, where=f"{self.where}, shard {i}")
 
     # ------------------------------------------------------------------ facts
 
@@ -106,7 +116,7 @@ class ShardTable:
         key = (f"{kind}@{root}", i)
         path = self._paths.get(key)
         if path is None:
-            path = confined_path(root, info["basename"], where=f"{self.where}, shard {i}")
+            path = self._confiner(root).path(info["basename"], where=f"{self.where}, shard {i}")
             self._paths[key] = path
         return path
 
@@ -122,10 +132,19 @@ class ShardTable:
     def origin_zip(self, i: int) -> Optional[str]:
         return self._path(self.origin_root, "zip_data", i)
 
+    def _cache_exists(self) -> bool:
+        """Whether the cache folder exists yet (a local dataset's spill folder is made only when a
+        pass needs it): until it does, its candidates are skipped without a failed open each."""
+        if not self._cache_seen:
+            self._cache_seen = os.path.isdir(self.cache_root)
+        return self._cache_seen
+
     def raw_candidates(self, i: int) -> list[str]:
         """Where a decompressed copy of shard ``i`` may already be on local disk."""
-        return [p for p in (self.cache_raw(i), self.origin_raw(i)) if p is not None]
+        cache = self.cache_raw(i) if self._cache_exists() else None
+        return [p for p in (cache, self.origin_raw(i)) if p is not None]
 
     def zip_candidates(self, i: int) -> list[str]:
-        return [p for p in (self.cache_zip(i), self.origin_zip(i)) if p is not None]
+        cache = self.cache_zip(i) if self._cache_exists() else None
+        return [p for p in (cache, self.origin_zip(i)) if p is not None]
 

@@ -115,10 +115,12 @@ def open_version(source: Source, version: Optional[int], *, download_timeout: fl
             raise VersionNotFoundError(f"{source.remote}: versions can be pinned on local and s3:// datasets only")
         return _fresh_remote_index(source, download_timeout)
     reader = LogReader(source.storage)
+    seen: list[Snapshot] = []
 
     def latest() -> Optional[int]:
         snap = reader.refresh()
         if not snap.exists or snap.legacy:
+            seen.append(snap)
             return None
         complete = reader.complete_version()
         if complete is None:
@@ -129,4 +131,6 @@ def open_version(source: Source, version: Optional[int], *, download_timeout: fl
 
     if version is None:
         version = broadcast_from_rank0(latest)
+        if version is None and seen and seen[0].legacy:
+            return seen[0].copy()  # this rank just read index.json: read it once, not twice
     return reader.snapshot(version)

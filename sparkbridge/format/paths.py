@@ -14,10 +14,11 @@ import re
 
 from sparkbridge.errors import UnsafePathError
 
-__all__ = ["check_relpath", "confined_path"]
+__all__ = ["check_relpath", "confined_path", "Confiner"]
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _MAX_LEN = 1024
+_CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 def check_relpath(name: object, *, where: str) -> str:
@@ -30,7 +31,7 @@ def check_relpath(name: object, *, where: str) -> str:
         raise UnsafePathError(f"{where}: shard path of {len(name)} characters is too long")
     if name.startswith("/") or _DRIVE.match(name) or "\\" in name:
         raise UnsafePathError(f"{where}: shard path {name!r} is absolute; paths must be relative to the dataset root")
-    if any(ord(ch) < 32 for ch in name):
+    if _CONTROL.search(name):
         raise UnsafePathError(f"{where}: shard path {name!r} contains control characters")
     for part in name.split("/"):
         if part in ("", ".", ".."):
@@ -44,9 +45,34 @@ def check_relpath(name: object, *, where: str) -> str:
 def confined_path(root: str, rel: str, *, where: str) -> str:
     """``root/rel`` after :func:`check_relpath`, refused when it resolves (symlinks included)
     outside ``root``. ``root`` need not exist yet (a cache folder being created)."""
-    check_relpath(rel, where=where)
-    base = os.path.realpath(root)
-    path = os.path.realpath(os.path.join(base, *rel.split("/")))
-    if path != base and not path.startswith(base.rstrip(os.sep) + os.sep):
-        raise UnsafePathError(f"{where}: shard path {rel!r} resolves to {path}, outside {base}")
-    return path
+    return Confiner(root).path(rel, where=where)
+
+
+class Confiner:
+    """:func:`confined_path` for the many shards of one root: the root and each folder are resolved
+    once, then a path costs one ``lstat`` (is the file itself a symlink?) instead of a ``realpath``
+    walk — at 10,000 shards that walk was half of a first epoch."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.base = os.path.realpath(root)
+        self._prefix = self.base.rstrip(os.sep) + os.sep
+        self._folders: dict[str, str] = {"": self.base}
+
+    def _resolved(self, path: str, rel: str, where: str) -> str:
+        real = os.path.realpath(path)
+        if real != self.base and not real.startswith(self._prefix):
+            raise UnsafePathError(f"{where}: shard path {rel!r} resolves to {real}, outside {self.base}")
+        return real
+
+    def path(self, rel: str, *, where: str) -> str:
+        check_relpath(rel, where=where)
+        folder, _, name = rel.rpartition("/")
+        real_folder = self._folders.get(folder)
+        if real_folder is None:
+            real_folder = self._resolved(os.path.join(self.base, *folder.split("/")), rel, where)
+            self._folders[folder] = real_folder
+        path = os.path.join(real_folder, name)
+        if os.path.islink(path):
+            path = self._resolved(path, rel, where)
+        return path

@@ -51,6 +51,14 @@ class WriteState:
     expected_rows: Optional[int] = None
 
 
+def _copy_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value  # str, int, float, bool, None: immutable
+
+
 @dataclass
 class Snapshot:
     """The dataset at one version. ``shards`` are MDS index entries, in read order."""
@@ -179,7 +187,14 @@ class Snapshot:
         self.version, self.commit_id, self.timestamp = e.version, e.commit_id, e.timestamp
 
     def copy(self) -> "Snapshot":
-        return copy.deepcopy(self)
+        """A copy the caller may change. Shard entries are JSON (dicts, lists, scalars) and are
+        copied as such: ``copy.deepcopy`` took 1.9 s at 10,000 shards, most of a loader's start."""
+        return Snapshot(
+            root=self.root, version=self.version, commit_id=self.commit_id, timestamp=self.timestamp,
+            shards=[_copy_json(e) for e in self.shards], schema=copy.deepcopy(self.schema),
+            writes={k: copy.deepcopy(w) for k, w in self.writes.items()}, txns=dict(self.txns),
+            fenced=set(self.fenced), retained_from=self.retained_from, legacy_sha256=self.legacy_sha256,
+            legacy_manifest=copy.deepcopy(self.legacy_manifest))
 
     def to_state(self) -> dict[str, Any]:
         return {
