@@ -12,7 +12,7 @@ the last batch is padded by repeating rows (as Mosaic pads) so every rank takes 
 of steps and DDP never waits at the end. Without shuffling a rank reads its rows in log order;
 with ``shuffle=True`` each batch is drawn at random from the rows that have landed and not yet
 been read — a shuffle over what is available so far, not over the whole dataset: early batches
-can only mix the first partitions. ``bench/live.py`` measures how close it gets to a global
+can only mix the first partitions. ``bench/shuffle.py`` measures how close it gets to a global
 shuffle (the shuffle score).
 
 Determinism and resumption. New commits are adopted only at batch boundaries and each adoption

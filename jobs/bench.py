@@ -1,4 +1,4 @@
-"""``sparkbridge bench [etl|loader|memory|scale|live|all] [--rows N]``: run the benchmarks in ``bench/``.
+"""``sparkbridge bench [etl|loader|memory|scale|live|shuffle|all] [--rows N]``: run the benchmarks in ``bench/``.
 
 Each benchmark is a script that measures ours and its peers in one run and prints the ratios; this
 command runs them one after another as child processes of the same interpreter (the venv's python),
@@ -31,6 +31,7 @@ BENCHMARKS = {
     "memory": "bench/memory.py",  # a bounded decoded budget vs unbounded, rows/s and RSS growth
     "scale": "bench/scale.py",  # 100 -> 10,000 shards: open, first batch, RSS, rows/s vs stock
     "live": "bench/live.py",  # training that follows the ETL vs ETL then training
+    "shuffle": "bench/shuffle.py",  # shuffle score of a followed epoch vs a global shuffle
 }
 
 

@@ -169,3 +169,26 @@ def test_sample_order_is_mosaics_for_every_shuffle_algorithm(tmp_path_factory, a
     loader = StreamingLoader(root, batch_size=32, shuffle=True, shuffle_algo=algo, seed=77, shuffle_block_size=200)
     got = [i for batch in loader for i in batch["id"].tolist()]
     assert got == want and set(got) == set(range(700))  # py1s/py2s: 64 canonical nodes repeat a few
+
+
+def test_the_adapters_shard_readers_equal_mosaics_own(every_encoding):
+    """bridge.mosaic builds Mosaic's MDSReader without reader_from_json's deepcopy; a Mosaic
+    upgrade that changes the reader's fields must fail here, not in a training run."""
+    import json
+
+    from streaming.base.format import reader_from_json
+
+    from sparkbridge.bridge.mosaic import _reader
+
+    entries = json.loads((every_encoding / "index.json").read_text())["shards"]
+    assert entries
+    for entry in entries:
+        ours, stock = _reader("/x", None, entry), reader_from_json("/x", None, entry)
+        assert type(ours) is type(stock)
+        assert vars(ours).keys() == vars(stock).keys()
+        for key, value in vars(stock).items():
+            mine = getattr(ours, key)
+            if hasattr(value, "__dict__"):  # FileInfo
+                assert vars(mine) == vars(value), key
+            else:
+                assert mine == value, key

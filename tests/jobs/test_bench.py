@@ -31,3 +31,15 @@ def test_rejects_non_positive_rows():
 
     with pytest.raises(UsageError, match="--rows must be positive, got 0"):
         bench.run_bench(parse("loader", "--rows", "0"))
+
+
+def test_every_benchmark_script_exists_and_parses_its_arguments():
+    import subprocess
+
+    for name, script in bench.BENCHMARKS.items():
+        path = bench.REPO / script
+        assert path.exists(), name
+        proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True,
+                              cwd=str(bench.REPO), timeout=120)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (name, proc.stderr[-2000:])
+        assert "--rows" in proc.stdout, f"{name}: `sparkbridge bench --rows N` passes --rows to every script"
