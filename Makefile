@@ -13,7 +13,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sparkbridge-installed
 OUT ?= demo-output
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=20
 
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))

@@ -75,7 +75,7 @@ def _batches(ids: np.ndarray, batch_size: int, drop_last: bool, ahead: Optional[
 _AHEAD_MIN_BYTES = 1 << 20
 
 
-def _ahead_pays(ds: Any, table: Any) -> bool:
+def _ahead_pays(table: Any) -> bool:
     """Whether a read-ahead thread helps fill the resident table. It does for remote shards
     (downloads wait on the network) and for large ones (decompression and hashing release the
     GIL); for many small local shards the work is mostly Python, and two threads contending for
@@ -89,7 +89,7 @@ def _resident_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedB
     res, table, plan = reader.resident, ds.table, ds.plan
     layout = table.layouts[0]
     ahead = None
-    if not res.complete() and _ahead_pays(ds, table):
+    if not res.complete() and _ahead_pays(table):
         def plan_order() -> tuple[np.ndarray, np.ndarray]:
             shape = analyze_pass(ids, table.ends, table.raw_bytes, batch_size=ds.batch_size, window=0)
             return shape.order, shape.first

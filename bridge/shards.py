@@ -11,7 +11,6 @@ construction, except that every distinct folder is checked up front.
 from __future__ import annotations
 
 import os
-
 from typing import Optional, Sequence
 
 import numpy as np
