@@ -26,6 +26,8 @@ from sparkbridge.bridge.batch import BatchPlan, PackedBatch
 from sparkbridge.bridge.fetch import ShardReader
 from sparkbridge.bridge.iterate import iter_batches
 from sparkbridge.bridge.passes import PassBoard
+from sparkbridge.bridge.prefill import start_prefill
+from sparkbridge.bridge.readahead import ReadAhead
 from sparkbridge.bridge.resident import ResidentRows
 from sparkbridge.bridge.shards import ShardTable
 from sparkbridge.errors import DatasetNotFoundError
@@ -109,6 +111,7 @@ class BatchDataset(mosaic.StreamingDataset):
         self.remote = stream.remote
         self.spill_for_workers = bool(self.remote is not None and self.table.compressed.any())
         self._resident: Optional[ResidentRows] = None
+        self._prefill: Optional[ReadAhead] = None
 
     def _check_hash_names(self, validate_hash: Union[str, bool, None]) -> None:
         entries = self.table.entries
@@ -129,6 +132,7 @@ class BatchDataset(mosaic.StreamingDataset):
         state = self.__dict__.copy()
         state["_reader"] = None  # holds locks and maps; each process builds its own
         state["_reader_pid"] = -1
+        state["_prefill"] = None  # a thread of the process that started it
         return state
 
     # ------------------------------------------------------------------ shards
@@ -139,8 +143,8 @@ class BatchDataset(mosaic.StreamingDataset):
             return False
         return t.total_samples * t.layouts[0].row_dtype().itemsize <= self.decoded_cache_bytes
 
-    def prepare_for_workers(self) -> None:
-        """Call before DataLoader workers fork: the resident table they share is made here."""
+    def _prepare_resident(self) -> None:
+        """The resident table, when the rows fit it (made once, by the first reader)."""
         if self._resident is None and self._resident_fits():
             t = self.table
             self._resident = ResidentRows(t.total_samples, t.layouts[0].row_dtype().itemsize, t.count)
@@ -148,13 +152,30 @@ class BatchDataset(mosaic.StreamingDataset):
     def reader(self) -> ShardReader:
         """This process's shard reader (built on first use; a forked worker builds its own)."""
         if self._reader is None or self._reader_pid != os.getpid():
-            self.prepare_for_workers()
+            self._prepare_resident()
             self._reader = ShardReader(
                 dataset=self, table=self.table, validate_hash=self.validate_hash, remote=self.remote,
                 source=str(self.source), cache_limit=self.cache_limit, budget=self.decoded_cache_bytes,
                 resident=self._resident)
             self._reader_pid = os.getpid()
         return self._reader
+
+    def resident(self) -> bool:
+        """Whether the rows are read through the resident table (:mod:`bridge.resident`)."""
+        return self._resident is not None or self._resident_fits()
+
+    def start_prefill(self) -> None:
+        """Start filling the resident table while the pass's order is computed (:mod:`bridge.prefill`)."""
+        if self._prefill is None:
+            self._prefill = start_prefill(self)
+
+    def stop_prefill(self, *, join: bool = False) -> None:
+        """Stop the prefill after the shard it is loading; ``join``: wait for that (before a fork)."""
+        prefill, self._prefill = self._prefill, None
+        if prefill is not None:
+            prefill.stop()
+            if join:
+                prefill.join()
 
     def decoded(self, shard_id: int):
         """Shard ``shard_id`` decoded (through this process's cache)."""
@@ -165,6 +186,7 @@ class BatchDataset(mosaic.StreamingDataset):
 
     def release(self) -> None:
         """Drop decoded shards, maps and the resident table (``StreamingLoader.close``)."""
+        self.stop_prefill(join=True)
         if self._reader is not None:
             self._reader.drop()
         self._reader = None

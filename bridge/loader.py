@@ -58,7 +58,10 @@ class StreamingLoader:
       :class:`~bridge.decode.CorruptShardError` naming it. Without hashes only layout damage shows.
     * Memory: anonymous memory for decoded shards stays within ``decoded_cache_bytes`` (default
       1 GiB) whatever the shuffle. A dataset of fixed-width columns that fits is held as one row
-      table shared by all worker processes; otherwise shards are decoded in memory while the
+      table, filled while the first epoch's order is computed and read in this process whatever
+      ``num_workers`` (in the order the workers would hand batches out: a batch is then one
+      ``take``, cheaper than a worker's hand-off, and no worker adds memory); otherwise shards are
+      decoded in memory while the
       pass's working set fits, and read from decompressed files on local disk, memory-mapped
       (page cache, shared by workers), when it does not: the ``local`` cache of a remote dataset,
       or for a local dataset without ``local=`` a folder under ``$SPARKBRIDGE_CACHE_DIR`` (default
@@ -169,6 +172,7 @@ class StreamingLoader:
         self._len: Optional[int] = None
         self._dl: Any = None  # persistent DataLoader (num_workers > 0): workers keep decoded shards
         self._dl_capacity = 0
+        self._said_gathered = False
         self._closed = False
 
     def _follow_target(self, *, version, timeout: float, idle_timeout: Optional[float], poll: float) -> Optional[dict]:
@@ -399,6 +403,7 @@ class StreamingLoader:
                         self._epoch, self._consumed, self._epoch + 1)
             self._epoch, self._start = self._epoch + 1, 0
         epoch, start = self._epoch, self._start
+        self.dataset.start_prefill()  # shards load while the order is computed (no worker forks then)
         work = self._submit(epoch, start).result()
         with self._lock:
             self._futures.pop((epoch, start, max(1, self.num_workers)), None)
@@ -426,7 +431,6 @@ class StreamingLoader:
             if not board.share(capacity=work.size, workers=self.num_workers, slots=slots, slot_bytes=slot_bytes,
                                max_slot_bytes=_MAX_SLOT_BYTES):
                 logger.info("batches of %d bytes are too large for shared slots; using torch's IPC", slot_bytes)
-            ds.prepare_for_workers()  # the resident table the workers share, before they fork
             self._dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                   prefetch_factor=self.prefetch, persistent_workers=True)
         board.publish(epoch, start, work, ds.order_settings())
@@ -453,9 +457,28 @@ class StreamingLoader:
                 batch.buf, batch.slot = buf, None
             yield batch
 
+    def _gathered_here(self, epoch: int) -> Iterator[Any]:
+        """The workers' batches, in their order, gathered in this process from the resident
+        table (see :func:`bridge.iterate.round_robin_ids`)."""
+        from sparkbridge.bridge import mosaic
+        from sparkbridge.bridge.iterate import iter_batches, round_robin_ids
+
+        if not self._said_gathered:
+            logger.info("%s: every row fits the resident table (decoded_cache_bytes), so batches are gathered in "
+                        "this process in the order the %d workers would hand them out, without starting them "
+                        "(a take costs less than a worker's hand-off, and workers would not add memory)",
+                        self.dataset.source, self.num_workers)
+            self._said_gathered = True
+        work = self._board.work_for(epoch, self._board.start, self.num_workers)
+        p = mosaic.rank_world(self.dataset)
+        ids = round_robin_ids(work[p.node, p.rank_of_node], drop_last=self.drop_last)
+        return iter_batches(self.dataset, ids)
+
     def _run(self, token: object, epoch: int) -> Iterator[Any]:
         if self.num_workers == 0:
             source: Any = iter(self.dataset)
+        elif self.dataset.resident():
+            source = self._gathered_here(epoch)
         else:
             work = self._board.work_for(epoch, self._board.start, self.num_workers)
             source = self._owned(self._workers(epoch, self._board.start, work))

@@ -1,15 +1,16 @@
-"""A whole all-fixed-width dataset resident in memory as one row table, shared by worker processes.
+"""A whole all-fixed-width dataset resident in memory as one row table.
 
 When every column is fixed-width and ``rows x row size`` fits ``decoded_cache_bytes``, each
 shard's rows are copied, as they are first read, into one table indexed by sample id. A batch is
 then a single ``take`` of packed rows by sample id, whatever the number of shards it touches (a
 10,000-shard dataset costs per batch what a one-shard dataset costs), and nothing is decoded twice.
 
-The table and the per-shard states live in shared anonymous memory (``mmap(-1)``: MAP_SHARED |
-MAP_ANONYMOUS, not /dev/shm, so a container's small /dev/shm does not matter) created before the
-DataLoader forks its workers: every worker fills and reads the same table, so workers do not
-multiply memory. Pages are committed as they are written. Under the ``spawn`` start method a
-worker gets a private table (correct, not shared).
+Such a dataset is read in the loader's process whatever ``num_workers`` (see
+:func:`bridge.iterate.round_robin_ids`); its shards are loaded by threads (:mod:`bridge.prefill`,
+:mod:`bridge.readahead`). The table and the per-shard states are anonymous memory
+(``mmap(-1)``: MAP_SHARED | MAP_ANONYMOUS, not /dev/shm, so a container's small /dev/shm does not
+matter), committed as pages are written; a ``spawn``-ed copy of the dataset gets a fresh private
+table (correct, not shared).
 """
 
 from __future__ import annotations

@@ -45,10 +45,10 @@ def reference(data):
     return epochs
 
 
-def stop_and_resume(data, *, epoch, k, before, after):
+def stop_and_resume(data, *, epoch, k, before, after, **kw):
     """Run ``before`` workers up to ``k`` consumed batches of ``epoch`` and save the state
     (through JSON, as a checkpoint would), then resume in a new loader with ``after`` workers."""
-    first = make(data, before)
+    first = make(data, before, **kw)
     seen = []
     for _ in range(epoch):
         take(first)
@@ -56,7 +56,7 @@ def stop_and_resume(data, *, epoch, k, before, after):
     state = json.loads(json.dumps(first.state_dict()))
     first.close()
     del first
-    second = make(data, after)
+    second = make(data, after, **kw)
     second.load_state_dict(state)
     rest = take(second)
     return seen, rest, state, second
@@ -84,20 +84,62 @@ def test_resume_in_next_epoch(data, reference):
     assert np.array_equal(np.concatenate(seen + rest), reference[1])
 
 
+#: too small for the resident table: batches come from real DataLoader workers, not this process
+NOT_RESIDENT = {"decoded_cache_bytes": 8000}
+
+
+@pytest.mark.parametrize("kw", [{}, NOT_RESIDENT], ids=["resident", "workers"])
 @pytest.mark.parametrize("before,after,k", [(2, 0, 13), (0, 2, 7), (2, 2, BATCHES - 1)])
-def test_resume_across_num_workers(data, reference, before, after, k):
-    seen, rest, state, second = stop_and_resume(data, epoch=0, k=k, before=before, after=after)
+def test_resume_across_num_workers(data, reference, before, after, k, kw):
+    seen, rest, state, second = stop_and_resume(data, epoch=0, k=k, before=before, after=after, **kw)
     assert state["sample_in_epoch"] == k * B  # consumed batches, not the ones workers prefetched
     assert np.array_equal(np.concatenate(seen + rest), reference[0])
     second.close()
 
 
-def test_two_workers_keep_the_order_over_epochs(data, reference):
-    loader = make(data, 2)
+@pytest.mark.parametrize("kw", [{}, NOT_RESIDENT], ids=["resident", "workers"])
+def test_two_workers_keep_the_order_over_epochs(data, reference, kw):
+    loader = make(data, 2, **kw)
     assert len(loader) == BATCHES
     assert np.array_equal(np.concatenate(take(loader)), reference[0])
     assert np.array_equal(np.concatenate(take(loader)), reference[1])
+    # a resident dataset is gathered in this process, in the workers' order; others start them
+    assert (loader._dl is None) == (not kw)
     loader.close()
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_batches_gathered_in_process_are_the_workers_batches(data, workers, drop_last):
+    """Batch for batch (sizes included), a resident dataset read with ``num_workers`` in this
+    process equals what real DataLoader workers hand out, over two epochs."""
+    here = make(data, workers, drop_last=drop_last)
+    real = make(data, workers, drop_last=drop_last, **NOT_RESIDENT)
+    for _ in range(2):
+        a, b = take(here), take(real)
+        assert len(a) == len(b) == (BATCHES - 1 if drop_last else BATCHES)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert here._dl is None and real._dl is not None
+    here.close()
+    real.close()
+
+
+def test_round_robin_ids_follow_the_dataloaders_turns():
+    """One batch from each worker in turn; a worker's skipped batches (all padding, or short with
+    drop_last) do not take a turn; an exhausted worker drops out."""
+    from sparkbridge.bridge.iterate import round_robin_ids
+
+    P = -1
+    work = np.array([
+        [[0, 1], [2, 3], [4, P], [P, P]],   # worker 0: two full batches, one short, one empty
+        [[5, 6], [P, P], [7, 8], [9, 10]],  # worker 1: an empty batch between full ones
+        [[11, 12], [P, P], [P, P], [P, P]],  # worker 2: one batch
+    ])
+    got = round_robin_ids(work, drop_last=False).reshape(-1, 2).tolist()
+    assert got == [[0, 1], [5, 6], [11, 12], [2, 3], [7, 8], [4, P], [9, 10]]
+    got = round_robin_ids(work, drop_last=True).reshape(-1, 2).tolist()
+    assert got == [[0, 1], [5, 6], [11, 12], [2, 3], [7, 8], [9, 10]]
 
 
 def test_unfinished_pass_then_iter_starts_next_epoch(data, reference):
