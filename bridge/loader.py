@@ -174,6 +174,12 @@ class StreamingLoader:
         self._dl_capacity = 0
         self._said_gathered = False
         self._closed = False
+        if self.dataset is not None and self.dataset.resident():
+            # The first epoch's order and shards start loading now, in the background: a training
+            # script builds its model meanwhile, and iter() finds them ready. (A resident dataset
+            # never forks workers, so these threads never run under a fork.)
+            self.dataset.start_prefill()
+            self._submit(0, 0)
 
     def _follow_target(self, *, version, timeout: float, idle_timeout: Optional[float], poll: float) -> Optional[dict]:
         """What the first epoch follows (rank 0 decides), or None when there is nothing to follow."""

@@ -32,6 +32,7 @@ BENCHMARKS = {
     "scale": "bench/scale.py",  # 100 -> 10,000 shards: open, first batch, RSS, rows/s vs stock
     "live": "bench/live.py",  # training that follows the ETL vs ETL then training
     "shuffle": "bench/shuffle.py",  # shuffle score of a followed epoch vs a global shuffle
+    "s3": "bench/s3.py",  # first epoch from a real S3 server (SeaweedFS) vs stock Mosaic
 }
 
 

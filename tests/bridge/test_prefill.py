@@ -1,0 +1,62 @@
+"""The resident table fills from the moment a loader is built (bridge/prefill.py): the first epoch
+is then the same batches, a damaged shard still fails the pass naming it, and close() stops it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparkbridge.bridge import StreamingLoader
+from sparkbridge.errors import CorruptShardError
+from tests.bridge.util import write_numeric
+
+N, B = 200_000, 1000  # 16-byte rows: shards of ~1.5 MB, large enough for a prefill thread
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_numeric(tmp_path_factory.mktemp("prefill") / "ds", N, compression="zstd", size_limit=3 << 19)
+
+
+def ids(loader):
+    return np.concatenate([b["id"].numpy().copy() for b in loader])
+
+
+def test_the_table_fills_before_iter_and_the_epoch_is_unchanged(data):
+    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=5)
+    prefill = loader.dataset._prefill
+    assert prefill is not None and len(loader.dataset.shards) >= 2
+    prefill.join(timeout=60)
+    assert loader.dataset.reader().resident.complete()  # every shard loaded with no iter() yet
+    got = ids(loader)
+    reference = StreamingLoader(data, batch_size=B, shuffle=True, seed=5, decoded_cache_bytes=1 << 20)
+    assert reference.dataset._prefill is None  # too large for the table: nothing to prefill
+    assert np.array_equal(got, ids(reference))
+    assert sorted(got.tolist()) == list(range(N))
+    loader.close()
+    reference.close()
+
+
+def test_a_damaged_shard_fails_the_pass_naming_it(data, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(data, copy)
+    victim = sorted(copy.glob("*.zstd"))[1]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    loader = StreamingLoader(copy, batch_size=B, shuffle=True)
+    loader.dataset._prefill.join(timeout=60)  # it skipped the bad shard and left it to the pass
+    assert not loader.dataset.reader().resident.complete()
+    with pytest.raises(CorruptShardError, match=victim.name):
+        ids(loader)
+    loader.close()
+
+
+def test_close_stops_the_prefill(data):
+    loader = StreamingLoader(data, batch_size=B, shuffle=True)
+    prefill = loader.dataset._prefill
+    loader.close()
+    assert not prefill.is_alive()
+    assert loader.dataset._prefill is None
