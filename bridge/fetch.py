@@ -31,6 +31,7 @@ from sparkbridge.bridge.decode import DecodedShard, decode_shard
 from sparkbridge.bridge.mapped import map_file
 from sparkbridge.bridge.resident import LOADED, LOADING, ResidentRows
 from sparkbridge.bridge.shards import ShardTable
+from sparkbridge.bridge.smallshard import SmallShards
 from sparkbridge.format.check import ShardReport, check_shard
 
 __all__ = ["ShardReader", "pick_hash"]
@@ -68,23 +69,29 @@ class ShardReader:
         self.cache = ShardCache(budget, max_maps=_MAX_MAPS)
         self.resident = resident
         self._validated: dict[int, tuple] = {}  # shard -> identity of the mapped file that passed
+        self.small = SmallShards(table, self.hash_names)
 
     # ------------------------------------------------------------------ checks
 
-    def check_stored(self, i: int, stored: Any, *, compressed: bool) -> ShardReport:
+    def hash_names(self, i: int, *, compressed: bool) -> tuple[dict, tuple[str, ...]]:
+        """Shard ``i``'s index hashes of its stored (``compressed``) or decompressed file, and the
+        ones to compare per ``validate_hash``."""
         t = self.table
-        where = f"shard {t.name(i)!r}"
         if compressed:
             hashes = t.zip_hashes(i)
-            return check_shard(stored, where=where, compression=t.compression(i), raw_bytes=int(t.raw_bytes[i]),
-                               samples=int(t.samples[i]), stored_hashes=hashes,
-                               hash_names=pick_hash(hashes, self.validate_hash)).raise_first()
+            return hashes, pick_hash(hashes, self.validate_hash)
         hashes = t.raw_hashes(i)
         names = pick_hash(hashes, self.validate_hash)
         if t.compressed[i]:  # a decompressed copy: its own hash when the index has it
             names = tuple(n for n in names if n in hashes)
-        return check_shard(stored, where=where, compression=None, raw_bytes=int(t.raw_bytes[i]),
-                           samples=int(t.samples[i]), stored_hashes=hashes, hash_names=names).raise_first()
+        return hashes, names
+
+    def check_stored(self, i: int, stored: Any, *, compressed: bool) -> ShardReport:
+        t = self.table
+        hashes, names = self.hash_names(i, compressed=compressed)
+        return check_shard(stored, where=f"shard {t.name(i)!r}", compression=t.compression(i) if compressed else None,
+                           raw_bytes=int(t.raw_bytes[i]), samples=int(t.samples[i]), stored_hashes=hashes,
+                           hash_names=names).raise_first()
 
     def decompressed(self, i: int, zipped: bytes) -> np.ndarray:
         """For :class:`bridge.mosaic.SnapshotStream`: check and decompress a stored shard."""
@@ -117,18 +124,20 @@ class ShardReader:
         t = self.table
         i = int(i)
         for _ in range(1 + self.retry):
-            for path in t.raw_candidates(i):
+            for where, path in t.raw_candidates(i, labeled=True):
                 shard = self._from_raw_file(i, path, spill=spill)
                 if shard is not None:
+                    self.small.found("raw_data", where)
                     return shard
             if not spill or self.remote is None:
-                for path in t.zip_candidates(i):
+                for where, path in t.zip_candidates(i, labeled=True):
                     try:
                         with open(path, "rb") as f:
                             zipped = f.read()
                     except FileNotFoundError:
                         continue
                     report = self.check_stored(i, zipped, compressed=True)
+                    self.small.found("zip_data", where)
                     return decode_shard(t.name(i), t.layout(i), report.raw, report.offsets)
             if self.remote is None:
                 missing = (t.zip_candidates(i) or t.raw_candidates(i))[0]
@@ -171,8 +180,8 @@ class ShardReader:
                 return
             res.claim(i)  # its loader failed or died: load it here
         try:
-            shard = self.load(i, spill=False)
-            res.fill(i, int(self.table.starts[i]), shard.rows)
+            rows = self.small.rows(i)  # most small shards; else (and for every error) the general path
+            res.fill(i, int(self.table.starts[i]), self.load(i, spill=False).rows if rows is None else rows)
         except BaseException:
             res.unclaim(i)
             raise

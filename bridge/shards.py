@@ -57,6 +57,7 @@ class ShardTable:
         self.layout_index = index
         self._paths: dict[tuple[str, int], Optional[str]] = {}
         self._confiners: dict[str, Confiner] = {}
+        self._all_paths: dict[tuple[str, str], list[Optional[str]]] = {}
         self._cache_seen = False
         self._check_folders()
 
@@ -131,6 +132,23 @@ class ShardTable:
     def origin_zip(self, i: int) -> Optional[str]:
         return self._path(self.origin_root, "zip_data", i)
 
+    def all_paths(self, kind: str, where: str) -> Optional[list[Optional[str]]]:
+        """Every shard's ``kind`` (``"raw_data"`` or ``"zip_data"``) path under ``where``
+        (``"cache"`` or ``"origin"``), None for a shard without such a file; resolved in bulk
+        (:meth:`Confiner.paths`) and kept. None when there is no such root or it does not exist
+        yet (a cache folder is made when first needed)."""
+        key = (kind, where)
+        if key not in self._all_paths:
+            root = self.cache_root if where == "cache" else self.origin_root
+            if root is None or not os.path.isdir(root):
+                return None
+            rels = [(i, e[kind]["basename"]) for i, e in enumerate(self.entries) if e.get(kind)]
+            out: list[Optional[str]] = [None] * self.count
+            for (i, _), path in zip(rels, self._confiner(root).paths(rels, where=self.where)):
+                out[i] = path
+            self._all_paths[key] = out
+        return self._all_paths[key]
+
     def _cache_exists(self) -> bool:
         """Whether the cache folder exists yet (a local dataset's spill folder is made only when a
         pass needs it): until it does, its candidates are skipped without a failed open each."""
@@ -138,12 +156,17 @@ class ShardTable:
             self._cache_seen = os.path.isdir(self.cache_root)
         return self._cache_seen
 
-    def raw_candidates(self, i: int) -> list[str]:
-        """Where a decompressed copy of shard ``i`` may already be on local disk."""
+    def raw_candidates(self, i: int, *, labeled: bool = False) -> list:
+        """Where a decompressed copy of shard ``i`` may already be on local disk (``labeled``:
+        as ``(where, path)``, ``where`` being ``"cache"`` or ``"origin"``)."""
         cache = self.cache_raw(i) if self._cache_exists() else None
-        return [p for p in (cache, self.origin_raw(i)) if p is not None]
+        return self._candidates(cache, self.origin_raw(i), labeled)
 
-    def zip_candidates(self, i: int) -> list[str]:
+    def zip_candidates(self, i: int, *, labeled: bool = False) -> list:
         cache = self.cache_zip(i) if self._cache_exists() else None
-        return [p for p in (cache, self.origin_zip(i)) if p is not None]
+        return self._candidates(cache, self.origin_zip(i), labeled)
 
+    @staticmethod
+    def _candidates(cache: Optional[str], origin: Optional[str], labeled: bool) -> list:
+        found = [(w, p) for w, p in (("cache", cache), ("origin", origin)) if p is not None]
+        return found if labeled else [p for _, p in found]
