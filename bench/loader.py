@@ -107,6 +107,23 @@ def time_stock_isolated(data: Path, work: Path, workers: int, max_batches: int) 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def in_memory_table(data: Path, rows: int) -> dict:
+    """The in-memory bound's table: one numpy array per column, decoded from the same shards."""
+    from sparkbridge.bridge import StreamingLoader
+
+    loader = StreamingLoader(data, batch_size=BATCH)
+    table = {c: np.empty(rows, dtype=np.float32 if c in FLOATS else (np.int32 if c == "i32" else np.int64))
+             for c in COLUMNS}
+    for s in range(len(loader.dataset.shards)):
+        sh = loader.dataset.decoded(s)
+        recs = sh.rows.view(sh.layout.row_dtype())
+        a = int(loader.dataset.sample_offset_per_shard[s])
+        for c in COLUMNS:
+            table[c][a:a + len(recs)] = recs[c]
+    loader.close()
+    return table
+
+
 def bound_epoch(table: dict, rng: np.random.Generator) -> tuple[int, float]:
     import torch
 
@@ -205,16 +222,7 @@ def main(argv=None) -> int:
               f"({r['rows']:,} rows in {r['seconds']:.2f}s, first batches of a fresh copy)")
 
     # in-memory bound table (built from the same shards)
-    loader0 = StreamingLoader(data, batch_size=BATCH, shuffle=True)
-    table = {c: np.empty(args.rows, dtype=np.float32 if c in FLOATS else (np.int32 if c == "i32" else np.int64))
-             for c in COLUMNS}
-    for s in range(len(loader0.dataset.shards)):
-        sh = loader0.dataset.decoded(s)
-        recs = sh.rows.view(sh.layout.row_dtype())
-        a = int(loader0.dataset.sample_offset_per_shard[s])
-        for c in COLUMNS:
-            table[c][a:a + len(recs)] = recs[c]
-    del loader0
+    table = in_memory_table(data, args.rows)
     rng = np.random.default_rng(1)
 
     for w in (0, 2):

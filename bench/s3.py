@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import machine_facts, write_report
-from loader import BATCH, COLUMNS, FLOATS, bound_epoch, write_dataset
+from loader import BATCH, bound_epoch, in_memory_table, write_dataset
 
 CHILD = r"""
 import json, sys, time
@@ -79,22 +79,6 @@ def upload(server, local: Path, prefix: str) -> str:
     for path in sorted(local.iterdir()):
         client.upload_file(str(path), server.bucket, f"{prefix}/{path.name}")
     return f"{server.root}/{prefix}"
-
-
-def in_memory_table(data: Path, rows: int) -> dict:
-    from sparkbridge.bridge import StreamingLoader
-
-    loader = StreamingLoader(data, batch_size=BATCH)
-    table = {c: np.empty(rows, dtype=np.float32 if c in FLOATS else (np.int32 if c == "i32" else np.int64))
-             for c in COLUMNS}
-    for s in range(len(loader.dataset.shards)):
-        sh = loader.dataset.decoded(s)
-        recs = sh.rows.view(sh.layout.row_dtype())
-        a = int(loader.dataset.sample_offset_per_shard[s])
-        for c in COLUMNS:
-            table[c][a:a + len(recs)] = recs[c]
-    loader.close()
-    return table
 
 
 def main(argv=None) -> int:
