@@ -36,6 +36,7 @@ _U32 = np.dtype("<u4")
 
 
 def _hasher(algo: str) -> Callable[[bytes], str]:
+    """xxhash's one-shot digest where there is one (no hasher object per shard), else the general one."""
     import xxhash
 
     one_shot = getattr(xxhash, f"{algo}_hexdigest", None) if algo in xxhash.algorithms_available else None
@@ -53,7 +54,10 @@ class _Plan:
         for i, e in enumerate(table.entries):
             ok = paths[i] is not None and int(table.raw_bytes[i]) < SMALL_BYTES
             if ok and zipped:
-                ok = compression_extension(e.get("compression") or "") == "zstd"
+                try:
+                    ok = compression_extension(e.get("compression") or "") == "zstd"
+                except Exception:  # a codec the general path refuses, naming the shard
+                    ok = False
             hashes, names = hash_names(i, compressed=zipped)
             check: Any = False
             if ok and not names:
@@ -61,11 +65,8 @@ class _Plan:
             elif ok and len(names) == 1 and names[0] in hashes:
                 algo = names[0]
                 if algo not in hashers:
-                    try:
-                        hashers[algo] = _hasher(algo)
-                    except Exception:  # an unknown hash: the general path names it
-                        hashers[algo] = None
-                check = (hashers[algo], hashes[algo]) if hashers[algo] else False
+                    hashers[algo] = _hasher(algo)
+                check = (hashers[algo], hashes[algo])
             self.checks.append(check)
         self.decompress: Optional[Callable[[bytes], bytes]] = None
         if zipped:
