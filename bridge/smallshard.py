@@ -24,14 +24,13 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from sparkbridge.format.check import zstd_output_bound
+from sparkbridge.format.check import ZSTD_BLOCK_MAX, zstd_output_bound
 from sparkbridge.format.codecs import compression_extension, hash_bytes
 
 __all__ = ["SmallShards"]
 
 #: Shards at least this large decoded take the general path.
 SMALL_BYTES = 1 << 20
-_ZSTD_BLOCK_MAX = 128 << 10  # a zstd frame's bound may exceed its content by one block
 _U32 = np.dtype("<u4")
 
 
@@ -133,7 +132,7 @@ class SmallShards:
         size = plan.raw_bytes[i]
         if plan.decompress is not None:
             try:
-                if zstd_output_bound(data) > size + _ZSTD_BLOCK_MAX:
+                if zstd_output_bound(data) > size + ZSTD_BLOCK_MAX:
                     return None
                 data = plan.decompress(data)
             except Exception:  # any codec error: the general path names it
