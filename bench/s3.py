@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -90,8 +91,6 @@ def main(argv=None) -> int:
     if args.rows < BATCH or args.repeats < 1 or args.stock_batches < 1:
         parser.error(f"--rows must be at least {BATCH}; --repeats and --stock-batches at least 1")
 
-    import os
-
     from sparkbridge.jobs.local_cluster import seaweedfs_server
 
     facts = machine_facts()
@@ -124,7 +123,8 @@ def main(argv=None) -> int:
         "stock_first_batch_s": stock["first_batch_s"],
         "bound": bound,
     }
-    assert all(r["rows"] == args.rows for r in ours + local), [r["rows"] for r in ours + local]
+    if any(r["rows"] != args.rows for r in ours + local):
+        raise SystemExit(f"a StreamingLoader epoch read {[r['rows'] for r in ours + local]} rows, expected {args.rows}")
     print("summary: " + json.dumps({k: round(v, 3) for k, v in res.items()}))
     rows = [
         ["StreamingLoader from S3, first epoch (download + xxh64 + zstd)", f"{res['s3_first']:,.0f}",

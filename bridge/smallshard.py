@@ -8,10 +8,10 @@ rows/s. Here a shard costs one open and read, one hash, one decompression, one c
 header and one copy into the table.
 
 A shard is accepted only when it passes checks at least as strict as ``check_shard`` and
-``decode_shard``: the index's hash (the one ``validate_hash`` picks), a zstd frame bound within the
-declared size, exactly the declared size and sample count, and sample offsets exactly
-``first + k x row size`` ending at the file's end. Anything else (a missing file, another codec,
-several hashes to compare, any mismatch) returns None and the caller takes the general path, which
+``decode_shard``: the index's hash (the one ``validate_hash`` picks), decompression bounded by
+the declared size (``decompress_bounded``, the general path's own), exactly the declared size and
+sample count, and sample offsets exactly ``first + k x row size`` ending at the file's end.
+Anything else (a missing file, several hashes to compare, any mismatch) returns None and the caller takes the general path, which
 finds the file wherever it is and names the problem: the error messages have one implementation.
 Only shards under 1 MiB decoded come here; larger ones are memory-mapped by the general path, where
 per-shard overhead does not matter.
@@ -24,8 +24,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from sparkbridge.format.check import ZSTD_BLOCK_MAX, zstd_output_bound
-from sparkbridge.format.codecs import compression_extension, hash_bytes
+from sparkbridge.format.check import decompress_bounded
+from sparkbridge.format.codecs import hash_bytes
 
 __all__ = ["SmallShards"]
 
@@ -50,13 +50,10 @@ class _Plan:
         hashers: dict[str, Callable] = {}
         self.paths = paths
         self.checks: list[Any] = []  # per shard: False (general path), None (no hash) or (hasher, hex)
-        for i, e in enumerate(table.entries):
-            ok = paths[i] is not None and int(table.raw_bytes[i]) < SMALL_BYTES
-            if ok and zipped:
-                try:
-                    ok = compression_extension(e.get("compression") or "") == "zstd"
-                except Exception:  # a codec the general path refuses, naming the shard
-                    ok = False
+        # per shard: the codec of a compressed file (any codec the general path knows), else None
+        self.codecs: list[Optional[str]] = [e.get("compression") if zipped else None for e in table.entries]
+        for i in range(table.count):
+            ok = paths[i] is not None and int(table.raw_bytes[i]) < SMALL_BYTES and (self.codecs[i] or not zipped)
             hashes, names = hash_names(i, compressed=zipped)
             check: Any = False
             if ok and not names:
@@ -67,11 +64,6 @@ class _Plan:
                     hashers[algo] = _hasher(algo)
                 check = (hashers[algo], hashes[algo])
             self.checks.append(check)
-        self.decompress: Optional[Callable[[bytes], bytes]] = None
-        if zipped:
-            import zstd
-
-            self.decompress = zstd.decompress
         self.raw_bytes = table.raw_bytes.tolist()
         self.samples = table.samples.tolist()
 
@@ -130,12 +122,11 @@ class SmallShards:
         if check is not None and check[0](data) != check[1]:
             return None
         size = plan.raw_bytes[i]
-        if plan.decompress is not None:
+        codec = plan.codecs[i]
+        if codec is not None:
             try:
-                if zstd_output_bound(data) > size + ZSTD_BLOCK_MAX:
-                    return None
-                data = plan.decompress(data)
-            except Exception:  # any codec error: the general path names it
+                data = decompress_bounded(codec, data, max_size=size, where=f"shard {i}")
+            except Exception:  # too large, truncated, an unknown codec: the general path names it
                 return None
         n = plan.samples[i]
         first = size - n * self.row_bytes

@@ -30,7 +30,7 @@ __all__ = ["ShardReport", "check_shard", "decompress_bounded", "zstd_output_boun
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 
 _ZSTD_MAGIC = 0xFD2FB528
-ZSTD_BLOCK_MAX = 128 << 10  #: the most a compressed zstd block decompresses to
+_ZSTD_BLOCK_MAX = 128 << 10
 
 
 @dataclass
@@ -113,7 +113,7 @@ def zstd_output_bound(data: Buffer) -> int:
                 blocks += size
             elif kind == 2:
                 pos += size
-                blocks += ZSTD_BLOCK_MAX
+                blocks += _ZSTD_BLOCK_MAX
             else:
                 raise ShardFormatError("zstd block of the reserved type: the data is corrupt")
             if pos > n:
@@ -171,7 +171,7 @@ def decompress_bounded(compression: str, data: Buffer, *, max_size: int, where: 
         "the file is corrupt or hostile (rewrite the dataset, or delete the cached copy)")
     try:
         if family == "zstd":
-            if zstd_output_bound(data) > max_size + ZSTD_BLOCK_MAX:
+            if zstd_output_bound(data) > max_size + _ZSTD_BLOCK_MAX:
                 raise too_large
             import zstd
 
