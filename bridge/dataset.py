@@ -26,8 +26,7 @@ from sparkbridge.bridge.batch import BatchPlan, PackedBatch
 from sparkbridge.bridge.fetch import ShardReader
 from sparkbridge.bridge.iterate import iter_batches
 from sparkbridge.bridge.passes import PassBoard
-from sparkbridge.bridge.prefill import start_prefill
-from sparkbridge.bridge.readahead import ReadAhead
+from sparkbridge.bridge.prefill import Prefill, start_prefill
 from sparkbridge.bridge.resident import ResidentRows
 from sparkbridge.bridge.shards import ShardTable
 from sparkbridge.errors import DatasetNotFoundError
@@ -111,7 +110,7 @@ class BatchDataset(mosaic.StreamingDataset):
         self.remote = stream.remote
         self.spill_for_workers = bool(self.remote is not None and self.table.compressed.any())
         self._resident: Optional[ResidentRows] = None
-        self._prefill: Optional[ReadAhead] = None
+        self._prefill: Optional[Prefill] = None
 
     def _check_hash_names(self, validate_hash: Union[str, bool, None]) -> None:
         entries = self.table.entries

@@ -488,9 +488,15 @@ class StreamingLoader:
         else:
             work = self._board.work_for(epoch, self._board.start, self.num_workers)
             source = self._owned(self._workers(epoch, self._board.start, work))
-        self._submit(epoch + 1, 0)  # after the workers are forked: never fork under a busy thread
+        next_order = False
         for out in to_batches(source, self.dataset.plan, device=self.device, pin_memory=self.pin_memory,
                               prefetch=self.prefetch):
+            if not next_order:
+                # The next epoch's order is computed from here on: after the workers are forked
+                # (never fork under a busy thread) and after the first batch, whose shard loads
+                # it would otherwise compete with for the cores.
+                self._submit(epoch + 1, 0)
+                next_order = True
             if self._token is token:
                 self._consumed += 1
             yield out

@@ -11,12 +11,20 @@ against 0.96-1.28 s), since both hold the GIL. Ascending is the order an unshuff
 pass needs them in, and as good as any other for a shuffled one whose first batch touches every
 shard. Shards a thread has claimed are skipped by the others, so nothing is loaded twice.
 
+Large local shards are filled by one thread per core (up to four), each taking every n-th shard:
+their decompression, file reads and copies release the GIL (only the xxh64 digest holds it), so
+two threads use both cores. 1M rows in 4 zstd shards of 20 MB, 2 cores, 5 loaders each: first
+batch 0.158-0.172 s after build with two threads against 0.204-0.238 s with one; the epoch,
+timed from build, 3.7-4.0M rows/s against 3.1-3.4M. Remote shards keep one thread: two
+downloading from S3 (SeaweedFS on the same 2 cores) gave 1.58-1.95M rows/s against 2.15M.
+
 A prefill never raises: a shard it fails to load is left unclaimed, and the pass loads it in the
 foreground and raises there, naming the shard.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -24,10 +32,13 @@ import numpy as np
 from sparkbridge.bridge.readahead import ReadAhead
 from sparkbridge.bridge.resident import EMPTY
 
-__all__ = ["ahead_pays", "start_prefill"]
+__all__ = ["Prefill", "ahead_pays", "prefill_threads", "start_prefill"]
 
 #: A local shard smaller than this decoded is read in the foreground, without read-ahead.
 _AHEAD_MIN_BYTES = 1 << 20
+#: Local shards at least this large decoded (on average) are filled by several threads.
+_PARALLEL_MIN_BYTES = 4 << 20
+_MAX_THREADS = 4
 
 
 def ahead_pays(table: Any) -> bool:
@@ -40,11 +51,38 @@ def ahead_pays(table: Any) -> bool:
     return remote or int(table.raw_bytes.sum()) >= _AHEAD_MIN_BYTES * table.count
 
 
-def start_prefill(ds: Any) -> Optional[ReadAhead]:
+class Prefill:
+    """The prefill threads of one pass: each takes every ``len(threads)``-th shard, so two never
+    start on the same one (a shard claimed meanwhile by the pass is skipped)."""
+
+    def __init__(self, threads: list[ReadAhead]) -> None:
+        self.threads = threads
+
+    def stop(self) -> None:
+        for t in self.threads:
+            t.stop()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        for t in self.threads:
+            t.join(timeout)
+
+    def is_alive(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+
+def prefill_threads(table: Any) -> int:
+    """How many threads fill the table: one per core, up to four, for local shards large enough
+    that decompression and file reads (which release the GIL) dominate; else one."""
+    if table.origin_root is not None and int(table.raw_bytes.sum()) >= _PARALLEL_MIN_BYTES * table.count:
+        return max(1, min(_MAX_THREADS, os.cpu_count() or 1, table.count))
+    return 1
+
+
+def start_prefill(ds: Any) -> Optional[Prefill]:
     """A started prefill of ``ds``'s resident table (a :class:`bridge.dataset.BatchDataset`), or
     None when there is nothing to fill or a thread would not pay. Stop it when the pass's
     read-ahead starts. (A resident dataset never forks DataLoader workers, so no fork happens
-    under this thread: see :func:`bridge.iterate.round_robin_ids`.)"""
+    under these threads: see :func:`bridge.iterate.round_robin_ids`.)"""
     if not ds.resident():
         return None
     reader = ds.reader()
@@ -52,10 +90,15 @@ def start_prefill(ds: Any) -> Optional[ReadAhead]:
     if res is None or res.complete() or not ahead_pays(ds.table):
         return None
     count = ds.table.count
-    order, first = np.arange(count, dtype=np.int64), np.zeros(count, dtype=np.int64)
-    prefill = ReadAhead(lambda: (order, first), lambda s: reader.load_resident(s, wait=False), window=0,
-                        skip=lambda s: res.state[s] != EMPTY)
-    prefill.name = "sparkbridge-prefill"
-    prefill.start()
-    return prefill
-
+    n = prefill_threads(ds.table)
+    threads = []
+    for k in range(n):
+        order = np.arange(k, count, n, dtype=np.int64)
+        first = np.zeros(len(order), dtype=np.int64)
+        t = ReadAhead(lambda o=order, f=first: (o, f), lambda s: reader.load_resident(s, wait=False), window=0,
+                      skip=lambda s: res.state[s] != EMPTY)
+        t.name = f"sparkbridge-prefill-{k}"
+        threads.append(t)
+    for t in threads:
+        t.start()
+    return Prefill(threads)

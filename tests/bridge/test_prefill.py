@@ -37,8 +37,14 @@ def test_the_table_fills_before_iter_and_the_epoch_is_unchanged(data):
     reference.close()
 
 
-def test_a_damaged_shard_fails_the_pass_naming_it(data, tmp_path):
+@pytest.mark.parametrize("parallel", [False, True], ids=["one thread", "a thread per core"])
+def test_a_damaged_shard_fails_the_pass_naming_it(data, tmp_path, monkeypatch, parallel):
     import shutil
+
+    from sparkbridge.bridge import prefill
+
+    if parallel:
+        monkeypatch.setattr(prefill, "_PARALLEL_MIN_BYTES", 1 << 20)
 
     copy = tmp_path / "ds"
     shutil.copytree(data, copy)
@@ -60,3 +66,33 @@ def test_close_stops_the_prefill(data):
     loader.close()
     assert not prefill.is_alive()
     assert loader.dataset._prefill is None
+
+
+def test_several_threads_fill_disjoint_shards_once_each(data, monkeypatch):
+    """Large local shards are filled by one thread per core; each shard is loaded exactly once and
+    the epoch is unchanged."""
+    import os
+
+    from sparkbridge.bridge import prefill, resident
+
+    monkeypatch.setattr(prefill, "_PARALLEL_MIN_BYTES", 1 << 20)  # these shards are ~1.5 MB
+    loads: list[int] = []
+    real = resident.ResidentRows.fill
+
+    def counted(self, shard_id, start, rows):
+        loads.append(int(shard_id))
+        real(self, shard_id, start, rows)
+
+    monkeypatch.setattr(resident.ResidentRows, "fill", counted)
+    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=5)
+    group = loader.dataset._prefill
+    count = len(loader.dataset.shards)
+    assert len(group.threads) == max(1, min(4, os.cpu_count() or 1, count))
+    group.join(timeout=60)
+    assert not group.is_alive() and loader.dataset.reader().resident.complete()
+    assert sorted(loads) == list(range(count))  # disjoint: no shard loaded twice
+    got = ids(loader)
+    reference = StreamingLoader(data, batch_size=B, shuffle=True, seed=5, decoded_cache_bytes=1 << 20)
+    assert np.array_equal(got, ids(reference))
+    loader.close()
+    reference.close()
