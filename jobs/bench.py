@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = {
     "etl": "bench/etl.py",  # write_mds vs dataframe_to_mds vs df.write.parquet
     "loader": "bench/loader.py",  # StreamingLoader vs stock Mosaic vs the in-memory bound
+    "grid": "bench/grid.py",  # later epochs vs the in-memory bound over dataset x shard sizes, 0/2 workers
     "memory": "bench/memory.py",  # a bounded decoded budget vs unbounded, rows/s and RSS growth
     "scale": "bench/scale.py",  # 100 -> 10,000 shards: open, first batch, RSS, rows/s vs stock
     "live": "bench/live.py",  # training that follows the ETL vs ETL then training

@@ -1,0 +1,153 @@
+"""Epoch orders from the forked order process (bridge/orders.py): the same ids as computed in the
+loader's process, under settings changed after the fork, and a dead or failing helper never
+changes what is read."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sparkbridge.bridge import StreamingLoader
+from tests.bridge.util import write_numeric
+
+N, B = 30_000, 500
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_numeric(tmp_path_factory.mktemp("orders") / "ds", N, compression="zstd", size_limit=1 << 16)
+
+
+def ids(loader):
+    return np.concatenate([b["id"].numpy().copy() for b in loader])
+
+
+def with_helper(**options):
+    """A loader past its first epoch, whose second has started: the order process runs."""
+    loader = StreamingLoader(options.pop("data"), batch_size=B, shuffle=True, **options)
+    assert loader._orders is None  # never forked while the first epoch loads its shards
+    first = ids(loader)
+    it = iter(loader)
+    assert loader._orders is not None
+    return loader, first, it
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not alive
+        return f.read().split()[2] != "Z"
+
+
+def test_the_helper_computes_the_same_orders_as_this_process(data):
+    loader, _, _ = with_helper(data=data, seed=3)
+    orders, ds = loader._orders, loader.dataset
+    assert orders.pid != os.getpid() and alive(orders.pid)
+    for epoch, start, workers in [(0, 0, 1), (1, 0, 1), (5, 0, 1), (2, 7_000, 1), (3, 0, 3)]:
+        got = orders.compute(epoch, start, workers, ds.order_settings())
+        assert np.array_equal(got, ds.compute_work(epoch, start, workers)), (epoch, start, workers)
+    loader.close()
+    assert loader._orders is None and not alive(orders.pid)
+
+
+def test_settings_changed_after_the_fork_reach_the_helper(data):
+    """load_state_dict sets the order's settings on the loader's dataset after the helper was
+    forked: the helper computes with them, not with its stale copy."""
+    loader, _, _ = with_helper(data=data, seed=3)
+    ds = loader.dataset
+    before = loader._compute_order(ds, 1, 0, 1)
+    ds.num_canonical_nodes, ds.shuffle_block_size = 4, 8_000  # as a saved state of another run would
+    after = loader._compute_order(ds, 1, 0, 1)
+    assert not np.array_equal(before, after)
+    assert np.array_equal(after, ds.compute_work(1, 0, 1))
+    loader.close()
+
+
+def test_resume_from_a_run_that_used_the_helper_reads_the_rest_exactly(data):
+    """Epoch 2's order came from the helper in the first run and from this process after the
+    resume: the resumed run reads exactly the rest of the same epoch."""
+    reference = StreamingLoader(data, batch_size=B, shuffle=True, seed=9)
+    assert reference._orders is None
+    expected = [ids(reference) for _ in range(3)]
+    first, epoch0, it = with_helper(data=data, seed=9)
+    assert np.array_equal(epoch0, expected[0])
+    assert np.array_equal(np.concatenate([b["id"].numpy().copy() for b in it]), expected[1])
+    it = iter(first)  # epoch 2, from the helper's order
+    head = [next(it)["id"].numpy().copy() for _ in range(13)]
+    state = first.state_dict()
+    first.close()
+    resumed = StreamingLoader(data, batch_size=B, shuffle=True, seed=9)
+    resumed.load_state_dict(state)
+    got = np.concatenate(head + [ids(resumed)])
+    assert np.array_equal(got, expected[2])
+    reference.close()
+    resumed.close()
+
+
+def test_a_killed_helper_falls_back_to_this_process(data, caplog):
+    reference = StreamingLoader(data, batch_size=B, shuffle=True, seed=4)
+    expected = [ids(reference) for _ in range(4)]
+    loader, epoch0, it = with_helper(data=data, seed=4)
+    assert np.array_equal(epoch0, expected[0])
+    assert np.array_equal(np.concatenate([b["id"].numpy().copy() for b in it]), expected[1])
+    pid = loader._orders.pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with caplog.at_level("WARNING", logger="sparkbridge.bridge.loader"):
+        with loader._lock:
+            loader._futures.clear()  # orders it may have computed before dying: ask again
+        assert np.array_equal(ids(loader), expected[2])
+        assert np.array_equal(ids(loader), expected[3])
+    assert loader._orders is None  # and no new one is forked for this dataset
+    assert any("epoch-order process" in r.getMessage() and f"pid {pid}" in r.getMessage() for r in caplog.records)
+    loader.close()
+    reference.close()
+
+
+def test_an_error_in_the_helper_is_raised_here(data):
+    loader, _, _ = with_helper(data=data, seed=3)
+    ds = loader.dataset
+    with pytest.raises(Exception) as helper_error:
+        loader._orders.compute(1, 0, 1, (1, -5, 1))  # a negative shuffle block size
+    with pytest.raises(type(helper_error.value)):
+        ds.shuffle_block_size = -5
+        ds.compute_work(1, 0, 1)
+    assert alive(loader._orders.pid)  # it answers the next request
+    ds.shuffle_block_size = None
+    settings = (ds.num_canonical_nodes, 2_000, ds.initial_physical_nodes)
+    assert loader._orders.compute(2, 0, 1, settings).size > 0
+    loader.close()
+
+
+def test_the_helper_exits_when_the_loader_process_dies(data):
+    code = (
+        "import os, sys; from sparkbridge.bridge import StreamingLoader; "
+        f"l = StreamingLoader({str(data)!r}, batch_size={B}, shuffle=True); "
+        "[b for b in l]; it = iter(l); print(l._orders.pid, flush=True); os.kill(os.getpid(), 9)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid), "the order process outlived its loader's process"
+
+
+def test_no_helper_for_a_dataset_that_does_not_fit_the_table(data):
+    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=3, decoded_cache_bytes=1 << 16)
+    for _ in range(2):
+        assert sorted(ids(loader).tolist()) == list(range(N))
+    iter(loader)
+    assert loader._orders is None  # the order is computed in a thread, as for workers
+    loader.close()
