@@ -431,6 +431,8 @@ class StreamingLoader:
             try:
                 return orders.compute(epoch, start, workers, ds.order_settings())
             except OrderProcessDied as exc:
+                if self._closed:  # close() ended the helper: no order is needed any more
+                    raise
                 if self._orders is orders:
                     logger.warning("%s; computing epoch orders in a thread from now on", exc)
                     self._orders = None
@@ -669,11 +671,12 @@ class StreamingLoader:
             orders.close()
 
     def _release(self, dataset) -> None:
-        if getattr(self, "_orders", None) is not None and self._orders.dataset is dataset:
-            self._stop_orders()
         from sparkbridge.bridge.mosaic import release_shared_memory
         from sparkbridge.bridge.spill import remove_spill_folder
 
+        if getattr(self, "_orders_for", None) is dataset:
+            self._stop_orders()
+            self._orders_for = None
         release_shared_memory(dataset)
         dataset.release()  # up to decoded_cache_bytes of decoded shards, maps, the resident table
         local = dataset.streams[0].local

@@ -7,9 +7,10 @@ took 91-119 us with the next order computing in a thread against 80-85 us withou
 130-140 us against 85 us at 100k rows, where the order runs through the whole epoch. In a
 process the order takes the other core and the loop keeps the GIL.
 
-The helper is forked when the loader is built, before any of its threads start, so it inherits
-the dataset as it is (no imports, no pickling; ready at once) and nothing runs under the fork.
-Each request carries every setting that may change after the fork (``load_state_dict`` sets the
+The loader forks the helper when none of its threads has work (once the first epoch has loaded
+every shard; see ``StreamingLoader._start_orders``), so it inherits the dataset as it is (no
+imports, no pickling; ready at once), and it only ever runs numpy and Mosaic's order code. Each
+request carries every setting that may change after the fork (``load_state_dict`` sets the
 order's ``num_canonical_nodes``, ``shuffle_block_size`` and ``initial_physical_nodes``), so a
 helper never computes from a stale copy. The helper exits when its pipe closes: on ``close()``,
 and when the loader's process dies (the kernel closes the pipe). If it dies or cannot be started,
@@ -22,6 +23,7 @@ import gc
 import logging
 import multiprocessing
 import pickle
+import sys
 import threading
 from typing import Any, Optional
 
@@ -75,9 +77,9 @@ class OrderProcess:
 
     @classmethod
     def start(cls, dataset: Any) -> Optional["OrderProcess"]:
-        """A started helper for ``dataset``, or None where fork is unavailable (then the caller
-        computes orders in a thread)."""
-        if "fork" not in multiprocessing.get_all_start_methods():
+        """A started helper for ``dataset``, or None off Linux (fork is unavailable, or unsafe
+        with macOS's system libraries): then the caller computes orders in a thread."""
+        if not sys.platform.startswith("linux"):
             return None
         ctx = multiprocessing.get_context("fork")
         conn, child_end = ctx.Pipe(duplex=True)
