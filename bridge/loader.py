@@ -405,9 +405,10 @@ class StreamingLoader:
     def _start_orders(self) -> None:
         """Fork the order process (:mod:`bridge.orders`) once per dataset, for a resident one,
         when nothing of this loader is busy: its table is complete (no prefill or read-ahead has
-        work), and no order is being computed. That is normally at the start of the second epoch,
-        not at build: forked at build, the first batch came 0.27 s after build instead of 0.17 s
-        (1M rows, 4 shards, 2 cores; the shard loads then first copied every page they wrote)."""
+        work), and no order is being computed. Called at a pass's second batch: in the first epoch
+        when its first batch needed every shard, else in the second. Not at build: forked
+        there, the first batch came 0.27 s after build instead of 0.17 s (1M rows, 4 shards, 2
+        cores; the shard loads then first copied every page they wrote)."""
         ds = self.dataset
         if self._orders_for is ds or not ds.resident():
             return
@@ -459,7 +460,6 @@ class StreamingLoader:
         epoch, start = self._epoch, self._start
         self.dataset.start_prefill()  # shards load while the order is computed (no worker forks then)
         work = self._submit(epoch, start).result()
-        self._start_orders()  # once the first epoch has loaded every shard, with nothing else running
         with self._lock:
             self._futures.pop((epoch, start, max(1, self.num_workers)), None)
         self._board.set(epoch, start, max(1, self.num_workers), work)
@@ -537,19 +537,22 @@ class StreamingLoader:
         else:
             work = self._board.work_for(epoch, self._board.start, self.num_workers)
             source = self._owned(self._workers(epoch, self._board.start, work))
-        next_order = False
-        for out in to_batches(source, self.dataset.plan, device=self.device, pin_memory=self.pin_memory,
-                              prefetch=self.prefetch):
-            if not next_order:
-                # The next epoch's order is computed from here on: after the workers are forked
-                # (never fork under a busy thread) and after the first batch, whose shard loads
-                # it would otherwise compete with for the cores.
+        ahead = False
+        for k, out in enumerate(to_batches(source, self.dataset.plan, device=self.device,
+                                           pin_memory=self.pin_memory, prefetch=self.prefetch)):
+            if k == 1:
+                # The next epochs' orders are computed from the second batch on: after the
+                # workers are forked (never fork under a busy thread) and after the first batch,
+                # whose shard loads they would otherwise compete with for the cores.
+                self._start_orders()
                 self._submit_ahead(epoch)
-                next_order = True
+                ahead = True
             if self._token is token:
                 self._consumed += 1
             yield out
         if self._token is token:
+            if not ahead:  # a pass of one batch
+                self._submit_ahead(epoch)
             self._finish_pass(epoch)
 
     def _finish_pass(self, epoch: int) -> None:
