@@ -23,6 +23,7 @@ import gc
 import logging
 import multiprocessing
 import pickle
+import signal
 import sys
 import threading
 from typing import Any, Optional
@@ -44,6 +45,9 @@ def _serve(dataset: Any, conn: Any, parent_end: Any) -> None:
     """The helper's loop: one request, one answer, until the pipe closes."""
     parent_end.close()  # else the pipe never reports the parent's end closed
     gc.disable()  # a collection would touch (and copy) every page of the parent's heap
+    # Ctrl-C reaches the whole process group: the loader's process handles it and closes the
+    # pipe (or exits), and this process follows without a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
             epoch, start, workers, settings = conn.recv()
@@ -107,14 +111,14 @@ class OrderProcess:
             try:
                 self._conn.send((int(epoch), int(start), int(workers), tuple(settings)))
                 reply = self._conn.recv()
-                if reply[0] == "error":
-                    raise reply[1]
-                _, dtype, shape = reply
-                work = np.frombuffer(self._conn.recv_bytes(), dtype=np.dtype(dtype)).reshape(shape)
-            except (EOFError, OSError, BrokenPipeError) as exc:
+                data = self._conn.recv_bytes() if reply[0] == "ok" else None
+            except (EOFError, OSError) as exc:
                 raise OrderProcessDied(f"the epoch-order process (pid {self.pid}) is gone: "
                                        f"{type(exc).__name__}: {exc}") from None
-        return work
+        if data is None:
+            raise reply[1]  # the computation's own error (whatever its type)
+        _, dtype, shape = reply
+        return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
 
     def close(self) -> None:
         """Close the pipe (the helper exits) and reap the process."""

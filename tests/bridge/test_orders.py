@@ -151,3 +151,35 @@ def test_no_helper_for_a_dataset_that_does_not_fit_the_table(data):
     iter(loader)
     assert loader._orders is None  # the order is computed in a thread, as for workers
     loader.close()
+
+
+def test_an_os_error_in_the_computation_is_not_taken_for_a_dead_helper(data, monkeypatch):
+    from sparkbridge.bridge.dataset import BatchDataset
+
+    real = BatchDataset.compute_work
+
+    def failing(self, epoch, start, workers):
+        if epoch == 99:
+            raise FileNotFoundError("no such thing, for epoch 99")
+        return real(self, epoch, start, workers)
+
+    monkeypatch.setattr(BatchDataset, "compute_work", failing)  # before the fork: the helper has it
+    loader, _, _ = with_helper(data=data, seed=3)
+    with pytest.raises(FileNotFoundError, match="epoch 99"):
+        loader._orders.compute(99, 0, 1, loader.dataset.order_settings())
+    assert alive(loader._orders.pid)
+    loader.close()
+
+
+def test_ctrl_c_leaves_the_helper_to_its_loader(data):
+    """SIGINT reaches the whole process group; the helper ignores it (no traceback of its own)
+    and goes on answering until its loader closes it."""
+    loader, _, _ = with_helper(data=data, seed=3)
+    pid = loader._orders.pid
+    os.kill(pid, signal.SIGINT)
+    time.sleep(0.2)
+    assert alive(pid)
+    ds = loader.dataset
+    assert np.array_equal(loader._orders.compute(4, 0, 1, ds.order_settings()), ds.compute_work(4, 0, 1))
+    loader.close()
+    assert not alive(pid)
