@@ -432,7 +432,7 @@ class StreamingLoader:
             try:
                 return orders.compute(epoch, start, workers, ds.order_settings())
             except OrderProcessDied as exc:
-                if self._closed:  # close() ended the helper: no order is needed any more
+                if self._closed or ds is not self.dataset:  # closed, or a rebuild replaced ds: not needed
                     raise
                 if self._orders is orders:
                     logger.warning("%s; computing epoch orders in a thread from now on", exc)
