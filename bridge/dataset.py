@@ -163,10 +163,12 @@ class BatchDataset(mosaic.StreamingDataset):
         """Whether the rows are read through the resident table (:mod:`bridge.resident`)."""
         return self._resident is not None or self._resident_fits()
 
-    def start_prefill(self) -> None:
-        """Start filling the resident table while the pass's order is computed (:mod:`bridge.prefill`)."""
+    def start_prefill(self) -> bool:
+        """Start filling the resident table while the pass's order is computed (:mod:`bridge.prefill`);
+        returns whether a prefill runs."""
         if self._prefill is None:
             self._prefill = start_prefill(self)
+        return self._prefill is not None
 
     def stop_prefill(self, *, join: bool = False) -> None:
         """Stop the prefill after the shard it is loading; ``join``: wait for that (before a fork)."""

@@ -31,7 +31,6 @@ def ids(loader):
 def with_helper(**options):
     """A loader past its first epoch, whose second has started: the order process runs."""
     loader = StreamingLoader(options.pop("data"), batch_size=B, shuffle=True, **options)
-    assert loader._orders is None  # never forked while the first epoch loads its shards
     first = ids(loader)
     it = iter(loader)
     assert loader._orders is not None
@@ -72,10 +71,11 @@ def test_settings_changed_after_the_fork_reach_the_helper(data):
 
 
 def test_resume_from_a_run_that_used_the_helper_reads_the_rest_exactly(data):
-    """Epoch 2's order came from the helper in the first run and from this process after the
-    resume: the resumed run reads exactly the rest of the same epoch."""
-    reference = StreamingLoader(data, batch_size=B, shuffle=True, seed=9)
-    assert reference._orders is None
+    """Epoch 2's order came from the helper in the first run; the resumed loader's helper was
+    forked at build, before load_state_dict set the saved settings. Both read exactly what a
+    loader computing its orders in this process reads."""
+    reference = StreamingLoader(data, batch_size=B, shuffle=True, seed=9, decoded_cache_bytes=1 << 16)
+    assert reference._orders is None  # not resident: orders in a thread
     expected = [ids(reference) for _ in range(3)]
     first, epoch0, it = with_helper(data=data, seed=9)
     assert np.array_equal(epoch0, expected[0])
@@ -85,6 +85,7 @@ def test_resume_from_a_run_that_used_the_helper_reads_the_rest_exactly(data):
     state = first.state_dict()
     first.close()
     resumed = StreamingLoader(data, batch_size=B, shuffle=True, seed=9)
+    assert resumed._orders is not None
     resumed.load_state_dict(state)
     got = np.concatenate(head + [ids(resumed)])
     assert np.array_equal(got, expected[2])
@@ -183,3 +184,21 @@ def test_ctrl_c_leaves_the_helper_to_its_loader(data):
     assert np.array_equal(loader._orders.compute(4, 0, 1, ds.order_settings()), ds.compute_work(4, 0, 1))
     loader.close()
     assert not alive(pid)
+
+
+def test_forked_at_build_only_when_no_thread_loads_shards(data, tmp_path):
+    """Small local shards load in the foreground (no prefill): the helper is forked at build and
+    orders the first epoch too. Large ones prefill from build: no fork until the table is complete."""
+    small = StreamingLoader(data, batch_size=B, shuffle=True, seed=2)
+    assert small.dataset._prefill is None and small._orders is not None
+    reference = StreamingLoader(data, batch_size=B, shuffle=True, seed=2, decoded_cache_bytes=1 << 16)
+    assert np.array_equal(ids(small), ids(reference))  # its order of epoch 0 is Mosaic's
+    small.close()
+    reference.close()
+    big_data = write_numeric(tmp_path / "big", 200_000, compression="zstd", size_limit=3 << 19)
+    big = StreamingLoader(big_data, batch_size=1000, shuffle=True, seed=2)
+    assert big.dataset._prefill is not None and big._orders is None
+    ids(big)
+    iter(big)
+    assert big._orders is not None  # forked once every shard was in the table
+    big.close()
