@@ -12,8 +12,8 @@ every shard; see ``StreamingLoader._start_orders``), so it inherits the dataset 
 imports, no pickling; ready at once), and it only ever runs numpy and Mosaic's order code. Each
 request carries every setting that may change after the fork (``load_state_dict`` sets the
 order's ``num_canonical_nodes``, ``shuffle_block_size`` and ``initial_physical_nodes``), so a
-helper never computes from a stale copy. The helper exits when its pipe closes: on ``close()``,
-and when the loader's process dies (the kernel closes the pipe). If it dies or cannot be started,
+helper never computes from a stale copy. The helper exits when told to by ``close()``, and when
+its pipe closes as the loader's process dies; it closes the sockets it inherited. If it dies or cannot be started,
 the order is computed in a thread, as before, and a warning says why.
 """
 
@@ -22,8 +22,10 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
+import stat
 import sys
 import threading
 from typing import Any, Optional
@@ -41,18 +43,38 @@ class OrderProcessDied(RuntimeError):
     """The helper is gone (killed, out of memory): compute the order in this process."""
 
 
+def _close_inherited_sockets(*, keep: int) -> None:
+    """Close every socket inherited from the loader's process but ``keep``: a socket the parent
+    closes (a DDP peer's, Spark's py4j gateway, a notebook kernel's, another loader's order pipe)
+    must not stay open here, or its peer never sees it close. Pipes stay: multiprocessing's own
+    (which tell the parent when this process exits) are pipes."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd == keep:
+            continue
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:  # the listing's own descriptor, gone by now
+            continue
+
+
 def _serve(dataset: Any, conn: Any, parent_end: Any) -> None:
     """The helper's loop: one request, one answer, until the pipe closes."""
     parent_end.close()  # else the pipe never reports the parent's end closed
+    _close_inherited_sockets(keep=conn.fileno())
     gc.disable()  # a collection would touch (and copy) every page of the parent's heap
     # Ctrl-C reaches the whole process group: the loader's process handles it and closes the
     # pipe (or exits), and this process follows without a traceback of its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
-            epoch, start, workers, settings = conn.recv()
+            request = conn.recv()
         except (EOFError, OSError):
             return
+        if request is None:  # close(): processes forked later may hold the pipe too, so no EOF
+            return
+        epoch, start, workers, settings = request
         try:
             dataset.num_canonical_nodes, dataset.shuffle_block_size, dataset.initial_physical_nodes = settings
             work = np.ascontiguousarray(dataset.compute_work(epoch, start, workers))
@@ -121,7 +143,15 @@ class OrderProcess:
         return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
 
     def close(self) -> None:
-        """Close the pipe (the helper exits) and reap the process."""
+        """Tell the helper to exit, close the pipe and reap the process. (EOF alone would not
+        do: a process forked later, a DataLoader worker, holds a copy of this end of the pipe.)"""
+        if self._lock.acquire(timeout=0.05):  # else a request is in flight: terminate below
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            finally:
+                self._lock.release()
         try:
             self._conn.close()
         except OSError:

@@ -202,3 +202,46 @@ def test_forked_at_build_only_when_no_thread_loads_shards(data, tmp_path):
     iter(big)
     assert big._orders is not None  # forked once every shard was in the table
     big.close()
+
+
+def test_the_helper_keeps_no_descriptor_of_the_loader_process(data):
+    """A socket the loader's process holds (a DDP peer's, Spark's py4j gateway) is not held open by
+    the helper: when the parent closes it, its peer sees it closed."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=3)  # small shards: forked at build
+    pid, ds = loader._orders.pid, loader.dataset
+    # one answer first: the helper has then closed what it inherited
+    assert np.array_equal(loader._orders.compute(3, 0, 1, ds.order_settings()), ds.compute_work(3, 0, 1))
+    links = [os.readlink(f"/proc/{pid}/fd/{f}") for f in os.listdir(f"/proc/{pid}/fd")]
+    assert len([x for x in links if x.startswith("socket:")]) == 1, links  # its own pipe only
+    client.close()
+    peer.settimeout(5)
+    assert peer.recv(1) == b""  # EOF: nobody else holds the client's end
+    loader.close()
+    peer.close()
+    server.close()
+
+
+def test_close_is_prompt_when_a_later_fork_holds_the_pipe(data):
+    """A process forked after the helper (a DataLoader worker of another loader) holds a copy of
+    the loader's end of the pipe, so closing it sends no EOF: close() tells the helper to exit."""
+    import multiprocessing
+
+    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=3)  # small shards: forked at build
+    pid = loader._orders.pid
+    holder = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=True)
+    holder.start()
+    try:
+        t0 = time.monotonic()
+        loader.close()
+        assert time.monotonic() - t0 < 2.0
+        assert not alive(pid)
+    finally:
+        holder.kill()
+        holder.join(10)
