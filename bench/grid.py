@@ -111,12 +111,11 @@ def main(argv=None) -> int:
                 table_rows.append([label, str(w), "yes" if r["resident"] else "no", f"{r['later']:,.0f}",
                                    f"{r['bound']:,.0f}", f"{later:.2f}x", f"{r['first']:,.0f}", f"{first:.2f}x"])
                 bars[f"{label}, w{w}"] = later
-                key = "w0" if w == 0 else "w2"
                 if cache_bytes is None:
-                    worst[key] = min(worst.get(key, float("inf")), later)
+                    worst[w] = min(worst.get(w, float("inf")), later)
             del mem
-    print(f"worst later-epoch ratio over the resident cells: {worst.get('w0', 0):.2f}x the bound with 0 workers "
-          f"(goal 1.0x), {worst.get('w2', 0):.2f}x with 2 (goal 0.9x)")
+    print(f"worst later-epoch ratio over the resident cells: {worst.get(0, 0):.2f}x the bound with 0 workers "
+          f"(goal 1.0x), {worst.get(2, 0):.2f}x with 2 (goal 0.9x)")
     md, png = write_report(
         "grid", title=f"loader, later epochs vs the in-memory bound (batch {BATCH}, shuffled)",
         headers=["dataset", "workers", "resident", "later epochs (rows/s)", "bound (rows/s)", "later / bound",

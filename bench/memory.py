@@ -43,7 +43,7 @@ def status():
             out[k] = int(v.split()[0]) / 1024
     return out
 import os
-def children_anon():
+def children_private():
     # private dirty memory of this process's children (DataLoader workers, the order process), in
     # MB: what they add (their pages still shared with this process are not counted)
     me, total = os.getpid(), 0.0
@@ -69,7 +69,7 @@ for k, batch in enumerate(loader):
     if k % 8 == 0:
         peak = max(peak, status()["RssAnon"])
         if k % 64 == 0:  # a scan of /proc: rarer
-            kids = max(kids, children_anon())
+            kids = max(kids, children_private())
         if time.perf_counter() - t0 > timeout:
             done = False
             break
@@ -83,13 +83,13 @@ if done:
         if k % 8 == 0:
             peak = max(peak, status()["RssAnon"])
             if k % 64 == 0:
-                kids = max(kids, children_anon())
+                kids = max(kids, children_private())
     warm = time.perf_counter() - t1
 end = status()
 print(json.dumps(dict(rows=rows, finished=done, cold_s=cold, cold_rows_per_s=rows / cold,
                       warm_rows_per_s=(warm_rows / warm if warm else None), anon_base_mb=base,
                       anon_peak_mb=peak, anon_growth_mb=peak - base, file_end_mb=end["RssFile"],
-                      children_anon_peak_mb=kids)))
+                      children_private_peak_mb=kids)))
 """
 
 
@@ -129,7 +129,7 @@ def write_outputs(out: Path, rows: list[dict], facts: str) -> None:
             f"{r['n']:,}", r["budget_label"], str(r["workers"]), "yes" if r["finished"] else "no (timeout)",
             f"{r['cold_rows_per_s']:,.0f}", warm, f"{r.get('ratio', float('nan')):.2f}x",
             f"{r['anon_base_mb']:.0f}", f"{r['anon_peak_mb']:.0f}", f"{r['anon_growth_mb']:.0f}",
-            f"{r['file_end_mb']:.0f}", f"{r['children_anon_peak_mb']:.0f}"]) + " |")
+            f"{r['file_end_mb']:.0f}", f"{r['children_private_peak_mb']:.0f}"]) + " |")
     (out / "memory.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

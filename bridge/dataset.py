@@ -203,6 +203,12 @@ class BatchDataset(mosaic.StreamingDataset):
     def order_settings(self) -> tuple:
         return (self.num_canonical_nodes, self.shuffle_block_size, self.initial_physical_nodes)
 
+    def settle_order(self, workers_per_rank: int) -> tuple:
+        """Apply Mosaic's order defaults for this world (once they are set they stay) and return
+        the settings an order depends on beyond the constructor's (:meth:`order_settings`)."""
+        mosaic.apply_order_defaults(self, self.work_world(workers_per_rank))
+        return self.order_settings()
+
     def compute_work(self, epoch: int, sample_in_epoch: int, workers_per_rank: int) -> np.ndarray:
         """Mosaic's sample ids of one epoch for the whole world: (nodes, ranks per node, workers
         per rank, batches per worker, batch size), -1 for padding; int32 when the ids fit."""

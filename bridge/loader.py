@@ -429,11 +429,8 @@ class StreamingLoader:
         """Mosaic's order of a pass: from the order process when it serves ``ds``, else here."""
         orders = self._orders
         if orders is not None and orders.dataset is ds:
-            from sparkbridge.bridge import mosaic
-
-            mosaic.apply_order_defaults(ds, ds.work_world(workers))  # this process's settings too
-            try:
-                return orders.compute(epoch, start, workers, ds.order_settings())
+            try:  # the defaults are settled here too: state_dict and the workers read them
+                return orders.compute(epoch, start, workers, ds.settle_order(workers))
             except OrderProcessDied as exc:
                 if self._closed or ds is not self.dataset:  # closed, or a rebuild replaced ds: not needed
                     raise
