@@ -17,7 +17,11 @@ from typing import Callable, Iterable, Optional
 
 from sparkbridge.bridge.decode import DecodedShard
 
-__all__ = ["ShardCache"]
+__all__ = ["ShardCache", "DEFAULT_DECODED_CACHE"]
+
+#: ``decoded_cache_bytes`` when not given: the bound of each process's decoded shards, and of the
+#: resident row table.
+DEFAULT_DECODED_CACHE = 1 << 30
 
 
 class ShardCache:

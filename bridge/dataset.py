@@ -23,11 +23,13 @@ import numpy as np
 
 from sparkbridge.bridge import mosaic
 from sparkbridge.bridge.batch import BatchPlan, PackedBatch
-from sparkbridge.bridge.fetch import ShardReader
+from sparkbridge.bridge.fetch import ShardReader, check_hash_names
 from sparkbridge.bridge.iterate import iter_batches
 from sparkbridge.bridge.passes import PassBoard
+from sparkbridge.bridge.cache import DEFAULT_DECODED_CACHE
+from sparkbridge.bridge.early import EarlyFill
 from sparkbridge.bridge.prefill import Prefill, start_prefill
-from sparkbridge.bridge.resident import ResidentRows
+from sparkbridge.bridge.resident import ResidentRows, fits
 from sparkbridge.bridge.shards import ShardTable
 from sparkbridge.errors import DatasetNotFoundError
 from sparkbridge.log.snapshot import Snapshot
@@ -36,14 +38,14 @@ __all__ = ["BatchDataset", "DEFAULT_DECODED_CACHE"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DECODED_CACHE = 1 << 30
-
 
 class BatchDataset(mosaic.StreamingDataset):
     """An iterable of :class:`~bridge.batch.PackedBatch` for this rank/worker's share of a pass.
 
     ``origin``: a local dataset root read through the cache folder ``local`` (``remote`` is then
-    that root too): its shards are read in place, and only spilled ones are written to ``local``."""
+    that root too): its shards are read in place, and only spilled ones are written to ``local``.
+    ``early``: the resident table's fill, started from the same options before this was built
+    (:mod:`bridge.early`); adopted here."""
 
     def __init__(
         self,
@@ -70,6 +72,7 @@ class BatchDataset(mosaic.StreamingDataset):
         columns: Optional[Sequence[str]],
         features: Optional[Sequence[str]],
         label: Optional[str],
+        early: Optional[EarlyFill] = None,
     ) -> None:
         source = remote if origin is None and remote else (origin or local)
         if not snapshot.shards or snapshot.rows == 0:
@@ -96,9 +99,16 @@ class BatchDataset(mosaic.StreamingDataset):
             self.drop_last = bool(drop_last)
             self.validate_hash = validate_hash
             self.board = board
-            self.table = ShardTable(snapshot.shards, cache_root=os.path.join(stream.local, stream.split or ""),
-                                    origin_root=origin, where=f"{source}, version {snapshot.version}")
-            self._check_hash_names(validate_hash)
+            cache_root = os.path.join(stream.local, stream.split or "")
+            if early is not None and (early.table.cache_root, early.table.origin_root) != (cache_root, origin):
+                early.stop()  # Mosaic placed the cache elsewhere than the fill assumed: start afresh
+                early = None
+            if early is not None:
+                self.table = early.table  # its hash names were checked when the fill started
+            else:
+                self.table = ShardTable(snapshot.shards, cache_root=cache_root, origin_root=origin,
+                                        where=f"{source}, version {snapshot.version}")
+                check_hash_names(self.table, validate_hash, str(source))
             firsts = [int(np.argmax(self.table.layout_index == k)) for k in range(len(self.table.layouts))]
             self.plan = BatchPlan(self.table.layouts, shard_names=[self.table.name(i) for i in firsts],
                                   manifest=self.manifest, columns=columns, features=features, label=label)
@@ -111,21 +121,11 @@ class BatchDataset(mosaic.StreamingDataset):
         self.spill_for_workers = bool(self.remote is not None and self.table.compressed.any())
         self._resident: Optional[ResidentRows] = None
         self._prefill: Optional[Prefill] = None
-
-    def _check_hash_names(self, validate_hash: Union[str, bool, None]) -> None:
-        entries = self.table.entries
-        if isinstance(validate_hash, str):
-            lacking = [self.table.name(i) for i, e in enumerate(entries)
-                       if validate_hash not in ((e.get("zip_data") or {}).get("hashes") or {})
-                       and validate_hash not in (e["raw_data"].get("hashes") or {})]
-            if lacking:
-                raise ValueError(
-                    f"validate_hash={validate_hash!r} but {len(lacking)} shard(s) of {self.source} have no such "
-                    f"hash in index.json (first: {lacking[0]!r}); pass validate_hash=None to use what the index has")
-        if validate_hash is None and not any(e["raw_data"].get("hashes") or (e.get("zip_data") or {}).get("hashes")
-                                             for e in entries):
-            logger.info("%s: shards carry no hashes in index.json, so corruption inside a shard cannot be detected "
-                        "(sparkbridge's writer adds xxh64)", self.source)
+        if early is not None:
+            reader = early.reader
+            reader.dataset, reader.remote, reader.cache_limit = self, self.remote, self.cache_limit
+            self._reader, self._reader_pid, self._resident = reader, os.getpid(), reader.resident
+            self._prefill = early.prefill
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -137,16 +137,12 @@ class BatchDataset(mosaic.StreamingDataset):
     # ------------------------------------------------------------------ shards
 
     def _resident_fits(self) -> bool:
-        t = self.table
-        if len(t.layouts) != 1 or t.layouts[0].row_dtype() is None:
-            return False
-        return t.total_samples * t.layouts[0].row_dtype().itemsize <= self.decoded_cache_bytes
+        return fits(self.table, self.decoded_cache_bytes)
 
     def _prepare_resident(self) -> None:
         """The resident table, when the rows fit it (made once, by the first reader)."""
         if self._resident is None and self._resident_fits():
-            t = self.table
-            self._resident = ResidentRows(t.total_samples, t.layouts[0].row_dtype().itemsize, t.count)
+            self._resident = ResidentRows.for_table(self.table)
 
     def reader(self) -> ShardReader:
         """This process's shard reader (built on first use; a forked worker builds its own)."""
@@ -166,8 +162,8 @@ class BatchDataset(mosaic.StreamingDataset):
     def start_prefill(self) -> bool:
         """Start filling the resident table while the pass's order is computed (:mod:`bridge.prefill`);
         returns whether a prefill runs."""
-        if self._prefill is None:
-            self._prefill = start_prefill(self)
+        if self._prefill is None and self.resident():
+            self._prefill = start_prefill(self.table, self.reader())
         return self._prefill is not None
 
     def stop_prefill(self, *, join: bool = False) -> None:

@@ -36,10 +36,21 @@ def world_info() -> tuple[int, int, int]:
     return rank, size, int(os.environ.get("LOCAL_RANK", 0))
 
 
+def _one_process() -> bool:
+    """No process group and none to set up (``WORLD_SIZE`` unset or 1): then Mosaic's
+    ``maybe_init_dist`` does nothing, and is not imported for it (Mosaic's import is ~35 ms of a
+    loader's construction in a fresh process, better spent while its shards load)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("WORLD_SIZE", 1)) == 1
+
+
 def broadcast_from_rank0(compute):
     """``compute()`` on rank 0, the same value on every rank (``compute`` runs only on rank 0).
     Without a process group (one process, or torchrun before ``init_process_group``) one is set up
     from torchrun's environment for the call, as Mosaic does."""
+    if _one_process():
+        return compute()
     import torch.distributed as dist
 
     from sparkbridge.bridge.mosaic import maybe_init_dist

@@ -25,7 +25,6 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from sparkbridge.bridge import mosaic
 from sparkbridge.bridge.cache import ShardCache
 from sparkbridge.bridge.decode import DecodedShard, decode_shard
 from sparkbridge.bridge.mapped import map_file
@@ -34,7 +33,7 @@ from sparkbridge.bridge.shards import ShardTable
 from sparkbridge.bridge.smallshard import SmallShards
 from sparkbridge.format.check import ShardReport, check_shard
 
-__all__ = ["ShardReader", "pick_hash"]
+__all__ = ["ShardReader", "check_hash_names", "pick_hash"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +52,31 @@ def pick_hash(hashes: dict, validate_hash: Union[str, bool, None]) -> tuple[str,
     return ("xxh64",) if "xxh64" in hashes else (sorted(hashes)[0],)
 
 
+def check_hash_names(table: ShardTable, validate_hash: Union[str, bool, None], source: str) -> None:
+    """Refuse a named ``validate_hash`` that some shard lacks (naming the first such shard), and
+    say so when no shard has any hash, before any shard is read."""
+    entries = table.entries
+    if isinstance(validate_hash, str):
+        lacking = [table.name(i) for i, e in enumerate(entries)
+                   if validate_hash not in ((e.get("zip_data") or {}).get("hashes") or {})
+                   and validate_hash not in (e["raw_data"].get("hashes") or {})]
+        if lacking:
+            raise ValueError(
+                f"validate_hash={validate_hash!r} but {len(lacking)} shard(s) of {source} have no such "
+                f"hash in index.json (first: {lacking[0]!r}); pass validate_hash=None to use what the index has")
+    if validate_hash is None and not any(e["raw_data"].get("hashes") or (e.get("zip_data") or {}).get("hashes")
+                                         for e in entries):
+        logger.info("%s: shards carry no hashes in index.json, so corruption inside a shard cannot be detected "
+                    "(sparkbridge's writer adds xxh64)", source)
+
+
 class ShardReader:
-    """Loads shards for one process (each DataLoader worker builds its own)."""
+    """Loads shards for one process (each DataLoader worker builds its own).
+
+    ``dataset`` (the :class:`bridge.dataset.BatchDataset`) is needed only where Mosaic prepares a
+    shard (a remote one, or a local one that is missing): a reader built before it
+    (:mod:`bridge.early`) gets it when the dataset adopts the reader, and Mosaic is imported only
+    then, so this module never imports it."""
 
     def __init__(self, *, dataset: Any, table: ShardTable, validate_hash: Union[str, bool, None], remote: Optional[str],
                  source: str, cache_limit: Optional[int], budget: int, resident: Optional[ResidentRows],
@@ -144,6 +166,10 @@ class ShardReader:
                 raise FileNotFoundError(
                     f"shard {t.name(i)!r} is listed in {self.source}/index.json but is missing ({missing}); "
                     "the dataset is incomplete")
+            if self.dataset is None:  # built early (bridge.early) and not adopted yet: the pass loads it
+                raise RuntimeError(f"shard {t.name(i)!r} is not on local disk and the dataset is not built yet")
+            from sparkbridge.bridge import mosaic
+
             mosaic.prepare_shard(self.dataset, i, blocking=True, name=t.name(i), source=self.source)
         raise RuntimeError(
             f"shard {t.name(i)!r} was evicted again before it could be read {1 + self.retry} times: "
@@ -154,6 +180,8 @@ class ShardReader:
         i = int(i)
         shard = self.cache.get(i, lambda: self.load(i, spill=spill))
         if self.cache_limit and self.remote is not None:
+            from sparkbridge.bridge import mosaic
+
             if shard.mapped and mosaic.shard_states(self.dataset)[i] != mosaic.ShardState.LOCAL:
                 # Mosaic evicted the file (cache_limit): drop the map so the disk space is freed
                 self.cache.drop(i)

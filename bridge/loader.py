@@ -122,10 +122,8 @@ class StreamingLoader:
         self.source = resolve_source(remote_or_local, local, must_exist=not follow)
         if self.source.remote is not None and self.source.local is not None:
             mark_cache(self.source.local, self.source.remote)
-        if clean_stale_shm:
-            from sparkbridge.bridge.distributed import clean_stale_shared_memory
-
-            clean_stale_shared_memory()
+        # stale Mosaic segments are removed before the first dataset allocates its own (_build_dataset)
+        self._clean_stale_shm = bool(clean_stale_shm)
         device = resolve_device(device)  # before Mosaic allocates shared memory: fail cheaply
 
         if decoded_cache_bytes is None:
@@ -149,7 +147,7 @@ class StreamingLoader:
             self._follow = self._follow_target(version=version, timeout=follow_timeout,
                                                idle_timeout=follow_idle_timeout, poll=follow_poll)
         # None while the first epoch follows a write that is still running (built when it completes)
-        self.dataset = None if self._follow is not None else self._build_dataset(version)
+        self.dataset = None if self._follow is not None else self._build_dataset(version, early=True)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.drop_last = bool(drop_last)
@@ -276,8 +274,11 @@ class StreamingLoader:
         self._follow, self._follower, self._follow_resume = None, None, None
         self._finish_pass(0)
 
-    def _build_dataset(self, version: Optional[int]):
-        from sparkbridge.bridge.dataset import BatchDataset
+    def _build_dataset(self, version: Optional[int], *, early: bool = False):
+        """The dataset of ``version`` (None: the latest). ``early`` (at construction only): a local
+        dataset's resident table starts filling before Mosaic is imported (:mod:`bridge.early`).
+        Not on a rebuild, where the dataset it replaces still holds its table until then."""
+        from sparkbridge.bridge.early import start_early_fill
 
         snapshot = open_version(self.source, version, download_timeout=self._dataset_options["download_timeout"])
         logger.debug("%s: reading version %s (%s)", self.source.name, snapshot.version, snapshot.identity)
@@ -289,7 +290,24 @@ class StreamingLoader:
                 options["remote"], options["local"] = origin, self._new_spill_folder(origin)
             else:
                 origin = None  # uncompressed: every shard is mapped in place, nothing is ever written
-        return BatchDataset(snapshot=snapshot, origin=origin, board=self._board, **options)
+        fill = None
+        if early:  # a local dataset's shards load while Mosaic is imported and builds its dataset
+            fill = start_early_fill(snapshot, remote=options["remote"], local=options["local"], origin=origin,
+                                    validate_hash=options["validate_hash"],
+                                    decoded_cache_bytes=options["decoded_cache_bytes"])
+        try:
+            if self._clean_stale_shm:  # imports Mosaic: after the fill has started
+                from sparkbridge.bridge.distributed import clean_stale_shared_memory
+
+                self._clean_stale_shm = False
+                clean_stale_shared_memory()
+            from sparkbridge.bridge.dataset import BatchDataset
+
+            return BatchDataset(snapshot=snapshot, origin=origin, board=self._board, early=fill, **options)
+        except BaseException:
+            if fill is not None:
+                fill.stop()
+            raise
 
     @staticmethod
     def _origin(source: Source) -> Optional[str]:

@@ -82,19 +82,17 @@ def prefill_threads(table: Any) -> int:
     return 1
 
 
-def start_prefill(ds: Any) -> Optional[Prefill]:
-    """A started prefill of ``ds``'s resident table (a :class:`bridge.dataset.BatchDataset`), or
-    None when there is nothing to fill or a thread would not pay. Stop it when the pass's
-    read-ahead starts. (A resident dataset never forks DataLoader workers, so no fork happens
-    under these threads: see :func:`bridge.iterate.round_robin_ids`.)"""
-    if not ds.resident():
-        return None
-    reader = ds.reader()
+def start_prefill(table: Any, reader: Any) -> Optional[Prefill]:
+    """A started prefill of ``reader``'s resident table (``table``: a
+    :class:`bridge.shards.ShardTable`, ``reader``: its :class:`bridge.fetch.ShardReader`), or None
+    when there is no such table, nothing to fill or a thread would not pay. Stop it when the
+    pass's read-ahead starts. (A resident dataset never forks DataLoader workers, so no fork
+    happens under these threads: see :func:`bridge.iterate.round_robin_ids`.)"""
     res = reader.resident
-    if res is None or res.complete() or not ahead_pays(ds.table):
+    if res is None or res.complete() or not ahead_pays(table):
         return None
-    count = ds.table.count
-    n = prefill_threads(ds.table)
+    count = table.count
+    n = prefill_threads(table)
     threads = []
     for k in range(n):
         order = np.arange(k, count, n, dtype=np.int64)

@@ -16,12 +16,21 @@ table (correct, not shared).
 from __future__ import annotations
 
 import mmap
+from typing import Any
 
 import numpy as np
 
-__all__ = ["ResidentRows", "EMPTY", "LOADING", "LOADED"]
+__all__ = ["ResidentRows", "EMPTY", "LOADING", "LOADED", "fits"]
 
 EMPTY, LOADING, LOADED = 0, 1, 2
+
+
+def fits(table: Any, budget: int) -> bool:
+    """Whether the rows of ``table`` (a :class:`bridge.shards.ShardTable`) can be one row table
+    within ``budget`` bytes: a single layout, every column fixed-width."""
+    if len(table.layouts) != 1 or table.layouts[0].row_dtype() is None:
+        return False
+    return table.total_samples * table.layouts[0].row_dtype().itemsize <= budget
 
 
 class ResidentRows:
@@ -34,6 +43,11 @@ class ResidentRows:
         self.rows = np.frombuffer(self._table, dtype=np.dtype((np.void, self.row_bytes)), count=self.total_rows)
         self.state = np.frombuffer(self._flags, dtype=np.uint8, count=self.shard_count)
         self._complete = False
+
+    @classmethod
+    def for_table(cls, table: Any) -> "ResidentRows":
+        """An empty row table for ``table``'s rows (check :func:`fits` first)."""
+        return cls(table.total_samples, table.layouts[0].row_dtype().itemsize, table.count)
 
     def __reduce__(self):  # spawn: a fresh private table in the child
         return (ResidentRows, (self.total_rows, self.row_bytes, self.shard_count))
