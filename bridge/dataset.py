@@ -17,7 +17,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from sparkbridge.bridge.passes import PassBoard
 from sparkbridge.bridge.cache import DEFAULT_DECODED_CACHE
 from sparkbridge.bridge.early import EarlyFill
 from sparkbridge.bridge.prefill import Prefill, start_prefill
-from sparkbridge.bridge.resident import ResidentRows, fits
+from sparkbridge.bridge.resident import EMPTY, ResidentRows, fits
 from sparkbridge.bridge.shards import ShardTable
 from sparkbridge.errors import DatasetNotFoundError
 from sparkbridge.log.snapshot import Snapshot
@@ -165,6 +165,26 @@ class BatchDataset(mosaic.StreamingDataset):
         if self._prefill is None and self.resident():
             self._prefill = start_prefill(self.table, self.reader())
         return self._prefill is not None
+
+    def fill_until(self, done: Callable[[], bool]) -> int:
+        """Load shards into the resident table in this thread, in ascending order, until
+        ``done()``; returns how many. For the wait on a pass's order computed by the order process
+        (:mod:`bridge.orders`), when no prefill runs (many small local shards): this thread then
+        has the GIL to itself. A shard that fails is left to the pass, which raises naming it."""
+        if not self.resident() or self._prefill is not None:
+            return 0
+        reader = self.reader()
+        res = reader.resident
+        loaded = 0
+        for s in np.flatnonzero(res.state == EMPTY).tolist():
+            if done():
+                break
+            try:
+                reader.load_resident(s, wait=False)
+            except Exception:  # noqa: BLE001 - loaded again by the pass, which raises naming the shard
+                continue
+            loaded += 1
+        return loaded
 
     def stop_prefill(self, *, join: bool = False) -> None:
         """Stop the prefill after the shard it is loading; ``join``: wait for that (before a fork)."""

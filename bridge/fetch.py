@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
@@ -42,7 +42,7 @@ _MAX_MAPS = 1024
 _CLAIM_WAIT_S = 30.0
 
 
-def pick_hash(hashes: dict, validate_hash: Union[str, bool, None]) -> tuple[str, ...]:
+def pick_hash(hashes: Mapping[str, str], validate_hash: Union[str, bool, None]) -> tuple[str, ...]:
     """Which hashes to compare: none (False, or the index has none), the named one, or xxh64 /
     the first listed (None)."""
     if validate_hash is False or (not hashes and not isinstance(validate_hash, str)):
@@ -95,7 +95,7 @@ class ShardReader:
 
     # ------------------------------------------------------------------ checks
 
-    def hash_names(self, i: int, *, compressed: bool) -> tuple[dict, tuple[str, ...]]:
+    def hash_names(self, i: int, *, compressed: bool) -> tuple[Mapping[str, str], tuple[str, ...]]:
         """Shard ``i``'s index hashes of its stored (``compressed``) or decompressed file, and the
         ones to compare per ``validate_hash``."""
         t = self.table

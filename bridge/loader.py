@@ -477,7 +477,13 @@ class StreamingLoader:
             self._epoch, self._start = self._epoch + 1, 0
         epoch, start = self._epoch, self._start
         self.dataset.start_prefill()  # shards load while the order is computed (no worker forks then)
-        work = self._submit(epoch, start).result()
+        order = self._submit(epoch, start)
+        orders = self._orders
+        if not order.done() and orders is not None and orders.dataset is self.dataset:
+            # the order process computes it, so this thread has the GIL to itself meanwhile: 10,000
+            # shards x 100 rows, first batch 0.36 -> 0.22 s after build (the order takes ~0.16 s there)
+            self.dataset.fill_until(order.done)
+        work = order.result()
         with self._lock:
             self._futures.pop((epoch, start, max(1, self.num_workers)), None)
         self._board.set(epoch, start, max(1, self.num_workers), work)

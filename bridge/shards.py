@@ -11,7 +11,8 @@ construction, except that every distinct folder is checked up front.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from types import MappingProxyType
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -19,6 +20,8 @@ from sparkbridge.format.mds import ShardLayout
 from sparkbridge.format.paths import Confiner
 
 __all__ = ["ShardTable"]
+
+_NONE: Mapping = MappingProxyType({})
 
 
 class ShardTable:
@@ -96,11 +99,14 @@ class ShardTable:
     def compression(self, i: int) -> Optional[str]:
         return self.entries[i].get("compression") if self.compressed[i] else None
 
-    def raw_hashes(self, i: int) -> dict:
-        return dict(self.entries[i]["raw_data"].get("hashes") or {})
+    def raw_hashes(self, i: int) -> Mapping[str, str]:
+        """The index's hashes of shard ``i``'s decompressed file: its own mapping, to read only (a
+        copy per shard, 10,000 of them, set off collections of the whole index: ~0.1 s)."""
+        return self.entries[i]["raw_data"].get("hashes") or _NONE
 
-    def zip_hashes(self, i: int) -> dict:
-        return dict((self.entries[i].get("zip_data") or {}).get("hashes") or {})
+    def zip_hashes(self, i: int) -> Mapping[str, str]:
+        """The index's hashes of shard ``i``'s stored file (see :meth:`raw_hashes`)."""
+        return (self.entries[i].get("zip_data") or _NONE).get("hashes") or _NONE
 
     def shard_of(self, sample_ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.ends, sample_ids, side="right")

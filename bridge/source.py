@@ -129,8 +129,9 @@ def open_version(source: Source, version: Optional[int], *, download_timeout: fl
                 "being committed a partition at a time; pass follow=True to stream it as it lands")
         return complete
 
+    # the reader is this call's own and dropped on return: its state is handed over, not copied
     if version is None:
         version = broadcast_from_rank0(latest)
         if version is None and seen and seen[0].legacy:
-            return seen[0].copy()  # this rank just read index.json: read it once, not twice
-    return reader.snapshot(version)
+            return seen[0]  # this rank just read index.json: read it once, not twice
+    return reader.snapshot(version, take=True)

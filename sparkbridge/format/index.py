@@ -37,9 +37,31 @@ def _check_file(info: Any, *, where: str, key: str) -> dict[str, Any]:
     return info
 
 
-def check_index_entry(entry: Any, *, where: str) -> dict[str, Any]:
+def _check_columns(entry: dict[str, Any], *, where: str, layouts: Optional[set]) -> None:
+    """Names and encodings are strings and the columns make a valid layout. ``layouts``: the
+    column keys of this index already found valid, whose entries are not checked again (an
+    index's shards mostly share one layout; checking each took ~40% of opening 10,000 shards).
+    A key matches only equal JSON values (sizes by repr: 4, 4.0 and True differ)."""
+    try:
+        key: Any = (tuple(entry["column_names"]), tuple(entry["column_encodings"]), repr(entry["column_sizes"]))
+        if layouts is not None and key in layouts:
+            return
+    except TypeError:  # an unhashable name or encoding: refused just below
+        key = None
+    if not all(isinstance(n, str) for n in entry["column_names"] + entry["column_encodings"]):
+        raise ShardFormatError(f"{where}: column names and encodings must be strings")
+    try:
+        ShardLayout.from_index_entry(entry)
+    except ShardFormatError as exc:
+        raise ShardFormatError(f"{where}: {exc}") from None
+    if layouts is not None and key is not None:
+        layouts.add(key)
+
+
+def check_index_entry(entry: Any, *, where: str, layouts: Optional[set] = None) -> dict[str, Any]:
     """``entry`` if it is a well-formed, safe MDS index entry; else ShardFormatError (or
-    UnsafePathError for a file name leaving the root) naming ``where``."""
+    UnsafePathError for a file name leaving the root) naming ``where``. ``layouts``: a set shared
+    by the entries of one index (see :func:`_check_columns`)."""
     if not isinstance(entry, dict):
         raise ShardFormatError(f"{where}: a shard entry must be an object, got {type(entry).__name__}")
     if entry.get("format", "mds") != "mds":
@@ -50,12 +72,7 @@ def check_index_entry(entry: Any, *, where: str) -> dict[str, Any]:
     for key in ("column_names", "column_encodings", "column_sizes"):
         if not isinstance(entry.get(key), list):
             raise ShardFormatError(f"{where}: {key} must be a list, got {entry.get(key)!r}")
-    if not all(isinstance(n, str) for n in entry["column_names"] + entry["column_encodings"]):
-        raise ShardFormatError(f"{where}: column names and encodings must be strings")
-    try:
-        ShardLayout.from_index_entry(entry)
-    except ShardFormatError as exc:
-        raise ShardFormatError(f"{where}: {exc}") from None
+    _check_columns(entry, where=where, layouts=layouts)
     _check_file(entry.get("raw_data"), where=where, key="raw_data")
     if entry.get("zip_data") is not None:
         _check_file(entry["zip_data"], where=where, key="zip_data")
@@ -70,7 +87,8 @@ def check_index(obj: Any, *, where: str) -> list[dict[str, Any]]:
         raise ShardFormatError(f"{where}: not an MDS index (no 'shards' list)")
     if obj.get("version") != INDEX_VERSION:
         raise ShardFormatError(f"{where}: index version {obj.get('version')!r} is not supported (expected 2)")
-    return [check_index_entry(e, where=f"{where}, shard {i}") for i, e in enumerate(obj["shards"])]
+    layouts: set = set()
+    return [check_index_entry(e, where=f"{where}, shard {i}", layouts=layouts) for i, e in enumerate(obj["shards"])]
 
 
 def stored_name(entry: dict[str, Any]) -> str:

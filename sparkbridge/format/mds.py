@@ -307,6 +307,8 @@ class ShardLayout:
         if not (len(names) == len(encodings) == len(sizes)):
             raise ShardFormatError("index entry lists different numbers of names/encodings/sizes")
         for name, enc, size in zip(names, encodings, sizes):
+            if size is not None and type(size) is not int:  # 8.0 and True equal 8 and 1, and are not sizes
+                raise ShardFormatError(f"column {name!r}: size {size!r} is not an int (or null)")
             if encoding_size(enc) != size:
                 raise ShardFormatError(f"column {name!r}: encoding {enc!r} does not have size {size}")
         return cls(names, encodings, sizes)

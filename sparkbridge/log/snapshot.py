@@ -305,16 +305,21 @@ class LogReader:
 
     # ------------------------------------------------------------------ snapshots
 
-    def snapshot(self, version: Optional[int] = None) -> Snapshot:
+    def snapshot(self, version: Optional[int] = None, *, take: bool = False) -> Snapshot:
         """The latest version (or ``version``), refreshed from the store. Raises
         DatasetNotFoundError when nothing was ever committed, VersionNotFoundError for a version
-        that does not exist or is no longer retained."""
+        that does not exist or is no longer retained. ``take``: hand the latest state over instead
+        of copying it (0.12 s at 10,000 shards); this reader forgets it and reads the store again
+        if asked once more."""
         latest = self.refresh()
         if not latest.exists:
             raise DatasetNotFoundError(
                 f"no dataset at {self.root}: neither {self.storage.url(LOG_DIR + '/')} nor "
                 f"{self.storage.url(INDEX_BASENAME)} exists")
         if version is None or version == latest.version:
+            if take:
+                self._latest, self._last_name = None, None
+                return latest
             return latest.copy()
         if latest.legacy:
             raise VersionNotFoundError(f"{self.root} has no dataset log (it was written without one), so "

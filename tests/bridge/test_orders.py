@@ -245,3 +245,57 @@ def test_close_is_prompt_when_a_later_fork_holds_the_pipe(data):
     finally:
         holder.kill()
         holder.join(10)
+
+
+def _slow_helper_orders(monkeypatch, seconds: float) -> None:
+    """Orders computed in the order process take ``seconds`` longer (the loader's own do not)."""
+    from sparkbridge.bridge.dataset import BatchDataset
+
+    parent, real = os.getpid(), BatchDataset.compute_work
+
+    def slow(self, *args):
+        if os.getpid() != parent:
+            time.sleep(seconds)
+        return real(self, *args)
+
+    monkeypatch.setattr(BatchDataset, "compute_work", slow)
+
+
+def test_shards_load_while_the_helper_computes_the_first_order(data, monkeypatch):
+    """Small local shards (no prefill thread): iter() loads them while it waits for the order from
+    the helper, whose computation leaves this process's GIL free; the epoch is unchanged."""
+    _slow_helper_orders(monkeypatch, 0.5)
+    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=3)
+    res = loader.dataset.reader().resident
+    assert loader.dataset._prefill is None and loader._orders is not None
+    assert not (res.state != 0).any()  # nothing loaded at build
+    it = iter(loader)
+    assert res.complete()  # every shard loaded before the order came (the pass has not started)
+    got = np.concatenate([b["id"].numpy().copy() for b in it])
+    monkeypatch.undo()
+    reference = StreamingLoader(data, batch_size=B, shuffle=True, seed=3, decoded_cache_bytes=1 << 16)
+    assert np.array_equal(got, ids(reference))
+    loader.close()
+    reference.close()
+
+
+def test_a_damaged_shard_met_while_waiting_fails_the_pass_naming_it(data, monkeypatch, tmp_path):
+    import shutil
+
+    from sparkbridge.errors import CorruptShardError
+
+    copy = tmp_path / "ds"
+    shutil.copytree(data, copy)
+    victim = sorted(copy.glob("*.zstd"))[3]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    _slow_helper_orders(monkeypatch, 0.5)
+    loader = StreamingLoader(copy, batch_size=B, shuffle=True, seed=3)
+    it = iter(loader)
+    res = loader.dataset.reader().resident
+    assert int((res.state == 2).sum()) == res.shard_count - 1  # all but the damaged one, left unclaimed
+    assert res.state[3] == 0
+    with pytest.raises(CorruptShardError, match=victim.name):
+        list(it)
+    loader.close()

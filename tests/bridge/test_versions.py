@@ -4,13 +4,14 @@ pinned, a resumed run reads the version it started on, and hostile paths are ref
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import numpy as np
 import pytest
 
 from sparkbridge.bridge import StreamingLoader
-from sparkbridge.errors import StateError, UnsafePathError, VersionNotFoundError
+from sparkbridge.errors import ShardFormatError, StateError, UnsafePathError, VersionNotFoundError
 from sparkbridge.log import vacuum
 
 from tests.etl.commit_driver import write
@@ -139,3 +140,24 @@ def test_each_batch_equals_the_written_rows(two_versions):
         ids = batch["id"].numpy()
         assert np.array_equal(batch["x"].numpy(), ids / 4)
     loader.close()
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("column_sizes", [8.0, 4, 4], "size 8.0 is not an int"),  # equal to a valid entry's 8, but not an int
+    ("column_sizes", [8, 4, True], "size True is not an int"),
+    ("column_sizes", [8, 4, 5], "does not have size 5"),
+    ("column_names", [["id"], "x", "y"], "column names and encodings must be strings"),
+    ("column_encodings", ["int64", "float32", {"int32": 1}], "column names and encodings must be strings"),
+])
+def test_a_later_entry_with_other_columns_is_refused_naming_it(tmp_path, column, value, message):
+    """The index's layout check runs once per distinct set of columns: an entry whose columns only
+    look like an earlier valid entry's is checked, and refused, on its own."""
+    from tests.bridge.util import write_numeric
+
+    root = write_numeric(tmp_path / "legacy", 3000, size_limit=1 << 12)
+    index = json.loads((root / "index.json").read_text())
+    assert len(index["shards"]) >= 3
+    index["shards"][2][column] = value
+    (root / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardFormatError, match=rf"index.json, shard 2: .*{re.escape(message)}"):
+        StreamingLoader(str(root), batch_size=8)
