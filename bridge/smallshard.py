@@ -49,21 +49,26 @@ class _Plan:
         zipped = kind == "zip_data"
         hashers: dict[str, Callable] = {}
         self.paths = paths
-        self.checks: list[Any] = []  # per shard: False (general path), None (no hash) or (hasher, hex)
+        # per shard: False (general path), None (no hash) or the hasher; and the expected digest. Two
+        # flat lists, not a tuple per shard: 10,000 more objects for the collector to walk.
+        self.hashers: list[Any] = []
+        self.digests: list[Optional[str]] = []
         # per shard: the codec of a compressed file (any codec the general path knows), else None
         self.codecs: list[Optional[str]] = [e.get("compression") if zipped else None for e in table.entries]
         for i in range(table.count):
             ok = paths[i] is not None and int(table.raw_bytes[i]) < SMALL_BYTES and (self.codecs[i] or not zipped)
             hashes, names = hash_names(i, compressed=zipped)
-            check: Any = False
+            hasher: Any = False
+            digest = None
             if ok and not names:
-                check = None
+                hasher = None
             elif ok and len(names) == 1 and names[0] in hashes:
                 algo = names[0]
                 if algo not in hashers:
                     hashers[algo] = _hasher(algo)
-                check = (hashers[algo], hashes[algo])
-            self.checks.append(check)
+                hasher, digest = hashers[algo], hashes[algo]
+            self.hashers.append(hasher)
+            self.digests.append(digest)
         self.raw_bytes = table.raw_bytes.tolist()
         self.samples = table.samples.tolist()
 
@@ -111,15 +116,15 @@ class SmallShards:
         plan = self._plans.get(source) if source in self._plans else self._plan(source)
         if plan is None:
             return None
-        check = plan.checks[i]
-        if check is False:
+        hasher = plan.hashers[i]
+        if hasher is False:
             return None
         try:
             with open(plan.paths[i], "rb") as f:
                 data = f.read()
         except OSError:
             return None
-        if check is not None and check[0](data) != check[1]:
+        if hasher is not None and hasher(data) != plan.digests[i]:
             return None
         size = plan.raw_bytes[i]
         codec = plan.codecs[i]

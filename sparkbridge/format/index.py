@@ -37,17 +37,21 @@ def _check_file(info: Any, *, where: str, key: str) -> dict[str, Any]:
     return info
 
 
-def _check_columns(entry: dict[str, Any], *, where: str, layouts: Optional[set]) -> None:
+def _check_columns(entry: dict[str, Any], *, where: str, layouts: Optional[dict]) -> None:
     """Names and encodings are strings and the columns make a valid layout. ``layouts``: the
-    column keys of this index already found valid, whose entries are not checked again (an
-    index's shards mostly share one layout; checking each took ~40% of opening 10,000 shards).
-    A key matches only equal JSON values (sizes by repr: 4, 4.0 and True differ)."""
+    column lists of this index already found valid, by value; an entry whose columns equal them
+    is not checked again (an index's shards mostly share one layout, and checking each took ~40%
+    of opening 10,000 shards) and is given those lists instead of its own, which are equal: 30,000
+    fewer lists for the collector to walk at 10,000 shards. A key matches only equal JSON values
+    (sizes by repr: 4, 4.0 and True differ)."""
     try:
         key: Any = (tuple(entry["column_names"]), tuple(entry["column_encodings"]), repr(entry["column_sizes"]))
-        if layouts is not None and key in layouts:
-            return
+        known = layouts.get(key) if layouts is not None else None
     except TypeError:  # an unhashable name or encoding: refused just below
-        key = None
+        key, known = None, None
+    if known is not None:
+        entry["column_names"], entry["column_encodings"], entry["column_sizes"] = known
+        return
     if not all(isinstance(n, str) for n in entry["column_names"] + entry["column_encodings"]):
         raise ShardFormatError(f"{where}: column names and encodings must be strings")
     try:
@@ -55,13 +59,14 @@ def _check_columns(entry: dict[str, Any], *, where: str, layouts: Optional[set])
     except ShardFormatError as exc:
         raise ShardFormatError(f"{where}: {exc}") from None
     if layouts is not None and key is not None:
-        layouts.add(key)
+        layouts[key] = (entry["column_names"], entry["column_encodings"], entry["column_sizes"])
 
 
-def check_index_entry(entry: Any, *, where: str, layouts: Optional[set] = None) -> dict[str, Any]:
+def check_index_entry(entry: Any, *, where: str, layouts: Optional[dict] = None) -> dict[str, Any]:
     """``entry`` if it is a well-formed, safe MDS index entry; else ShardFormatError (or
-    UnsafePathError for a file name leaving the root) naming ``where``. ``layouts``: a set shared
-    by the entries of one index (see :func:`_check_columns`)."""
+    UnsafePathError for a file name leaving the root) naming ``where``. ``layouts``: a dict shared
+    by the entries of one index, which then share their column lists (see :func:`_check_columns`:
+    entries are read, never changed in place, by every reader of an index)."""
     if not isinstance(entry, dict):
         raise ShardFormatError(f"{where}: a shard entry must be an object, got {type(entry).__name__}")
     if entry.get("format", "mds") != "mds":
@@ -87,7 +92,7 @@ def check_index(obj: Any, *, where: str) -> list[dict[str, Any]]:
         raise ShardFormatError(f"{where}: not an MDS index (no 'shards' list)")
     if obj.get("version") != INDEX_VERSION:
         raise ShardFormatError(f"{where}: index version {obj.get('version')!r} is not supported (expected 2)")
-    layouts: set = set()
+    layouts: dict = {}
     return [check_index_entry(e, where=f"{where}, shard {i}", layouts=layouts) for i, e in enumerate(obj["shards"])]
 
 

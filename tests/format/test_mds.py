@@ -147,3 +147,27 @@ def test_zstd_writes_one_standard_frame_from_any_buffer(algo):
         desc = zipped[4]  # frame header descriptor: a content size is there unless both are 0
         assert int.from_bytes(zipped[:4], "little") == 0xFD2FB528 and (desc >> 6 or desc >> 5 & 1)
 
+
+
+def test_an_index_checks_each_layout_once_and_its_entries_share_the_column_lists():
+    import copy
+
+    from sparkbridge.errors import ShardFormatError
+    from sparkbridge.format.index import check_index
+
+    def entry(k, names=("id", "x"), encodings=("int64", "float32"), sizes=(8, 4)):
+        return {"column_names": list(names), "column_encodings": list(encodings), "column_sizes": list(sizes),
+                "compression": None, "format": "mds", "hashes": [], "samples": 10, "size_limit": 1 << 20,
+                "version": 2, "raw_data": {"basename": f"shard.{k:05d}.mds", "bytes": 100, "hashes": {}},
+                "zip_data": None}
+
+    shards = [entry(0), entry(1), entry(2, names=("id", "y")), entry(3)]
+    before = copy.deepcopy(shards)
+    out = check_index({"version": 2, "shards": shards}, where="index.json")
+    assert out == before  # the same values
+    assert out[1]["column_names"] is out[0]["column_names"] is out[3]["column_names"]
+    assert out[1]["column_sizes"] is out[0]["column_sizes"]
+    assert out[2]["column_names"] is not out[0]["column_names"]  # another layout keeps its own
+    bad = [entry(0), entry(1, sizes=(8, 4.0))]  # equal to entry 0's sizes, and not ints
+    with pytest.raises(ShardFormatError, match=r"index.json, shard 1: column 'x': size 4.0 is not an int"):
+        check_index({"version": 2, "shards": bad}, where="index.json")
