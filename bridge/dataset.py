@@ -23,11 +23,11 @@ import numpy as np
 
 from sparkbridge.bridge import mosaic
 from sparkbridge.bridge.batch import BatchPlan, PackedBatch
+from sparkbridge.bridge.cache import DEFAULT_DECODED_CACHE
+from sparkbridge.bridge.early import EarlyFill
 from sparkbridge.bridge.fetch import ShardReader, check_hash_names
 from sparkbridge.bridge.iterate import iter_batches
 from sparkbridge.bridge.passes import PassBoard
-from sparkbridge.bridge.cache import DEFAULT_DECODED_CACHE
-from sparkbridge.bridge.early import EarlyFill
 from sparkbridge.bridge.prefill import Prefill, start_prefill
 from sparkbridge.bridge.resident import EMPTY, ResidentRows, fits
 from sparkbridge.bridge.shards import ShardTable

@@ -67,6 +67,19 @@ def test_versions_replay_and_time_travel(st):
         open_dataset(st.root, version=7)
 
 
+def test_a_taken_snapshot_is_handed_over_and_the_reader_reads_the_store_again(st):
+    write(st, 1, "create", -1, rows=5)
+    reader = LogReader(st)
+    copied = reader.snapshot()
+    assert copied is not reader.latest()  # a copy: the reader keeps its own state
+    taken = reader.snapshot(take=True)
+    assert (taken.version, taken.rows) == (0, 5) and taken.shards == copied.shards
+    write(st, 2, "append", 0, rows=7)
+    again = reader.snapshot()  # read from the store again, not advanced on the taken one
+    assert (again.version, again.rows) == (1, 12) and again is not taken
+    assert (taken.version, taken.rows) == (0, 5)  # the taken snapshot is not changed by the reader
+
+
 def test_conflict_rules(st):
     write(st, 1, "create", -1)
     write(st, 2, "append", 0)  # lands while the others below planned on version 0
