@@ -280,16 +280,10 @@ def test_shards_load_while_the_helper_computes_the_first_order(data, monkeypatch
 
 
 def test_a_damaged_shard_met_while_waiting_fails_the_pass_naming_it(data, monkeypatch, tmp_path):
-    import shutil
-
     from sparkbridge.errors import CorruptShardError
+    from tests.bridge.util import copy_with_a_flipped_byte
 
-    copy = tmp_path / "ds"
-    shutil.copytree(data, copy)
-    victim = sorted(copy.glob("*.zstd"))[3]
-    raw = bytearray(victim.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    victim.write_bytes(bytes(raw))
+    copy, victim = copy_with_a_flipped_byte(data, tmp_path / "ds", 3)
     _slow_helper_orders(monkeypatch, 0.5)
     loader = StreamingLoader(copy, batch_size=B, shuffle=True, seed=3)
     it = iter(loader)

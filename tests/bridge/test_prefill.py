@@ -39,19 +39,13 @@ def test_the_table_fills_before_iter_and_the_epoch_is_unchanged(data):
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["one thread", "a thread per core"])
 def test_a_damaged_shard_fails_the_pass_naming_it(data, tmp_path, monkeypatch, parallel):
-    import shutil
-
     from sparkbridge.bridge import prefill
+    from tests.bridge.util import copy_with_a_flipped_byte
 
     if parallel:
         monkeypatch.setattr(prefill, "_PARALLEL_MIN_BYTES", 1 << 20)
 
-    copy = tmp_path / "ds"
-    shutil.copytree(data, copy)
-    victim = sorted(copy.glob("*.zstd"))[1]
-    raw = bytearray(victim.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    victim.write_bytes(bytes(raw))
+    copy, victim = copy_with_a_flipped_byte(data, tmp_path / "ds", 1)
     loader = StreamingLoader(copy, batch_size=B, shuffle=True)
     loader.dataset._prefill.join(timeout=60)  # it skipped the bad shard and left it to the pass
     assert not loader.dataset.reader().resident.complete()

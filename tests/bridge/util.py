@@ -72,3 +72,16 @@ def equal(a, b) -> bool:
     if isinstance(b, np.generic):
         b = b.item()
     return type(a) is type(b) and a == b
+
+
+def copy_with_a_flipped_byte(data: Path, out: Path, shard: int) -> tuple[Path, Path]:
+    """A copy of dataset ``data`` at ``out`` whose ``shard``-th stored file has one byte flipped
+    (caught by its hash); returns the copy and that file."""
+    import shutil
+
+    shutil.copytree(data, out)
+    victim = sorted(p for p in out.iterdir() if p.name != "index.json")[shard]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    return out, victim
