@@ -27,8 +27,9 @@ install: $(STAMP)
 # every process recompiled its ~100 modules on import (~30 ms of the loader's construction in a
 # fresh process, and again in every Spark worker and torchrun rank). compileall rewrites only what
 # changed (~0.3 s otherwise); a stale .pyc is never used, Python checks the source's mtime and size.
+# The notebooks are not modules (a notebook folder holds notebooks only, tests/jobs/test_notebooks.py).
 compile: install
-	@$(PY) -m compileall -qq -j 0 bridge etl jobs sparkbridge
+	@$(PY) -m compileall -qq -j 0 -x '/notebooks/' bridge etl jobs sparkbridge
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || { echo ">> creating $(VENV)"; $(PYTHON) -m venv $(VENV); }

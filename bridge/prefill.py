@@ -4,10 +4,13 @@ The first pass over a resident dataset (:mod:`bridge.resident`) reads every shar
 start once the pass's sample order is known, and computing Mosaic's order of a 1M-sample epoch
 took 0.23 s here, during which no shard was read: a quarter of the first epoch. The prefill
 thread loads shards into the table in ascending order from the moment a pass is asked for until
-the pass's own read-ahead takes over in first-need order. Where a thread would not pay (many small
-local shards: the work is mostly Python) nothing is prefilled: filling them from the thread that
-waits for the order was tried, and only delayed the order (10,000 shards: first batch 1.26-1.56 s
-against 0.96-1.28 s), since both hold the GIL. Ascending is the order an unshuffled
+the pass's own read-ahead takes over in first-need order (for a local dataset, from before Mosaic
+is imported: :mod:`bridge.early`). Where a thread would not pay (many small local shards: the work
+is mostly Python) nothing is prefilled: filling them from a thread while the order was computed in
+another only delayed the order (10,000 shards: first batch 1.26-1.56 s against 0.96-1.28 s), since
+both hold the GIL. Since the order process (:mod:`bridge.orders`) computes the order of such a
+dataset, the thread that waits for it fills the table meanwhile
+(``BatchDataset.fill_until``). Ascending is the order an unshuffled
 pass needs them in, and as good as any other for a shuffled one whose first batch touches every
 shard. Shards a thread has claimed are skipped by the others, so nothing is loaded twice.
 
