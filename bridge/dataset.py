@@ -166,25 +166,21 @@ class BatchDataset(mosaic.StreamingDataset):
             self._prefill = start_prefill(self.table, self.reader())
         return self._prefill is not None
 
-    def fill_until(self, done: Callable[[], bool]) -> int:
+    def fill_until(self, done: Callable[[], bool]) -> None:
         """Load shards into the resident table in this thread, in ascending order, until
-        ``done()``; returns how many. For the wait on a pass's order computed by the order process
+        ``done()``. For the wait on a pass's order computed by the order process
         (:mod:`bridge.orders`), when no prefill runs (many small local shards): this thread then
         has the GIL to itself. A shard that fails is left to the pass, which raises naming it."""
         if not self.resident() or self._prefill is not None:
-            return 0
+            return
         reader = self.reader()
-        res = reader.resident
-        loaded = 0
-        for s in np.flatnonzero(res.state == EMPTY).tolist():
+        for s in np.flatnonzero(reader.resident.state == EMPTY).tolist():
             if done():
-                break
+                return
             try:
                 reader.load_resident(s, wait=False)
             except Exception:  # noqa: BLE001 - loaded again by the pass, which raises naming the shard
                 continue
-            loaded += 1
-        return loaded
 
     def stop_prefill(self, *, join: bool = False) -> None:
         """Stop the prefill after the shard it is loading; ``join``: wait for that (before a fork)."""
