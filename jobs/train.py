@@ -157,6 +157,13 @@ def run_train(args: argparse.Namespace) -> int:
         created_group = True
     rank = dist.get_rank() if distributed else 0
     loaders: list[Any] = []
+    guard = None
+    if distributed:
+        from sparkbridge.jobs.cli import error_line
+        from sparkbridge.jobs.rank_failure import RankGuard, default_store
+
+        guard = RankGuard(rank=rank, store=default_store(), message=lambda exc: error_line(exc)[0]).__enter__()
+    failed = False
     try:
         features, label_bool = _columns(StreamingLoader, args)
         task = args.task if args.task != "auto" else ("binary" if label_bool else "regression")
@@ -272,12 +279,26 @@ def run_train(args: argparse.Namespace) -> int:
                 _write_outputs(out, metrics, result, evaluation, stats=stats, task=task, scale=scale,
                                ranks=ranks, args=args, source=source, features=features)
         return 0
+    except BaseException as exc:
+        # No collective after a failure: this rank posts its error (or names the rank whose failure
+        # broke this one's collective) and leaves; the others learn of it within seconds.
+        failed = True
+        if guard is None:
+            raise
+        explained = guard.explain(exc)
+        if explained is exc:
+            raise
+        raise explained from exc
     finally:
-        for loader in loaders:
-            loader.close()
-        if created_group:
-            dist.barrier()
-            dist.destroy_process_group()
+        try:
+            for loader in loaders:
+                loader.close()
+            if created_group and not failed:
+                dist.barrier()
+                dist.destroy_process_group()
+        finally:
+            if guard is not None:
+                guard.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------- pieces
