@@ -40,6 +40,23 @@ _SHUFFLE_ALGOS = ("py1br", "py1e", "py1s", "py2s", "naive")  # streaming.base.sh
 _MAX_SLOT_BYTES = 512 << 20
 
 
+def without_repeats(work: np.ndarray) -> np.ndarray:
+    """``work`` (nodes, ranks, workers, batches, batch; -1 for padding) with every repeat of a
+    sample id replaced by -1, the first occurrence in that layout kept. Why: Mosaic repeats up to
+    ``world_size - 1`` samples so every rank gets as many batches; an evaluation summed over
+    ranks would count those twice. Every rank computes the same ``work``, so every rank keeps the
+    same occurrence and the ranks together read each row exactly once."""
+    flat = work.reshape(-1)
+    valid = np.flatnonzero(flat >= 0)
+    _, first = np.unique(flat[valid], return_index=True)
+    if first.size == valid.size:
+        return work
+    out = np.full_like(flat, -1)
+    keep = valid[first]
+    out[keep] = flat[keep]
+    return out.reshape(work.shape)
+
+
 class StreamingLoader:
     """An iterable of batches: ``dict`` column -> tensor (str/bytes/json columns as lists, variable
     ndarrays as lists of tensors), or ``(features float32 [B, F], label)`` with ``features=`` and
@@ -51,6 +68,9 @@ class StreamingLoader:
       divide by the world size Mosaic repeats up to ``world_size - 1`` samples so that every rank
       gets as many samples, and batches, as the others (a DDP step never waits for a rank that has
       run out). ``drop_last=True`` drops each rank's final partial batch; otherwise it is smaller.
+      ``pad_ranks=False`` drops those repeats instead (every row once over all ranks, for
+      evaluation: a rank may then take one batch fewer, so no per-batch collective, and no
+      ``state_dict``).
     * Types: bool columns (manifest.json) and ``<col>__null`` masks come as ``torch.bool``; dates
       as int32 days and timestamps as int64 microseconds since the epoch; ``str_int``/``str_float``
       as int64/float64 tensors, ``str_decimal`` as a list of ``Decimal``.
@@ -83,6 +103,7 @@ class StreamingLoader:
         label: Optional[str] = None,
         device: Any = None,
         drop_last: bool = False,
+        pad_ranks: bool = True,
         num_workers: int = 0,
         shuffle_algo: str = "py1e",
         shuffle_block_size: Optional[int] = None,
@@ -151,6 +172,7 @@ class StreamingLoader:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.drop_last = bool(drop_last)
+        self.pad_ranks = bool(pad_ranks)
         self.prefetch = prefetch
         self.device = device
         is_cuda = self.device is not None and self.device.type == "cuda"
@@ -385,6 +407,8 @@ class StreamingLoader:
             ids = mosaic.get_partitions(ds.partition_algo, ds.epoch_size, ds.num_canonical_nodes, world.num_nodes,
                                  world.ranks_per_node, world.workers_per_rank, self.batch_size, 0,
                                  ds.initial_physical_nodes)
+            if not self.pad_ranks:
+                ids = without_repeats(ids)
             self._len = self._count_batches(ids)
         return self._len
 
@@ -484,6 +508,8 @@ class StreamingLoader:
             # shards x 100 rows, first batch 0.36 -> 0.22 s after build (the order takes ~0.16 s there)
             self.dataset.fill_until(order.done)
         work = order.result()
+        if not self.pad_ranks:
+            work = without_repeats(work)
         with self._lock:
             self._futures.pop((epoch, start, max(1, self.num_workers)), None)
         self._board.set(epoch, start, max(1, self.num_workers), work)
@@ -603,6 +629,9 @@ class StreamingLoader:
         training step on the last batch). The same on every rank."""
         if self._following():
             return self._follow_state()
+        if not self.pad_ranks:
+            raise StateError("a loader with pad_ranks=False (each row once, for evaluation) has no resumable "
+                             "state: its ranks take different numbers of batches")
         epoch, sample = self._epoch, self._start
         if self._active:
             if self._consumed >= self._pass_batches:

@@ -179,10 +179,11 @@ def run_train(args: argparse.Namespace) -> int:
                                              device=device if device.type == "cuda" else None)
         torch.manual_seed(args.seed)
 
-        def loader_for(root: str, local: Optional[str], *, shuffle: bool, batch_size: int) -> Any:
+        def loader_for(root: str, local: Optional[str], *, shuffle: bool, batch_size: int,
+                       pad_ranks: bool = True) -> Any:
             loader = StreamingLoader(root, local=local, batch_size=batch_size, shuffle=shuffle, seed=args.seed,
                                      features=features, label=args.label, num_workers=args.num_workers,
-                                     device=device)
+                                     device=device, pad_ranks=pad_ranks)
             loaders.append(loader)
             return loader
 
@@ -264,7 +265,7 @@ def run_train(args: argparse.Namespace) -> int:
         evaluation = None
         if args.eval:
             evaluation = _evaluate(inner, loader_for(args.eval, args.eval_local, shuffle=False,
-                                                     batch_size=max(args.batch_size, 4096)),
+                                                     batch_size=max(args.batch_size, 4096), pad_ranks=False),
                                    stats=stats, task=task, progress=not args.no_progress and rank == 0)
             evaluation["data"] = args.eval
         if rank == 0:
@@ -335,7 +336,9 @@ def _gather(obj: dict[str, Any], distributed: bool) -> list[dict[str, Any]]:
 
 
 def _evaluate(model: Any, loader: Any, *, stats: Any, task: str, progress: bool) -> dict[str, Any]:
-    """Loss on ``loader`` (every rank its share, summed over ranks) in both units."""
+    """Loss on ``loader`` (every rank its share, summed over ranks) in both units. ``loader`` has
+    ``pad_ranks=False``: each row counts once (no collective per batch, so ranks may take
+    different numbers of batches)."""
     import torch
     import torch.distributed as dist
     from tqdm.auto import tqdm

@@ -51,6 +51,12 @@ def test_torchrun_two_ranks(tmp_path):
     assert set(a["ids"]) | set(b["ids"]) == set(range(1001))
     assert len(set(a["ids"]) & set(b["ids"])) <= 1
 
+    # pad_ranks=False: each row exactly once over the ranks, none repeated (2 workers per rank)
+    for name, rows in ((even, 1000), (uneven, 1001)):
+        a, b = (r[str(name) + "#once"] for r in ranks)
+        assert sorted(a["ids"] + b["ids"]) == list(range(rows))
+        assert a["len"] == -(-len(a["ids"]) // 16) and b["len"] == -(-len(b["ids"]) // 16)
+
 
 @pytest.mark.slow
 def test_torchrun_ddp_training_job(tmp_path):
@@ -63,9 +69,11 @@ def test_torchrun_ddp_training_job(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", str(HERE.parents[1] / "jobs" / "train.py"), "--data", str(data),
            "--label", "y", "--epochs", "2", "--batch-size", "100", "--no-progress", "--device", "cpu",
-           "--checkpoint", str(ckpt)]
+           "--checkpoint", str(ckpt), "--eval", str(data), "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # the evaluation counts each of the 3001 rows once, not Mosaic's repeat that evens out the ranks
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["rows"] == 3001
     state = torch.load(ckpt, weights_only=True)
     # 3001 samples: 1501 per rank -> 15 batches of 100 and one of 1 row per epoch, on both ranks
     # (the job standardizes its inputs itself: no BatchNorm, so the 1-row batch trains too)
