@@ -109,6 +109,7 @@ class BatchDataset(mosaic.StreamingDataset):
                 self.table = ShardTable(snapshot.shards, cache_root=cache_root, origin_root=origin,
                                         where=f"{source}, version {snapshot.version}")
                 check_hash_names(self.table, validate_hash, str(source))
+            self.table.check_declared_sizes(int(decoded_cache_bytes or DEFAULT_DECODED_CACHE))
             firsts = [int(np.argmax(self.table.layout_index == k)) for k in range(len(self.table.layouts))]
             self.plan = BatchPlan(self.table.layouts, shard_names=[self.table.name(i) for i in firsts],
                                   manifest=self.manifest, columns=columns, features=features, label=label)
