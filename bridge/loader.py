@@ -29,7 +29,7 @@ import numpy as np
 from sparkbridge.bridge.device import resolve_device, to_batches
 from sparkbridge.bridge.orders import OrderProcess, OrderProcessDied
 from sparkbridge.bridge.passes import PassBoard
-from sparkbridge.bridge.source import Source, mark_cache, open_version, resolve_source
+from sparkbridge.bridge.source import Source, claim_cache, mark_cache, open_version, resolve_source
 from sparkbridge.bridge.state import LoaderState, StateError
 
 __all__ = ["StreamingLoader", "StateError"]
@@ -142,7 +142,7 @@ class StreamingLoader:
             validate_hash = None
         self.source = resolve_source(remote_or_local, local, must_exist=not follow)
         if self.source.remote is not None and self.source.local is not None:
-            mark_cache(self.source.local, self.source.remote)
+            mark_cache(self.source.local, self.source.remote)  # claimed for one version in _build_dataset
         # stale Mosaic segments are removed before the first dataset allocates its own (_build_dataset)
         self._clean_stale_shm = bool(clean_stale_shm)
         device = resolve_device(device)  # before Mosaic allocates shared memory: fail cheaply
@@ -304,6 +304,8 @@ class StreamingLoader:
 
         snapshot = open_version(self.source, version, download_timeout=self._dataset_options["download_timeout"])
         logger.debug("%s: reading version %s (%s)", self.source.name, snapshot.version, snapshot.identity)
+        if self.source.remote is not None and self.source.local is not None:
+            claim_cache(self.source.local, self.source.remote, snapshot)
         options = dict(self._dataset_options)
         origin = self._origin(self.source)
         if origin is not None and self.source.remote is None:
