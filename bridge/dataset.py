@@ -204,6 +204,8 @@ class BatchDataset(mosaic.StreamingDataset):
         if self._reader is not None:
             self._reader.drop()
         self._reader = None
+        if self._resident is not None:
+            self._resident.close()
         self._resident = None
 
     # ------------------------------------------------------------------ order

@@ -63,6 +63,10 @@ def _serve(dataset: Any, conn: Any, parent_end: Any) -> None:
     """The helper's loop: one request, one answer, until the pipe closes."""
     parent_end.close()  # else the pipe never reports the parent's end closed
     _close_inherited_sockets(keep=conn.fileno())
+    from sparkbridge.bridge.resident import unmap_other_tables
+
+    # other loaders' row tables: this process never reads them, and must not keep them alive
+    unmap_other_tables(keep=getattr(dataset, "_resident", None))
     gc.disable()  # a collection would touch (and copy) every page of the parent's heap
     # Ctrl-C reaches the whole process group: the loader's process handles it and closes the
     # pipe (or exits), and this process follows without a traceback of its own
@@ -107,13 +111,18 @@ class OrderProcess:
         with macOS's system libraries): then the caller computes orders in a thread."""
         if not sys.platform.startswith("linux"):
             return None
+        if multiprocessing.current_process().daemon:
+            # a multiprocessing.Pool or DataLoader worker may not have children (Python asserts it)
+            logger.info("this process is daemonic (a Pool or DataLoader worker) and may not start the epoch-order "
+                        "process; computing orders in a thread")
+            return None
         ctx = multiprocessing.get_context("fork")
         conn, child_end = ctx.Pipe(duplex=True)
         process = ctx.Process(target=_serve, args=(dataset, child_end, conn), daemon=True,
                               name="sparkbridge-epoch-order")
         try:
             process.start()
-        except OSError as exc:
+        except (OSError, AssertionError) as exc:  # AssertionError: multiprocessing's own refusals
             logger.warning("could not start the epoch-order process (%s); computing orders in a thread", exc)
             conn.close()
             child_end.close()
