@@ -64,6 +64,11 @@ class ShardTable:
                     {"column_names": key[0], "column_encodings": key[1], "column_sizes": key[2]}))
             index[i] = k
         self.layout_index = index
+        # A decoded shard of variable-width columns also holds its sample offsets as int64 (gathers
+        # add to them; bridge.decode): 8 bytes a row of anonymous memory, mapped or not.
+        var = np.array([layout.row_dtype() is None for layout in self.layouts], dtype=bool)
+        self.offset_bytes = np.where(var[index], 8 * (self.samples + 1), 0).astype(np.int64) if n else \
+            np.zeros(0, dtype=np.int64)
         self._paths: dict[tuple[str, int], Optional[str]] = {}
         self._confiners: dict[str, Confiner] = {}
         self._all_paths: dict[tuple[str, str], list[Optional[str]]] = {}
