@@ -13,8 +13,6 @@ computes the same partition without cross-process barriers at iteration time.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -251,10 +249,9 @@ class BatchDataset(mosaic.StreamingDataset):
 
 
 def _load_libc() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None)
-    except OSError:  # pragma: no cover
-        return None
+    from sparkbridge.bridge.mapped import load_libc
+
+    return load_libc()
 
 
 _LIBC = _load_libc()

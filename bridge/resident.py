@@ -87,7 +87,11 @@ class ResidentRows:
         address is reused for other data here, and a stray access faults instead of reading."""
         if not sys.platform.startswith("linux"):
             return
-        libc = ctypes.CDLL(None, use_errno=True)
+        from sparkbridge.bridge.mapped import load_libc
+
+        libc = load_libc()
+        if libc is None:
+            return
         libc.mmap.restype = ctypes.c_void_p
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               ctypes.c_long]
