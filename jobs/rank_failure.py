@@ -59,6 +59,13 @@ class RankGuard:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
+    def quiet(self) -> None:
+        """From here on SIGTERM is ignored: this rank is already ending (explaining its error,
+        closing its loaders), and a Terminated raised in the middle would replace the error it
+        prints. torchrun kills a rank that does not end within its grace period."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
         raise Terminated()

@@ -279,6 +279,8 @@ def run_train(args: argparse.Namespace) -> int:
             if out is not None:
                 _write_outputs(out, metrics, result, evaluation, stats=stats, task=task, scale=scale,
                                ranks=ranks, args=args, source=source, features=features)
+        if created_group:
+            dist.barrier()  # the last collective, inside the try: a rank failing meanwhile is explained
         return 0
     except BaseException as exc:
         # No collective after a failure: this rank posts its error (or names the rank whose failure
@@ -286,16 +288,18 @@ def run_train(args: argparse.Namespace) -> int:
         failed = True
         if guard is None:
             raise
+        guard.quiet()
         explained = guard.explain(exc)
         if explained is exc:
             raise
         raise explained from exc
     finally:
         try:
+            if guard is not None:
+                guard.quiet()  # local cleanup only from here: nothing waits on another rank
             for loader in loaders:
                 loader.close()
             if created_group and not failed:
-                dist.barrier()
                 dist.destroy_process_group()
         finally:
             if guard is not None:
