@@ -22,15 +22,16 @@ import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from sparkbridge.bridge.device import resolve_device, to_batches
+from sparkbridge.bridge.device import outputs_to_device, resolve_device, to_batches
 from sparkbridge.bridge.orders import OrderProcess, OrderProcessDied
 from sparkbridge.bridge.passes import PassBoard
 from sparkbridge.bridge.source import Source, mark_cache, open_version, resolve_source
 from sparkbridge.bridge.state import LoaderState, StateError
+from sparkbridge.bridge.transform import TransformStage, apply_inline
 
 __all__ = ["StreamingLoader", "StateError"]
 
@@ -51,6 +52,12 @@ class StreamingLoader:
       divide by the world size Mosaic repeats up to ``world_size - 1`` samples so that every rank
       gets as many samples, and batches, as the others (a DDP step never waits for a rank that has
       run out). ``drop_last=True`` drops each rank's final partial batch; otherwise it is smaller.
+    * Transform: ``transform=fn`` receives each batch as above and its result is what the loop
+      gets (tensors in it go to ``device``). It runs in ``transform_workers`` forked processes
+      (default ``num_workers``; 0 runs it in this process), results in the loader's order, so order,
+      resume, DDP shares and follow mode are as without it. A failure raises
+      :class:`~sparkbridge.errors.TransformError` naming the epoch and batch (see
+      :mod:`sparkbridge.bridge.transform`).
     * Types: bool columns (manifest.json) and ``<col>__null`` masks come as ``torch.bool``; dates
       as int32 days and timestamps as int64 microseconds since the epoch; ``str_int``/``str_float``
       as int64/float64 tensors, ``str_decimal`` as a list of ``Decimal``.
@@ -102,6 +109,8 @@ class StreamingLoader:
         follow_timeout: float = 600.0,
         follow_idle_timeout: Optional[float] = 60.0,
         follow_poll: float = 0.2,
+        transform: Optional[Callable[[Any], Any]] = None,
+        transform_workers: Optional[int] = None,
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -119,6 +128,20 @@ class StreamingLoader:
             raise ValueError("validate_hash must be a hash name such as 'xxh64', True/None (auto) or False")
         if validate_hash is True:
             validate_hash = None
+        if transform is not None and not callable(transform):
+            raise ValueError(f"transform must be a callable taking a batch, got {type(transform).__name__}")
+        if transform_workers is None:
+            transform_workers = num_workers if transform is not None else 0
+        if not isinstance(transform_workers, int) or isinstance(transform_workers, bool) or transform_workers < 0:
+            raise ValueError(f"transform_workers must be an int >= 0, got {transform_workers!r}")
+        self._transform = transform
+        self._transform_stage: Optional[TransformStage] = None
+        self._closed = True  # until construction completes (close() then stops only the transform stage)
+        if transform is not None and transform_workers > 0:
+            # forked first, before this loader starts any thread (the early fill, the order
+            # process): the workers only ever run the transform, on batches handed to them
+            self._transform_stage = TransformStage(transform, workers=transform_workers)
+            self._transform_stage.start()
         self.source = resolve_source(remote_or_local, local, must_exist=not follow)
         if self.source.remote is not None and self.source.local is not None:
             mark_cache(self.source.local, self.source.remote)
@@ -261,8 +284,7 @@ class StreamingLoader:
             def to_tensors(self, batch, buf_tensor=None):
                 return follower.plan.to_tensors(batch, buf_tensor)
 
-        for out in to_batches(iter(follower), _Plan(), device=self.device, pin_memory=self.pin_memory,
-                              prefetch=self.prefetch):
+        for out in self._outputs(iter(follower), _Plan(), epoch=0):
             if self._token is token:
                 self._consumed += 1
             yield out
@@ -562,8 +584,7 @@ class StreamingLoader:
             work = self._board.work_for(epoch, self._board.start, self.num_workers)
             source = self._owned(self._workers(epoch, self._board.start, work))
         ahead = False
-        for k, out in enumerate(to_batches(source, self.dataset.plan, device=self.device,
-                                           pin_memory=self.pin_memory, prefetch=self.prefetch)):
+        for k, out in enumerate(self._outputs(source, self.dataset.plan, epoch=epoch)):
             if k == 1:
                 # The next epochs' orders are computed from the second batch on: after the
                 # workers are forked (never fork under a busy thread) and after the first batch,
@@ -578,6 +599,18 @@ class StreamingLoader:
             if not ahead:  # a pass of one batch
                 self._submit_ahead(epoch)
             self._finish_pass(epoch)
+
+    def _outputs(self, packed: Iterator[Any], plan: Any, *, epoch: int) -> Iterator[Any]:
+        """Packed batches -> tensors -> the transform (when given) -> the device. A pass counts a
+        batch as consumed when it leaves here, so batches in the transform stage are not."""
+        if self._transform is None:
+            return to_batches(packed, plan, device=self.device, pin_memory=self.pin_memory, prefetch=self.prefetch)
+        batches = to_batches(packed, plan, device=None, pin_memory=False, prefetch=self.prefetch)
+        if self._transform_stage is None:
+            out = apply_inline(self._transform, batches, epoch=epoch)
+        else:
+            out = self._transform_stage.map(batches, epoch=epoch)
+        return outputs_to_device(out, self.device, pin_memory=self.pin_memory)
 
     def _finish_pass(self, epoch: int) -> None:
         self._epoch, self._start, self._consumed, self._active = epoch + 1, 0, 0, False
@@ -714,6 +747,9 @@ class StreamingLoader:
     def close(self) -> None:
         """Stop the worker processes and the background epoch-order thread and release Mosaic's
         shared memory. The loader cannot be iterated afterwards (``state_dict`` still works)."""
+        stage = getattr(self, "_transform_stage", None)
+        if stage is not None:
+            stage.close()
         if getattr(self, "_closed", True):
             return
         self._closed = True

@@ -34,6 +34,7 @@ __all__ = [
     "LogError",
     "UnsafePathError",
     "StateError",
+    "TransformError",
     "FollowTimeoutError",
     "CheckpointError",
 ]
@@ -120,6 +121,11 @@ class UnsafePathError(SparkbridgeError, ValueError):
 
 class StateError(SparkbridgeError, ValueError):
     """A saved loader state does not fit this loader (other data, other order, bad fields)."""
+
+
+class TransformError(SparkbridgeError, RuntimeError):
+    """A loader's ``transform`` raised (the original exception is the ``__cause__``) or one of its
+    worker processes died; the message names the epoch and batch."""
 
 
 class FollowTimeoutError(SparkbridgeError, TimeoutError):
