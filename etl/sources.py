@@ -43,51 +43,46 @@ _CSV_DEFAULTS = {"header": "true", "escape": '"', "encoding": "UTF-8"}
 # --------------------------------------------------------------------------- files and formats
 
 
-def _hadoop_fs(spark: "SparkSession", path: str):
-    """Hadoop's FileSystem for ``path``: the same view of files Spark's reader has (any scheme)."""
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    try:
-        fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    except Exception as exc:  # py4j error: no FileSystem for the scheme
-        scheme = urlparse(path).scheme
-        java = getattr(exc, "java_exception", None)
-        detail = java.getMessage() if java is not None else (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ValueError(
-            f"Spark cannot read {path!r}: no Hadoop filesystem for scheme {scheme!r}"
-            + (" (S3 needs the hadoop-aws jars and an s3a:// URL)" if scheme in ("s3", "s3a") else "")
-            + f" ({detail})"
-        ) from None
-    return fs, hpath
-
-
-def _is_hidden(name: str) -> bool:
-    # Spark skips these when reading a folder (_SUCCESS, _committed, .crc files, ...).
-    return name.startswith("_") or name.startswith(".")
+def _spark_error(exc: BaseException) -> tuple[Optional[str], str]:
+    """(Spark's error condition, its message's first line without the JVM stack) of a pyspark
+    error, classic (py4j) or Connect (gRPC) alike."""
+    condition = None
+    getter = getattr(exc, "getCondition", None) or getattr(exc, "getErrorClass", None)  # Spark 4 / 3.x
+    if callable(getter):
+        try:
+            condition = getter()
+        except Exception:  # noqa: BLE001 - an error without a condition
+            condition = None
+    java = getattr(exc, "java_exception", None)
+    text = java.toString() if java is not None else str(exc)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return condition, first
 
 
 def _list_input(spark: "SparkSession", path: str) -> list[str]:
     """Data files under ``path`` (a file, a folder read recursively, or a glob), as Spark would see them.
 
+    Why through a DataFrame: Spark's own file index (the one its readers use, with every Hadoop
+    filesystem the cluster has, hidden ``_``/``.`` files skipped) answers this on a classic and on a
+    Spark Connect session alike, where no ``sparkContext``/JVM gateway exists in this process.
+    ``inputFiles()`` lists files without running a job; ``binaryFile`` reads no content for it.
     Raises FileNotFoundError naming the path when nothing is there.
     """
-    fs, hpath = _hadoop_fs(spark, path)
-    statuses = fs.globStatus(hpath)
-    if statuses is None or len(statuses) == 0:
-        raise FileNotFoundError(f"input not found: {path}")
-    files: list[str] = []
-    for status in statuses:
-        if status.isFile():
-            files.append(status.getPath().toString())
-            continue
-        it = fs.listFiles(status.getPath(), True)
-        base = status.getPath().toString().rstrip("/")
-        while it.hasNext():
-            f = it.next().getPath().toString()
-            rel = f[len(base):].lstrip("/")
-            if not any(_is_hidden(part) for part in rel.split("/")):
-                files.append(f)
-    return files
+    try:
+        files = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(path).inputFiles()
+    except Exception as exc:  # pyspark's AnalysisException (classic or Connect), a py4j error
+        condition, first = _spark_error(exc)
+        if condition == "PATH_NOT_FOUND":
+            raise FileNotFoundError(f"input not found: {path}") from None
+        if "No FileSystem for scheme" in first or "UnsupportedFileSystemException" in first:
+            scheme = urlparse(path).scheme
+            raise ValueError(
+                f"Spark cannot read {path!r}: no Hadoop filesystem for scheme {scheme!r}"
+                + (" (S3 needs the hadoop-aws jars and an s3a:// URL)" if scheme in ("s3", "s3a") else "")
+                + f" ({first})"
+            ) from None
+        raise ValueError(f"Spark cannot list {path!r}: {first}") from None
+    return sorted(files)
 
 
 def _format_of_name(name: str) -> Optional[str]:
