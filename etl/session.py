@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import threading
 from typing import Any, Iterator, Mapping, Optional
 
 from sparkbridge.errors import UsageError
@@ -66,27 +65,24 @@ def require_classic(spark: Any, what: str, why: str) -> None:
 
 # --------------------------------------------------------------------------- values that ride with tasks
 
-_lock = threading.Lock()
-#: Connect session id -> [writers inside task_properties, the values they set, the user's values before]
-_connect_holders: dict[str, list[Any]] = {}
-
-
 @contextlib.contextmanager
 def task_properties(spark: Any, values: Mapping[str, str]) -> Iterator[None]:
     """While the block runs, tasks of the jobs it starts read ``values`` with
     ``TaskContext.get().getLocalProperty(key)``; afterwards nothing is left behind.
 
-    Keys must start with ``spark.`` (the way a Connect session's values reach tasks, see below).
+    Keys must start with ``spark.`` (the way a Connect session's values reach tasks, see below) and
+    should be unique to the caller: on Connect two threads of one session share what is set.
 
     - Classic: Spark *local properties* of this thread (``sparkContext.setLocalProperty``): they
-      travel with each task of the jobs this thread starts, and nothing else sees them.
+      travel with each task of the jobs this thread starts.
     - Connect: the client has no ``sparkContext``; the values are set in the session's own
       configuration, which Spark copies into the local properties of every job it runs for that
-      session (``spark.*`` keys: ``SQLExecution.withSQLConfPropagated``). A ``spark.conf.set`` is
-      a configuration request, never part of a query plan, and Spark redacts keys matching
-      ``spark.redaction.regex`` (``secret``, ``token``, ``access.key``...) in the UI, its SQL
-      events and event logs. Two writes of one Connect session in parallel threads share the
-      values: the last one to finish restores what the user had.
+      session (``spark.*`` keys: ``SQLExecution.withSQLConfPropagated``). A ``spark.conf.set`` is a
+      configuration request, never part of a query plan.
+
+    Either way Spark's event log records a job's properties as they are (it redacts only keys that
+    are also in the application's SparkConf): a secret must not travel here in clear (see
+    :mod:`sparkbridge.etl.credentials`).
     """
     for key in values:
         if not key.startswith("spark."):
@@ -97,39 +93,23 @@ def task_properties(spark: Any, values: Mapping[str, str]) -> Iterator[None]:
     if not is_connect(spark):
         sc = spark.sparkContext
         saved = {key: sc.getLocalProperty(key) for key in values}
-        try:
-            for key, value in values.items():
-                sc.setLocalProperty(key, value)
-            yield
-        finally:
-            for key, value in saved.items():
-                sc.setLocalProperty(key, value)  # None removes it
-        return
-    sid = str(getattr(spark, "session_id", id(spark)))
-    with _lock:
-        holder = _connect_holders.get(sid)
-        if holder is None:
-            saved = {key: spark.conf.get(key, None) for key in values}
-            holder = _connect_holders[sid] = [0, dict(values), saved]
-        else:
-            for key in values:
-                holder[2].setdefault(key, spark.conf.get(key, None))
-        holder[0] += 1
-        for key, value in values.items():
-            spark.conf.set(key, value)
+        setter = sc.setLocalProperty  # None removes a property
+    else:
+        saved = {key: spark.conf.get(key, None) for key in values}
+
+        def setter(key: str, value: Optional[str]) -> None:
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
     try:
+        for key, value in values.items():
+            setter(key, value)
         yield
     finally:
-        with _lock:
-            holder[0] -= 1
-            if holder[0] == 0:
-                del _connect_holders[sid]
-                for key, value in holder[2].items():
-                    with contextlib.suppress(Exception):  # a stopped session keeps nothing anyway
-                        if value is None:
-                            spark.conf.unset(key)
-                        else:
-                            spark.conf.set(key, value)
+        for key, value in saved.items():
+            with contextlib.suppress(Exception):  # a stopped session keeps nothing anyway
+                setter(key, value)
 
 
 # --------------------------------------------------------------------------- streaming, parallelism

@@ -539,7 +539,8 @@ def spark_connect_server(
     if event_log:
         events = base / "events"
         events.mkdir(exist_ok=True)
-        settings.update({"spark.eventLog.enabled": "true", "spark.eventLog.dir": events.as_uri()})
+        settings.update({"spark.eventLog.enabled": "true", "spark.eventLog.dir": events.as_uri(),
+                         "spark.eventLog.compress": "false"})  # plain JSON lines: searchable
     settings.update(conf or {})
     argv = [str(Path(home) / "bin" / "spark-submit"), "--class",
             "org.apache.spark.sql.connect.service.SparkConnectServer", "--master", master,
