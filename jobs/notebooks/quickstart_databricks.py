@@ -30,10 +30,12 @@ EPOCHS = int(os.environ.get("SPARKBRIDGE_NOTEBOOK_EPOCHS", "5"))
 from sparkbridge.jobs import flights
 from sparkbridge.jobs.flights_training import evaluate_model, train_model
 from sparkbridge.jobs.plotting import plot_training
+from sparkbridge.etl.session import describe
 from sparkbridge.jobs.spark import spark_session
 
-spark, _ = spark_session("local[*]", app_name="sparkbridge-notebook")  # the active session if there is one
-print("Spark", spark.version, "master", spark.sparkContext.master)
+# the active session if there is one (Databricks: classic or serverless/Spark Connect alike; SPARK_REMOTE too)
+spark, _ = spark_session("local[*]", app_name="sparkbridge-notebook")
+print("Spark", spark.version, describe(spark))
 
 # COMMAND ----------
 

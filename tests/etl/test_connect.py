@@ -21,7 +21,7 @@ import pytest
 
 from sparkbridge import etl
 from sparkbridge.errors import UsageError
-from sparkbridge.etl.session import SessionKind, session_kind
+from sparkbridge.etl.session import SessionKind, default_parallelism, describe, session_kind
 from sparkbridge.log import open_dataset
 
 from tests.etl.helpers import leftovers, log_versions, stock_ids
@@ -36,6 +36,8 @@ def _frame(spark, lo, hi, parts):
 def test_session_kind_is_told_in_one_place(spark, connect_mode):
     assert session_kind(spark) is SessionKind.CLASSIC and session_kind(connect_mode) is SessionKind.CONNECT
     assert session_kind(connect_mode.range(1)) is SessionKind.CONNECT  # a DataFrame's session counts
+    assert default_parallelism(spark) == default_parallelism(connect_mode) == 2  # both local[2,4]
+    assert describe(connect_mode) == connect_mode.client._builder.endpoint.join(["Spark Connect sc://", ""])
 
 
 # --------------------------------------------------------------------------- partition commits, resume

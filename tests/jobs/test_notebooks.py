@@ -42,6 +42,26 @@ def test_databricks_notebook_runs_on_the_active_session(spark, tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def test_databricks_notebook_runs_on_a_connect_session(connect_mode, tmp_path, monkeypatch, repo_root):
+    """Databricks serverless and shared clusters give the notebook a Spark Connect session: the same
+    cells, the same counts (the Spark side runs on the shared Connect server)."""
+    import runpy
+
+    rows = 2_000
+    exp = _expected(rows)
+    monkeypatch.setenv("SPARKBRIDGE_NOTEBOOK_OUT", str(tmp_path))
+    monkeypatch.setenv("SPARKBRIDGE_NOTEBOOK_ROWS", str(rows))
+    monkeypatch.setenv("SPARKBRIDGE_NOTEBOOK_EPOCHS", "1")
+    cells = runpy.run_path(str(repo_root / NOTEBOOKS / "quickstart_databricks.py"), run_name="__main__")
+    assert cells["spark"] is connect_mode and connect_mode.range(3).count() == 3  # used, and left running
+    assert cells["results"]["train"].rows == exp["rows_train"]
+    assert cells["results"]["test"].rows == exp["rows_test"]
+    assert cells["trained"].rows == exp["rows_train"]
+    assert cells["metrics"]["rows"] == exp["rows_test"] and cells["metrics"]["positives"] == exp["positives_test"]
+    assert cells["metrics"]["baseline_accuracy"] == pytest.approx(exp["baseline_accuracy"], abs=1e-12)
+
+
+@pytest.mark.slow
 def test_jupyter_notebook_runs_in_a_fresh_kernel(tmp_path, monkeypatch, repo_root):
     """A real ipykernel (a new process): no active session there, so the notebook starts local[*]."""
     import nbformat
