@@ -249,3 +249,17 @@ def test_convert_cli_runs_on_a_connect_server(connect_server, tmp_path):
     assert both.returncode == 2 and "pick one" in both.stderr and "Traceback" not in both.stderr
     bad = _cli("convert", str(src), str(tmp_path / "c"), "--remote", "http://host:1")
     assert bad.returncode == 2 and "must be a Spark Connect URL" in bad.stderr
+
+
+def test_demo_cli_runs_its_spark_side_on_a_connect_server(connect_server, tmp_path):
+    from tests.test_quickstart import _expected
+
+    rows = 2_000
+    exp = _expected(rows)
+    done = _cli("demo", "--out", str(tmp_path / "demo"), "--rows", str(rows), "--epochs", "1", "--no-progress",
+                "--remote", connect_server.url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["master"] == f"Spark Connect {connect_server.url}"
+    for key in ("rows_written", "rows_train", "rows_test", "positives_train", "positives_test"):
+        assert summary[key] == exp[key], key
