@@ -82,3 +82,20 @@ print(f"test accuracy {metrics['accuracy']:.4f} vs majority-class baseline {metr
 os.makedirs(OUT, exist_ok=True)
 plot_training(trained.history, f"{OUT}/training.png", title="sparkbridge notebook: training")
 print("plot:", f"{OUT}/training.png")
+
+# COMMAND ----------
+
+# MAGIC %md ## 5. The same data on several ranks: `sparkbridge train` launched by pyspark's `TorchDistributor`
+# MAGIC `local_mode=True` runs the ranks on the driver (a single-node or GPU driver); `local_mode=False` runs
+# MAGIC them in barrier tasks on the executors. Each rank streams a disjoint, equal share.
+
+# COMMAND ----------
+
+from sparkbridge.jobs.distributor import train_with_torch_distributor
+
+RANKS = int(os.environ.get("SPARKBRIDGE_NOTEBOOK_RANKS", "2"))
+distributed = train_with_torch_distributor(
+    ["--data", f"{DATASET}/train", "--label", spec["label"], "--epochs", "1", "--batch-size", "256",
+     "--out", f"{OUT}/distributed", "--no-progress"] + (["--cache", cache["train"] + "-ddp"] if cache["train"] else []),
+    num_processes=RANKS, local_mode=True)
+print("TorchDistributor:", RANKS, "ranks →", f"{OUT}/distributed/summary.json")
