@@ -31,7 +31,7 @@ log = logging.getLogger("sparkbridge.convert")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=("csv", "parquet"), help="input format (default: from the extension)")
+    parser.add_argument("--format", choices=("csv", "parquet", "json"), help="input format (default: from the extension)")
     parser.add_argument("--schema", help="input schema as DDL, e.g. 'id INT, name STRING' (CSV default: inferred)")
     parser.add_argument("--mode", choices=("error", "overwrite", "append"), default="error",
                         help="when OUTPUT already holds a dataset (default: error)")

@@ -138,7 +138,7 @@ def test_format_detection(any_spark, tmp_path):
 
     txt = tmp_path / "data.txt"
     txt.write_text("x,y\n5,6\n")
-    with pytest.raises(ValueError, match="pass format='csv' or 'parquet'"):
+    with pytest.raises(ValueError, match="pass format='csv', 'parquet' or 'json'"):
         etl.read_source(any_spark, txt)
     assert rows(etl.read_source(any_spark, txt, format="csv", schema="x INT, y INT")) == [(5, 6)]
 
@@ -147,4 +147,38 @@ def test_format_detection(any_spark, tmp_path):
     with pytest.raises(ValueError, match="cannot read zip archives"):
         etl.read_source(any_spark, z)
     with pytest.raises(ValueError, match="format must be one of"):
-        etl.read_source(any_spark, txt, format="json")
+        etl.read_source(any_spark, txt, format="orc")
+
+
+# JSON lines (1-based): 3 has a non-integer id, 5 is not JSON at all.
+JSONL = (
+    '{"id": 1, "name": "a", "score": 1.5}\n'
+    '{"id": 2, "name": "b", "score": 2.5}\n'
+    '{"id": "bad", "name": "c", "score": 3.5}\n'
+    '{"id": 6, "name": "f,g", "score": 6.5}\n'
+    '{"id": 7, "name": \n'
+    '{"id": 8, "name": "say \\"hi\\"", "score": 8.5}\n'
+)
+
+
+def test_json_lines_with_every_bad_record_policy(any_spark, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(JSONL)
+    with pytest.raises(MalformedRecordsError) as info:
+        etl.read_source(any_spark, path, schema=SCHEMA)
+    assert info.value.count == 2
+    for line, text in [(3, '{"id": "bad", "name": "c", "score": 3.5}'), (5, '{"id": 7, "name": ')]:
+        assert f"{path}:{line}: {text!r}" in str(info.value)
+    assert "malformed JSON record(s)" in str(info.value)
+    assert rows(etl.read_source(any_spark, path, schema=SCHEMA, bad_records="drop")) == GOOD
+    assert rows(etl.read_source(any_spark, path, schema=SCHEMA, bad_records="drop").select("name")) == sorted(
+        (g[1],) for g in GOOD)
+    bad_dir = tmp_path / "bad"
+    assert rows(etl.read_source(any_spark, path, schema=SCHEMA, bad_records=str(bad_dir))) == GOOD
+    kept = [json.loads(line) for part in sorted(bad_dir.glob("part-*.json")) for line in part.read_text().splitlines()]
+    assert sorted(k["record"] for k in kept) == ['{"id": "bad", "name": "c", "score": 3.5}', '{"id": 7, "name": ']
+    # inferred: no schema given, the malformed line is still found; the clean file reads as JSON by extension
+    assert etl.read_source(any_spark, path, bad_records="drop").count() == 5
+    clean = tmp_path / "clean.json"
+    clean.write_text('{"x": 1}\n{"x": 2}\n')
+    assert rows(etl.read_source(any_spark, clean, schema="x INT")) == [(1,), (2,)]
