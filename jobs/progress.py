@@ -46,8 +46,12 @@ class SparkProgress:
 
     def __enter__(self) -> "SparkProgress":
         if self._enabled and self._connect:
+            register = getattr(self._spark, "registerProgressHandler", None)
+            if register is None:  # a Connect client older than Spark 4: no progress messages to show
+                self._enabled = False
+                return self
             self._handler = self._on_connect_progress
-            self._spark.registerProgressHandler(self._handler)
+            register(self._handler)
         elif self._enabled:
             self._thread = threading.Thread(target=self._run, name="spark-progress", daemon=True)
             self._thread.start()
