@@ -19,8 +19,8 @@ from typing import Any, Iterator, Mapping, Optional
 
 from sparkbridge.errors import UsageError
 
-__all__ = ["SessionKind", "session_kind", "is_connect", "active_session_kind", "require_classic",
-           "task_properties", "streaming_query_id", "default_parallelism", "describe"]
+__all__ = ["SessionKind", "session_kind", "is_connect", "active_session_kind", "task_properties",
+           "streaming_query_id", "default_parallelism", "describe"]
 
 
 class SessionKind(str, enum.Enum):
@@ -57,13 +57,8 @@ def active_session_kind() -> Optional[SessionKind]:
     return None if active is None else session_kind(active)
 
 
-def require_classic(spark: Any, what: str, why: str) -> None:
-    """Raise :class:`UsageError` before any work when ``what`` cannot run on a Connect session."""
-    if is_connect(spark):
-        raise UsageError(f"{what} does not work on a Spark Connect session: {why}")
-
-
 # --------------------------------------------------------------------------- values that ride with tasks
+
 
 @contextlib.contextmanager
 def task_properties(spark: Any, values: Mapping[str, str]) -> Iterator[None]:
