@@ -284,8 +284,9 @@ def run_task(cfg: TaskConfig, batches: Iterator[Any], *, partition: int, task_at
     }
 
 
-def task_function(cfg: TaskConfig):
-    """The function given to ``mapInArrow``: one output row of JSON per task."""
+def task_function(cfg: TaskConfig, credentials: Any = None):
+    """The function given to ``mapInArrow``: one output row of JSON per task. ``credentials``: the
+    write's :class:`~sparkbridge.etl.credentials.CredentialKey` (the task's half of the S3 settings)."""
 
     def fn(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
@@ -295,9 +296,9 @@ def task_function(cfg: TaskConfig):
 
         ctx = TaskContext.get()
         if not cfg.storage.is_local:
-            # the driver's S3 settings travel as (redacted) local properties of this task, into this
-            # task's own client only: never into the reused worker's environment
-            cfg.storage.set_client_args(from_task_context(ctx))
+            # the driver's S3 settings travel sealed as local properties of this task, opened with the
+            # key in this closure, into this task's own client only: never into the worker's environment
+            cfg.storage.set_client_args(from_task_context(ctx, credentials))
         partition, attempt = ctx.partitionId(), ctx.attemptNumber()
         try:
             if cfg.commit == "partition":

@@ -159,7 +159,8 @@ def write_mds(
     partitioned write leaves its committed partitions readable and marked incomplete: rerun with
     ``resume=True`` (same input, same partitioning: claimed partitions are skipped, the rest are
     written, then the write completes) or with ``mode="overwrite"``.
-    S3 outputs use the driver's ``S3_ENDPOINT_URL``/``AWS_*`` (sent with the tasks, redacted).
+    S3 outputs use the driver's ``S3_ENDPOINT_URL``/``AWS_*`` (sent with the tasks, sealed: see
+    :mod:`sparkbridge.etl.credentials`), on a classic and a Spark Connect session alike.
     """
     started = time.perf_counter()
     compression, hashes = _check_options(compression, hashes)
@@ -211,8 +212,8 @@ def write_mds(
                      read_version=-1 if job.begin_version is None else job.begin_version)
     try:
         try:
-            with task_credentials(df.sparkSession, storage), arrow_stream_conf(df.sparkSession, plans):
-                result_rows = prepared.mapInArrow(task_function(cfg), f"{MANIFEST_FIELD} string").collect()
+            with task_credentials(df.sparkSession, storage) as key, arrow_stream_conf(df.sparkSession, plans):
+                result_rows = prepared.mapInArrow(task_function(cfg, key), f"{MANIFEST_FIELD} string").collect()
         except Exception as exc:
             message = _task_error(exc)
             if message is not None:

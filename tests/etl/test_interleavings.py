@@ -137,6 +137,6 @@ def test_credentials_reach_tasks_without_leaking(spark, s3_bucket, tmp_path):
 
     storage.set_client_args({"aws_secret_access_key": secret})
     assert secret not in repr(cfg) and secret.encode() not in pickle.dumps(cfg)
-    assert spark.sparkContext.getLocalProperty("sparkbridge.s3.secret.access.key") is None  # cleared after the write
+    assert spark.sparkContext.getLocalProperty("spark.sparkbridge.s3.secret.access.key") is None  # cleared after the write
     with pytest.raises(DatasetNotFoundError):
         open_dataset(s3_bucket.url("nothing-here"))

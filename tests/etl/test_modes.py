@@ -44,16 +44,16 @@ def _files(path: str) -> set[str]:
     return out
 
 
-def test_error_mode_and_append(spark, tmp_path):
+def test_error_mode_and_append(any_spark, tmp_path):
     out = str(tmp_path / "ds")
-    first = etl.write_mds(_frame(spark, 0, 100), out)
+    first = etl.write_mds(_frame(any_spark, 0, 100), out)
     assert (first.rows, first.mode) == (100, "error")
     before = _sha(out)
     with pytest.raises(DatasetExistsError, match="already holds a dataset"):
-        etl.write_mds(_frame(spark, 0, 10), out)
+        etl.write_mds(_frame(any_spark, 0, 10), out)
     assert _sha(out) == before
 
-    second = etl.write_mds(_frame(spark, 100, 250, parts=3), out, mode="append")
+    second = etl.write_mds(_frame(any_spark, 100, 250, parts=3), out, mode="append")
     assert second.rows == 150
     assert sorted(stock_ids(out)) == list(range(250))
     manifest = _manifest(out)
@@ -63,11 +63,11 @@ def test_error_mode_and_append(spark, tmp_path):
     assert leftovers(out) == [] and log_versions(out) == ["write (create)", "write (append)"]
 
 
-def test_append_with_a_different_schema_lists_the_differences(spark, tmp_path):
+def test_append_with_a_different_schema_lists_the_differences(any_spark, tmp_path):
     out = str(tmp_path / "ds")
-    etl.write_mds(_frame(spark, 0, 20), out)
+    etl.write_mds(_frame(any_spark, 0, 20), out)
     before, files = _sha(out), _files(out)
-    other = spark.range(5).selectExpr("cast(id as string) AS id", "cast(id as int) AS twice", "1.5 AS extra")
+    other = any_spark.range(5).selectExpr("cast(id as string) AS id", "cast(id as int) AS twice", "1.5 AS extra")
     with pytest.raises(SchemaMismatchError) as info:
         etl.write_mds(other, out, mode="append")
     message = str(info.value)
@@ -77,16 +77,16 @@ def test_append_with_a_different_schema_lists_the_differences(spark, tmp_path):
     assert _sha(out) == before and _files(out) == files
 
 
-def test_overwrite_keeps_old_shards_for_a_reader_mid_epoch(spark, tmp_path):
+def test_overwrite_keeps_old_shards_for_a_reader_mid_epoch(any_spark, tmp_path):
     from streaming import StreamingDataset
 
     out = str(tmp_path / "ds")
-    v1 = etl.write_mds(_frame(spark, 0, 300), out, shard_size="2KB")
+    v1 = etl.write_mds(_frame(any_spark, 0, 300), out, shard_size="2KB")
     assert v1.shards >= 4 and v1.version == 0
     reader = StreamingDataset(local=out, batch_size=1, shuffle=False)
     seen = [int(reader[i]["id"]) for i in range(10)]
 
-    v2 = etl.write_mds(_frame(spark, 1000, 1100), out, mode="overwrite")
+    v2 = etl.write_mds(_frame(any_spark, 1000, 1100), out, mode="overwrite")
     seen += [int(reader[i]["id"]) for i in range(10, len(reader))]  # old version, still readable
     del reader
     assert sorted(seen) == list(range(300))
@@ -96,12 +96,12 @@ def test_overwrite_keeps_old_shards_for_a_reader_mid_epoch(spark, tmp_path):
     top = {name for name in os.listdir(out) if is_write_id(name)}
     assert top == {v1.job_id, v2.job_id}
 
-    v3 = etl.write_mds(_frame(spark, 2000, 2050), out, mode="overwrite", retention_seconds=0)
+    v3 = etl.write_mds(_frame(any_spark, 2000, 2050), out, mode="overwrite", retention_seconds=0)
     top = {name for name in os.listdir(out) if is_write_id(name)}
     assert top == {v3.job_id}  # retention 0: the vacuum after v3 keeps only the latest version
     with pytest.raises(VersionNotFoundError, match="no longer retained"):
         open_dataset(out, version=0)
-    v4 = etl.write_mds(_frame(spark, 3000, 3010), out, mode="overwrite")
+    v4 = etl.write_mds(_frame(any_spark, 3000, 3010), out, mode="overwrite")
     top = {name for name in os.listdir(out) if is_write_id(name)}
     assert top == {v3.job_id, v4.job_id}
     assert sorted(stock_ids(out)) == list(range(3000, 3010))
