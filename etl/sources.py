@@ -298,6 +298,18 @@ def _read_text(
 # --------------------------------------------------------------------------- entry point
 
 
+def _read_images(spark: "SparkSession", path: str, *, bad_records: str, options: dict) -> "DataFrame":
+    """``format="images"``: :func:`sparkbridge.etl.images.read_images`, its keywords in ``options``."""
+    from sparkbridge.errors import UsageError
+    from sparkbridge.etl.images import read_images
+
+    allowed = ("label_pattern", "labels", "label_type", "suffixes")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise UsageError(f"read_source(format='images'): unknown options {unknown}; the options are {list(allowed)}")
+    return read_images(spark, path, bad_records=bad_records, **options)
+
+
 def read_source(
     spark: "SparkSession",
     path: Union[str, "os.PathLike[str]"],
@@ -310,6 +322,9 @@ def read_source(
     """A DataFrame over CSV, JSON lines or Parquet at ``path`` (a file, folder or glob; local, file://
     or any Hadoop filesystem Spark has), from a classic or a Spark Connect session alike.
 
+    - ``format="images"``: a folder of PNG/JPEG files as ``(path, image, label)``
+      (:func:`sparkbridge.etl.images.read_images`; ``options`` holds its ``label_pattern``,
+      ``labels``, ``label_type`` and ``suffixes``).
     - ``format``: ``"csv"``, ``"json"`` or ``"parquet"``; by default from the file extensions
       (``.csv``, ``.csv.gz``, ``.json``/``.jsonl``/``.ndjson`` (+ ``.gz``), ``.parquet``, or the
       files inside a folder).
@@ -339,9 +354,11 @@ def read_source(
         )
     if format is not None:
         format = format.lower()
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if format not in FORMATS + ("images",):
+            raise ValueError(f"format must be one of {FORMATS + ('images',)}, got {format!r}")
     options = dict(options or {})
+    if format == "images":
+        return _read_images(spark, path, bad_records=bad_records, options=options)
 
     files = _list_input(spark, path)
     if format is None:

@@ -54,6 +54,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (default: 1; the model is tiny, more threads only add sync overhead)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--images", action="store_true",
+                        help="the image demo instead: scikit-learn's digits as PNG files -> Spark -> MDS -> a CNN "
+                             "trained through the loader's transform stage (decode + random shift)")
     parser.add_argument("--live", action="store_true",
                         help="train while Spark still writes: partitions are committed as they are written and "
                              "the first epoch follows them (prints the time to first batch and the overlap)")
@@ -282,6 +285,10 @@ def run_demo(args: argparse.Namespace, *, spark: Optional["SparkSession"] = None
     from sparkbridge.storage import is_remote
 
     _validate(args)
+    if getattr(args, "images", False):
+        from sparkbridge.jobs.images_demo import run_images_demo
+
+        return run_images_demo(args, spark=spark)
     progress = progress and not getattr(args, "no_progress", False)
     t_total = time.perf_counter()
     out = Path(args.out).resolve()
