@@ -35,6 +35,7 @@ from sparkbridge.errors import (
     CommitConflictError,
     DatasetExistsError,
     SchemaMismatchError,
+    UnsafePathError,
 )
 from sparkbridge.format.index import stored_name
 from sparkbridge.format.manifest import ColumnSpec
@@ -163,6 +164,11 @@ class WriteJob:
     def start(self) -> None:
         """Create the staging folder (local) and the job descriptor, start its heartbeat."""
         if self.storage.is_local:
+            folder = self.storage.local_path(staging_prefix(self.write_id))
+            if os.path.islink(folder) or os.path.islink(os.path.dirname(folder)):
+                # tasks would write, and cleanup delete, wherever the link points
+                raise UnsafePathError(f"{folder} (or {STAGING}/) is a symbolic link; a write's staging folder must "
+                                      f"be a real folder inside {self.storage.root}. Remove the link")
             for attempt in range(5):  # another write may remove an empty _staging/ meanwhile
                 try:
                     os.makedirs(self.storage.local_path(staging_prefix(self.write_id)), exist_ok=self.resumed)

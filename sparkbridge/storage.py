@@ -245,7 +245,21 @@ class LocalStorage(Storage):
                 pass
 
     def delete_prefix(self, prefix: str) -> int:
-        path = self.local_path(prefix)
+        """Delete ``prefix`` (a file, or a folder with everything in it), never anything outside the
+        root: a symbolic link is removed itself, never followed (``X/``'s trailing slash would make
+        ``rmtree`` follow a link at ``X``), and a path that leads out of the root through a linked
+        parent folder is refused (UnsafePathError)."""
+        path = self.local_path(prefix).rstrip(os.sep) or os.sep
+        if os.path.islink(path):
+            os.unlink(path)
+            return 1
+        if not os.path.lexists(path):
+            return 0
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(path)
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            raise UnsafePathError(f"refusing to delete {path}: it resolves to {real}, outside the dataset root "
+                                  f"{self.root} (a symbolic link on the way)")
         if os.path.isfile(path):
             os.unlink(path)
             return 1

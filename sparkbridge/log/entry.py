@@ -23,6 +23,7 @@ or damaged entry is refused with an error naming the file, never followed outsid
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -77,6 +78,50 @@ def _int(obj: dict, key: str, where: str, *, optional: bool = False, minimum: in
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise LogError(f"{where}: {key} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+#: An MDS shard's sample offsets are uint32: no stored or raw shard file can exceed 4 GiB.
+MAX_SHARD_BYTES = 1 << 32
+
+
+def _check_added(add: tuple[dict, ...], where: str) -> None:
+    """Sizes a shard can have, and each file named once: a shard listed twice would be read twice."""
+    seen: dict[str, int] = {}
+    for i, e in enumerate(add):
+        for key in ("raw_data", "zip_data"):
+            info = e.get(key)
+            if info is not None and info["bytes"] > MAX_SHARD_BYTES:
+                raise LogError(f"{where}, added shard {i}: {key}.bytes is {info['bytes']}, more than an MDS shard "
+                               f"can hold ({MAX_SHARD_BYTES} bytes)")
+        name = (e.get("zip_data") or e["raw_data"])["basename"]
+        if name in seen:
+            raise LogError(f"{where}: shard {name} is listed twice in add (shards {seen[name]} and {i}); its rows "
+                           "would be read twice")
+        seen[name] = i
+
+
+def _check_schema(schema: dict, where: str) -> None:
+    """``schema.columns`` must rebuild :class:`sparkbridge.format.manifest.ColumnSpec` objects:
+    refused here, not as a TypeError when ``manifest.json`` is derived."""
+    from sparkbridge.format.manifest import ColumnSpec
+
+    columns = schema.get("columns", [])
+    if not isinstance(columns, list):
+        raise LogError(f"{where}: schema.columns must be a list of column objects, got {type(columns).__name__}")
+    for i, c in enumerate(columns):
+        if not isinstance(c, dict):
+            raise LogError(f"{where}: schema.columns[{i}] must be an object, got {c!r}")
+        try:
+            spec = ColumnSpec(**c)
+        except TypeError as exc:
+            raise LogError(f"{where}: schema.columns[{i}] is not a column description ({exc})") from None
+        if not all(isinstance(getattr(spec, k), str) for k in ("name", "logical", "encoding", "spark_type")):
+            raise LogError(f"{where}: schema.columns[{i}]: name, logical, encoding and spark_type must be strings")
+    for key in ("nulls", "compression"):
+        if schema.get(key) is not None and not isinstance(schema[key], str):
+            raise LogError(f"{where}: schema.{key} must be a string, got {schema[key]!r}")
+    if not isinstance(schema.get("hashes", []), list) or not all(isinstance(h, str) for h in schema.get("hashes", [])):
+        raise LogError(f"{where}: schema.hashes must be a list of hash names, got {schema.get('hashes')!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,8 +212,9 @@ class LogEntry:
             if not isinstance(obj.get(key), str) or not obj[key]:
                 raise LogError(f"{where}: {key} must be a non-empty string")
         timestamp = obj.get("timestamp")
-        if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
-            raise LogError(f"{where}: timestamp must be a number")
+        if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool) or not math.isfinite(timestamp) \
+                or timestamp < 0:
+            raise LogError(f"{where}: timestamp must be a finite number of seconds >= 0, got {timestamp!r}")
         read_version = _int(obj, "read_version", where, minimum=-1)
         add = obj.get("add") or []
         remove = obj.get("remove") or []
@@ -179,12 +225,15 @@ class LogEntry:
             add = tuple(check_index_entry(e, where=f"{where}, added shard {i}") for i, e in enumerate(add))
         except ShardFormatError as exc:
             raise LogError(str(exc)) from None
+        _check_added(add, where)
         remove = tuple(check_relpath(r, where=f"{where}, removed shard {i}") for i, r in enumerate(remove))
         if not all(isinstance(w, str) for w in fence):
             raise LogError(f"{where}: fence must list write ids")
         schema = obj.get("schema")
         if schema is not None and (not isinstance(schema, dict) or not isinstance(schema.get("fingerprint"), str)):
             raise LogError(f"{where}: schema must be an object with a fingerprint")
+        if schema is not None:
+            _check_schema(schema, where)
         txn = obj.get("txn")
         if txn is not None and (not isinstance(txn, dict) or not isinstance(txn.get("app_id"), str)
                                 or not isinstance(txn.get("batch_id"), int)):

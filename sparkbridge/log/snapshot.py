@@ -150,6 +150,12 @@ class Snapshot:
         if e.remove:
             gone = set(e.remove)
             self.shards = [s for s in self.shards if stored_name(s) not in gone]
+        if e.add and op != "import":
+            present = {stored_name(s) for s in self.shards}
+            for s in e.add:
+                if stored_name(s) in present:
+                    raise LogError(f"{self.root}/{e.name}: shard {stored_name(s)} is already in the dataset "
+                                   f"(version {self.version}); adding it again would read its rows twice")
         if op == "import":
             self.shards = list(e.add)
         elif e.add:
@@ -217,7 +223,7 @@ class Snapshot:
                 txns={k: int(v) for k, v in state["txns"].items()}, fenced=set(state["fenced"]),
                 retained_from=int(state["retained_from"]),
             )
-        except (KeyError, TypeError, ValueError, ShardFormatError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, ShardFormatError) as exc:
             raise LogError(f"{where}: damaged checkpoint ({type(exc).__name__}: {exc})") from None
 
 
@@ -288,20 +294,42 @@ class LogReader:
             return [self._entries[v] if v in self._entries else got[v] for v in versions]
         return [self.read_entry(v, cache=cache) for v in versions]
 
-    def _load_checkpoint(self, version: int) -> Optional[Snapshot]:
+    def read_checkpoint(self, version: int) -> Snapshot:
+        """The checkpoint of ``version``, checked; LogError naming the file when it is damaged
+        (anything but the object :func:`checkpoint_bytes` writes, with a matching checksum)."""
         name = checkpoint_name(version)
         where = self.storage.url(name)
         try:
             obj = json.loads(self.storage.read_bytes(name))
-            if obj.get("format") != CHECKPOINT_FORMAT or obj.get("sha256") != _state_checksum(obj["state"]):
-                raise LogError(f"{where}: checkpoint checksum or format does not match")
-            snap = Snapshot.from_state(self.root, obj["state"], where=where)
-            if snap.version != version:
-                raise LogError(f"{where}: checkpoint of version {snap.version} under the name of {version}")
-            return snap
-        except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("ignoring checkpoint %s: %s", where, exc)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise LogError(f"{where}: damaged checkpoint (not valid JSON: {exc})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("state"), dict):
+            raise LogError(f"{where}: damaged checkpoint (a {type(obj).__name__} without a 'state' object)")
+        try:
+            checksum = _state_checksum(obj["state"])
+        except (TypeError, ValueError) as exc:
+            raise LogError(f"{where}: damaged checkpoint ({exc})") from None
+        if obj.get("format") != CHECKPOINT_FORMAT or obj.get("sha256") != checksum:
+            raise LogError(f"{where}: damaged checkpoint (checksum or format does not match)")
+        snap = Snapshot.from_state(self.root, obj["state"], where=where)
+        if snap.version != version:
+            raise LogError(f"{where}: damaged checkpoint (of version {snap.version} under the name of {version})")
+        return snap
+
+    def _load_checkpoint(self, version: int) -> Optional[Snapshot]:
+        """A checkpoint only shortens the replay: a damaged one is skipped (with a warning), never
+        trusted and never fatal (``sparkbridge validate`` reports it)."""
+        try:
+            return self.read_checkpoint(version)
+        except FileNotFoundError:
             return None
+        except LogError as exc:
+            logger.warning("ignoring checkpoint: %s", exc)
+            return None
+
+    def checkpoint_versions(self) -> list[int]:
+        """Versions that have a checkpoint file (damaged or not), oldest first."""
+        return sorted(self._list(None)[1])
 
     # ------------------------------------------------------------------ snapshots
 
@@ -374,9 +402,22 @@ class LogReader:
 
     def _advance(self, snap: Snapshot, entries: dict[int, FileInfo], *, cache: bool = True) -> None:
         top = max(entries)
-        missing = [v for v in range(snap.version + 1, top + 1) if v not in entries and v not in self._entries]
-        if missing:
-            raise LogError(f"{self.root}: log versions {missing[:5]} are missing below version {top}: the log is damaged")
+        present = sum(1 for v in entries if v > snap.version) + sum(
+            1 for v in self._entries if snap.version < v <= top and v not in entries)
+        if present < top - snap.version:
+            # counted, not listed: a stray _log/99999999999999999999.json must not make a list of
+            # 10^20 missing versions (item 8 of issue 22); the newest file is the suspect
+            lacking = top - snap.version - present
+            first: list[int] = []
+            for v in range(snap.version + 1, top):  # stops after 5: bounded by the entries present
+                if v not in entries and v not in self._entries:
+                    first.append(v)
+                    if len(first) == 5:
+                        break
+            raise LogError(
+                f"{self.storage.url(entry_name(top))}: log versions {first} are missing below it ({lacking:,} in all, "
+                f"versions {first[0]} to {top - 1}): the log is damaged, or that file was put there by hand "
+                "(remove a stray file; restore missing entries)")
         for e in self._read_many(list(range(snap.version + 1, top + 1)), cache=cache):
             snap.apply(e)
         self._last_name = entry_name(top)
