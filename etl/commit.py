@@ -41,7 +41,7 @@ from sparkbridge.format.index import stored_name
 from sparkbridge.format.manifest import ColumnSpec
 from sparkbridge.log.commit import Draft, Superseded, commit
 from sparkbridge.log.derived import sync_derived
-from sparkbridge.log.layout import STAGING, job_file, new_write_id, staging_prefix
+from sparkbridge.log.layout import STAGING, job_file, new_run_id, new_write_id, staging_prefix
 from sparkbridge.log.snapshot import LogReader, Snapshot
 from sparkbridge.log.vacuum import vacuum
 from sparkbridge.storage import Storage, fsync_tree
@@ -105,6 +105,7 @@ class WriteJob:
         self.mode = mode
         self.reader = LogReader(storage)
         self.write_id = new_write_id()
+        self.run_id = new_run_id()  # attempt folders of this run: unique across Spark applications
         self.base: Snapshot = self.reader.refresh().copy()
         self.commit_attempted = False
         self.committed = False

@@ -208,7 +208,7 @@ def write_mds(
              len(plans), storage.root, mode, nulls, compression, size_limit, job.write_id)
     cfg = TaskConfig(storage=storage, job_id=job.write_id, plans=tuple(plans), compression=compression,
                      hashes=hashes, shard_size=size_limit, nulls=nulls, commit=commit,
-                     read_version=-1 if job.begin_version is None else job.begin_version)
+                     read_version=-1 if job.begin_version is None else job.begin_version, run=job.run_id)
     try:
         try:
             with task_credentials(df.sparkSession, storage), arrow_stream_conf(df.sparkSession, plans):

@@ -63,7 +63,7 @@ def test_task_failing_on_its_first_attempt(spark, tmp_path):
                 files = []
                 while not files and time.time() < deadline:  # wait for the writer's first shard
                     time.sleep(0.1)
-                    files = glob.glob(os.path.join(out, "_staging", "*", "p00001-a*", "shard.*"))
+                    files = glob.glob(os.path.join(out, "_staging", "*", "p00001-*", "shard.*"))
                 with open(marker, "w") as f:
                     json.dump(files, f)
                 raise RuntimeError("injected failure on the first attempt of partition 1")

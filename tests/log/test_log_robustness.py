@@ -190,3 +190,48 @@ def test_an_entry_that_is_json_but_not_an_object_is_reported(two_versions, capsy
 def test_timestamps_written_are_finite(st):
     write_ids(st, "error", [[1]])
     assert math.isfinite(LogReader(st).read_entry(0).timestamp)
+
+
+# ----------------------------------------------------------------------------- item 5
+
+
+def _two_applications_resume_one_write(st):
+    """A partitioned append crashes after partition 0; two applications (a duplicate submission)
+    resume it. Both run partition 1 as task attempt 0 (attempt ids restart in every application):
+    B writes its shards, A commits, B commits (the loser). Returns (A, B's row)."""
+    write_ids(st, "error", [[1, 2]])
+    crashed = Write(st, "append", commit="partition")
+    crashed.task(0, [10, 11])
+    crashed.crash()
+    a = Write(st, "append", commit="partition", resume=True)
+    b = Write(st, "append", commit="partition", resume=True)
+    assert a.job.write_id == b.job.write_id == crashed.job.write_id
+    b_row = b.write_shards(1, [20, 21, 22], task_attempt_id=0)
+    a.commit_task(a.write_shards(1, [20, 21, 22], task_attempt_id=0))
+    lost = b.commit_task(b_row)
+    return a, lost
+
+
+def _check_resumed(st, a, lost):
+    assert lost.get("superseded") is True and lost["entries"] == []
+    a.finish(partitions=2)
+    snap = open_dataset(st.root)
+    assert sorted(read_ids(st, snap)) == [1, 2, 10, 11, 20, 21, 22]
+    attempts = {e["raw_data"]["basename"].split("/")[1] for e in snap.shards[1:]}
+    assert len(attempts) == 2 and all("-a0" in name for name in attempts)
+
+
+def test_two_applications_resuming_one_write_locally_keep_the_winners_shard(st):
+    a, lost = _two_applications_resume_one_write(st)
+    _check_resumed(st, a, lost)
+
+
+@pytest.mark.slow
+def test_two_applications_resuming_one_write_on_s3_keep_the_winners_shard(s3_bucket):
+    st = open_storage(s3_bucket.url("ds"))
+    a, lost = _two_applications_resume_one_write(st)
+    _check_resumed(st, a, lost)
+    from sparkbridge.jobs.datasets import validate_dataset
+
+    report = validate_dataset(st.root, progress=False)
+    assert report.ok, report.problems

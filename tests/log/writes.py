@@ -52,7 +52,7 @@ class Write:
         self.cfg = TaskConfig(storage=storage, job_id=self.job.write_id, plans=ID_PLANS, compression=None,
                               hashes=("xxh64",), shard_size=1 << 16, nulls="error", commit=commit,
                               read_version=-1 if self.job.begin_version is None else self.job.begin_version,
-                              **({"run": self.job.run_id} if hasattr(self.job, "run_id") else {}))
+                              run=self.job.run_id)
         self._attempts = 0
 
     def task(self, partition: int, ids: Sequence[int], *, task_attempt_id: Optional[int] = None) -> dict:
@@ -61,10 +61,18 @@ class Write:
             row = {"attempt": None, "partition": partition, "rows": 0, "nulls": {}, "entries": [], "superseded": True}
             self.tasks.append(row)
             return row
+        return self.commit_task(self.write_shards(partition, ids, task_attempt_id=task_attempt_id))
+
+    def write_shards(self, partition: int, ids: Sequence[int], *, task_attempt_id: Optional[int] = None) -> dict:
+        """The first half of a task: its shards written (staged), nothing committed. Task attempt
+        ids count from 0 in each Write, as they do in each Spark application."""
         tid = self._attempts if task_attempt_id is None else task_attempt_id
         self._attempts += 1
         batch = pa.RecordBatch.from_arrays([pa.array(list(ids), pa.int64())], ["id"])
-        row = run_task(self.cfg, iter([batch]), partition=partition, task_attempt_id=tid, attempt_number=0)
+        return run_task(self.cfg, iter([batch]), partition=partition, task_attempt_id=tid, attempt_number=0)
+
+    def commit_task(self, row: dict) -> dict:
+        """The second half: publish and commit the partition (``commit="partition"``)."""
         if self.commit == "partition":
             row = commit_partition(self.cfg, row)
         self.tasks.append(row)
