@@ -241,7 +241,17 @@ class WriteJob:
         entries = [e for task in tasks for e in attempt_entries(self.write_id, task)]
         read_version = self._base_version()
         if self.storage.is_local:
-            self._publish_local([t["attempt"] for t in tasks if t["entries"]])
+            try:
+                self._publish_local([t["attempt"] for t in tasks if t["entries"]])
+            except FileNotFoundError:
+                # a vacuum fenced this write (idle past its retention) and deleted its staged files:
+                # say so, as the commit itself would, instead of a bare rename error
+                if self.write_id in self.reader.refresh().fenced:
+                    raise CommitConflictError(
+                        f"{self.storage.root}: write {self.write_id} was fenced by a vacuum (no progress within "
+                        "the retention period) and its staged files were deleted; nothing of it was committed: "
+                        "rerun the write") from None
+                raise
         _faults.point("etl.commit.before_log")
         remove = tuple(stored_name(e) for e in self.base.shards) if self.mode == "overwrite" else ()
         rows = int(sum(t["rows"] for t in tasks))
