@@ -39,8 +39,12 @@ CHECKPOINT_INTERVAL = 32
 @dataclass
 class WriteState:
     """What the log says about one write: ``open`` (begun, partitions landing), ``complete``,
-    ``fenced`` (a vacuum decided it may never commit again) or ``replaced`` (an overwrite landed
-    while it was open)."""
+    ``fenced`` (a vacuum decided it may never commit again: *rolled back*, as if it had never
+    begun) or ``replaced`` (an overwrite landed while it was open and removed its partitions).
+
+    ``removed`` and ``prior_schema``: the shards an open overwrite's begin removed and the schema
+    before it, kept until it completes so that a fence can put them back (why: a fenced overwrite must never leave the dataset without its old
+    rows); empty otherwise."""
 
     write_id: str
     mode: str
@@ -49,6 +53,8 @@ class WriteState:
     rows: int = 0
     begun_at: int = -1
     expected_rows: Optional[int] = None
+    removed: list[dict] = field(default_factory=list)
+    prior_schema: Optional[dict] = None
 
 
 def _copy_json(value: Any) -> Any:
@@ -147,8 +153,11 @@ class Snapshot:
         if e.version != self.version + 1:
             raise LogError(f"{self.root}: log entry {e.version} applied to version {self.version}")
         op = e.operation
+        removed: list[dict] = []
+        prior_schema = self.schema
         if e.remove:
             gone = set(e.remove)
+            removed = [s for s in self.shards if stored_name(s) in gone]
             self.shards = [s for s in self.shards if stored_name(s) not in gone]
         if op == "import":
             self.shards = list(e.add)
@@ -163,7 +172,9 @@ class Snapshot:
         if op in ("write", "begin"):
             state = "complete" if op == "write" else "open"
             self.writes[e.write_id] = WriteState(e.write_id, e.mode, state, [], _rows(e.add), e.version,
-                                                 e.rows if op == "write" else None)
+                                                 e.rows if op == "write" else None,
+                                                 removed if state == "open" else [],
+                                                 prior_schema if state == "open" else None)
         elif op == "partition":
             w = self.writes.get(e.write_id)
             if w is not None:
@@ -172,7 +183,7 @@ class Snapshot:
         elif op == "complete":
             w = self.writes.get(e.write_id)
             if w is not None:
-                w.state, w.expected_rows = "complete", e.rows
+                w.state, w.expected_rows, w.removed, w.prior_schema = "complete", e.rows, [], None
         elif op in ("stream", "import"):
             self.writes[e.write_id] = WriteState(e.write_id, "append", "complete", [], _rows(e.add), e.version)
             if e.txn is not None:
@@ -181,10 +192,22 @@ class Snapshot:
             self.fenced.update(e.fence)
             for wid in e.fence:
                 if wid in self.writes and self.writes[wid].state == "open":
-                    self.writes[wid].state = "fenced"
+                    self._roll_back(self.writes[wid])
             if e.retained_from is not None:
                 self.retained_from = max(self.retained_from, e.retained_from)
         self.version, self.commit_id, self.timestamp = e.version, e.commit_id, e.timestamp
+
+    def _roll_back(self, w: WriteState) -> None:
+        """A fenced open write is undone: its partitions leave the shard list (a write's shards
+        live under its own id, :mod:`sparkbridge.log.layout`), the shards its begin removed come
+        back in front (where they were), entries committed on top of it stay."""
+        prefix = w.write_id + "/"
+        self.shards = [_copy_json(s) for s in w.removed] + [
+            s for s in self.shards if not stored_name(s).startswith(prefix)]
+        if w.mode == "overwrite" or w.mode == "create":
+            # nobody else committed data on a schema an open write introduced (commit's checks)
+            self.schema = copy.deepcopy(w.prior_schema)
+        w.state, w.removed, w.prior_schema = "fenced", [], None
 
     def copy(self) -> "Snapshot":
         """A copy the caller may change. Shard entries are JSON (dicts, lists, scalars) and are
@@ -213,12 +236,20 @@ class Snapshot:
             return cls(
                 root=root, version=int(state["version"]), commit_id=state["commit_id"],
                 timestamp=state["timestamp"], shards=shards, schema=state["schema"],
-                writes={k: WriteState(**w) for k, w in state["writes"].items()},
+                writes={k: _write_state(w, where) for k, w in state["writes"].items()},
                 txns={k: int(v) for k, v in state["txns"].items()}, fenced=set(state["fenced"]),
                 retained_from=int(state["retained_from"]),
             )
         except (KeyError, TypeError, ValueError, ShardFormatError) as exc:
             raise LogError(f"{where}: damaged checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _write_state(w: dict, where: str) -> WriteState:
+    from sparkbridge.format.index import check_index_entry
+
+    state = WriteState(**w)  # a checkpoint of an older sparkbridge has no removed/prior_schema
+    state.removed = [check_index_entry(e, where=f"{where}, write {state.write_id}") for e in state.removed]
+    return state
 
 
 def _rows(entries: Iterable[dict]) -> int:
@@ -336,11 +367,13 @@ class LogReader:
         """The latest state without copying (callers must not modify it)."""
         return self.refresh()
 
-    def complete_version(self) -> Optional[int]:
+    def complete_version(self, at: Optional[Snapshot] = None) -> Optional[int]:
         """The newest version with no write open (a partitioned write shows only once complete):
         what a loader that does not follow, and ``index.json``, present. None when the first write
-        is still open (or nothing is committed); -1 for a dataset without a log."""
-        latest = self.refresh()
+        is still open (or nothing is committed); -1 for a dataset without a log. ``at``: a state
+        to start from instead of the latest (a vacuum asks about the state its entry would make,
+        and about the oldest version it retains)."""
+        latest = self.refresh() if at is None else at
         if latest.legacy:
             return -1
         if latest.version < 0:
