@@ -24,7 +24,15 @@ from sparkbridge.errors import DatasetNotFoundError, LogError, ManifestError, Sh
 from sparkbridge.format.index import check_index, index_bytes, index_sha256, shard_files, stored_name
 from sparkbridge.format.manifest import MANIFEST_BASENAME, ColumnSpec, Manifest
 from sparkbridge.format.mds import INDEX_BASENAME
-from sparkbridge.log.entry import CHECKPOINT_FORMAT, LogEntry, checkpoint_name, entry_name, parse_log_name
+from sparkbridge.log.entry import (
+    CHECKPOINT_FORMAT,
+    WRITES,
+    LogEntry,
+    Operation,
+    checkpoint_name,
+    entry_name,
+    parse_log_name,
+)
 from sparkbridge.log.layout import LOG_DIR
 from sparkbridge.storage import FileInfo, Storage, open_storage
 
@@ -159,7 +167,7 @@ class Snapshot:
             gone = set(e.remove)
             removed = [s for s in self.shards if stored_name(s) in gone]
             self.shards = [s for s in self.shards if stored_name(s) not in gone]
-        if op == "import":
+        if op is Operation.IMPORT:
             self.shards = list(e.add)
         elif e.add:
             self.shards = self.shards + list(e.add)
@@ -169,26 +177,26 @@ class Snapshot:
             for w in self.writes.values():
                 if w.state == "open" and w.write_id != e.write_id:
                     w.state = "replaced"
-        if op in ("write", "begin"):
-            state = "complete" if op == "write" else "open"
+        if op in WRITES:
+            state = "open" if e.opens else "complete"
             self.writes[e.write_id] = WriteState(e.write_id, e.mode, state, [], _rows(e.add), e.version,
-                                                 e.rows if op == "write" else None,
+                                                 None if e.opens else e.rows,
                                                  removed if state == "open" else [],
                                                  prior_schema if state == "open" else None)
-        elif op == "partition":
+        elif op is Operation.PARTITION:
             w = self.writes.get(e.write_id)
             if w is not None:
                 w.partitions.append(int(e.partition))
                 w.rows += _rows(e.add)
-        elif op == "complete":
+        elif op is Operation.COMPLETE:
             w = self.writes.get(e.write_id)
             if w is not None:
                 w.state, w.expected_rows, w.removed, w.prior_schema = "complete", e.rows, [], None
-        elif op in ("stream", "import"):
+        elif op in (Operation.STREAM, Operation.IMPORT):
             self.writes[e.write_id] = WriteState(e.write_id, "append", "complete", [], _rows(e.add), e.version)
             if e.txn is not None:
                 self.txns[e.txn["app_id"]] = max(self.txns.get(e.txn["app_id"], -1), int(e.txn["batch_id"]))
-        elif op == "vacuum":
+        elif op is Operation.VACUUM:
             self.fenced.update(e.fence)
             for wid in e.fence:
                 if wid in self.writes and self.writes[wid].state == "open":

@@ -34,7 +34,7 @@ from typing import Optional
 from sparkbridge.errors import CommitConflictError, DatasetNotFoundError, LogError, SparkbridgeError
 from sparkbridge.log.commit import Draft, commit
 from sparkbridge.log.derived import sync_derived
-from sparkbridge.log.entry import LogEntry, parse_log_name
+from sparkbridge.log.entry import LogEntry, Operation, parse_log_name
 from sparkbridge.log.layout import LOG_DIR, STAGING, new_write_id, owner
 from sparkbridge.log.snapshot import LogReader
 from sparkbridge.storage import FileInfo, Storage, open_storage
@@ -134,7 +134,7 @@ def plan_vacuum(storage: Storage, *, retention_seconds: float = DEFAULT_RETENTIO
     # 2. the state this vacuum's entry makes: every fenced write rolled back
     after = latest.copy()
     if plan.fence:
-        after.apply(LogEntry(operation="vacuum", write_id="vacuum", read_version=latest.version,
+        after.apply(LogEntry(operation=Operation.VACUUM, write_id="vacuum", read_version=latest.version,
                              version=latest.version + 1, fence=tuple(plan.fence)))
     served_after = reader.complete_version(at=after)
 
@@ -195,7 +195,7 @@ def vacuum(root_or_storage, *, retention_seconds: float = DEFAULT_RETENTION_SECO
         if not plan.delete and not plan.fence and plan.retained_from <= reader.latest().retained_from:
             _sync_derived(storage, reader)
             return plan
-        draft = Draft(operation="vacuum", write_id=new_write_id(), read_version=plan.version,
+        draft = Draft(operation=Operation.VACUUM, write_id=new_write_id(), read_version=plan.version,
                       fence=tuple(plan.fence), retained_from=plan.retained_from,
                       info={"deleted": len(plan.delete), "retention_seconds": retention_seconds})
         try:
