@@ -56,3 +56,42 @@ def test_a_fence_rolls_back_an_overwrite_and_restores_its_schema(st):
     assert vacuum(st, retention_seconds=0).delete == [f"{wid(2)}/p00000-a0/shard.00000.mds"]
     assert os.path.exists(st.local_path(f"{wid(1)}/p00000-a0/shard.00000.mds"))
     assert open_dataset(st.root).rows == 5
+
+
+def test_readme_table_lists_every_conflict_check_in_order(repo_root):
+    from sparkbridge.log.commit import CHECKS
+
+    rows = [line.split("|")[1:3] for line in (repo_root / "README.md").read_text().splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in {c.name for c in CHECKS}]
+    documented = [(name.strip(), where.strip()) for name, where in rows]
+    checked: list[tuple[str, str]] = []
+    for c in CHECKS:  # a name checked against both an entry and the state is one row: "entry, state"
+        if c.name in [n for n, _ in checked]:
+            checked = [(n, f"{w}, {c.against}" if n == c.name else w) for n, w in checked]
+        else:
+            checked.append((c.name, c.against))
+    assert documented == checked
+
+
+def test_no_rows_of_another_write_on_a_schema_an_open_overwrite_introduced(st):
+    from sparkbridge.errors import CommitConflictError
+
+    write(st, 1, "create", -1, rows=5)
+    other = dict(SCHEMA, fingerprint="f2")
+    commit(st, Draft(operation="overwrite", commit="partition", write_id=wid(2), read_version=0, schema=other,
+                     remove=(f"{wid(1)}/p00000-a0/shard.00000.mds",)))
+    with pytest.raises(CommitConflictError, match=f"write {wid(2)} .*set the schema this append would commit on"):
+        write(st, 3, "append", 1, schema=other)
+    assert open_dataset(st.root).rows == 0  # (what a follower sees: the open overwrite has no partition yet)
+
+
+def test_an_append_on_an_open_overwrite_of_the_same_schema_survives_its_rollback(st):
+    write(st, 1, "create", -1, rows=5)
+    commit(st, Draft(operation="overwrite", commit="partition", write_id=wid(2), read_version=0, schema=SCHEMA,
+                     remove=(f"{wid(1)}/p00000-a0/shard.00000.mds",)))
+    write(st, 3, "append", 1, rows=2)  # planned on the open overwrite, same schema: allowed
+    _touch(st, f"{wid(1)}/p00000-a0/shard.00000.mds")
+    _touch(st, f"{wid(3)}/p00000-a0/shard.00000.mds")
+    assert vacuum(st, retention_seconds=0).fence == [wid(2)]
+    snap = open_dataset(st.root)
+    assert (snap.rows, [s["raw_data"]["basename"].split("/")[0] for s in snap.shards]) == (7, [wid(1), wid(3)])
