@@ -24,7 +24,15 @@ from sparkbridge.errors import DatasetNotFoundError, LogError, ManifestError, Sh
 from sparkbridge.format.index import check_index, index_bytes, index_sha256, shard_files, stored_name
 from sparkbridge.format.manifest import MANIFEST_BASENAME, ColumnSpec, Manifest
 from sparkbridge.format.mds import INDEX_BASENAME
-from sparkbridge.log.entry import CHECKPOINT_FORMAT, LogEntry, checkpoint_name, entry_name, parse_log_name
+from sparkbridge.log.entry import (
+    CHECKPOINT_FORMAT,
+    WRITES,
+    LogEntry,
+    Operation,
+    checkpoint_name,
+    entry_name,
+    parse_log_name,
+)
 from sparkbridge.log.layout import LOG_DIR
 from sparkbridge.storage import FileInfo, Storage, open_storage
 
@@ -39,8 +47,12 @@ CHECKPOINT_INTERVAL = 32
 @dataclass
 class WriteState:
     """What the log says about one write: ``open`` (begun, partitions landing), ``complete``,
-    ``fenced`` (a vacuum decided it may never commit again) or ``replaced`` (an overwrite landed
-    while it was open)."""
+    ``fenced`` (a vacuum decided it may never commit again: *rolled back*, as if it had never
+    begun) or ``replaced`` (an overwrite landed while it was open and removed its partitions).
+
+    ``removed`` and ``prior_schema``: the shards an open overwrite's begin removed and the schema
+    before it, kept until it completes so that a fence can put them back (why: a fenced overwrite must never leave the dataset without its old
+    rows); empty otherwise."""
 
     write_id: str
     mode: str
@@ -49,6 +61,8 @@ class WriteState:
     rows: int = 0
     begun_at: int = -1
     expected_rows: Optional[int] = None
+    removed: list[dict] = field(default_factory=list)
+    prior_schema: Optional[dict] = None
 
 
 def _copy_json(value: Any) -> Any:
@@ -147,16 +161,19 @@ class Snapshot:
         if e.version != self.version + 1:
             raise LogError(f"{self.root}: log entry {e.version} applied to version {self.version}")
         op = e.operation
+        removed: list[dict] = []
+        prior_schema = self.schema
         if e.remove:
             gone = set(e.remove)
+            removed = [s for s in self.shards if stored_name(s) in gone]
             self.shards = [s for s in self.shards if stored_name(s) not in gone]
-        if e.add and op != "import":
+        if e.add and op is not Operation.IMPORT:
             present = {stored_name(s) for s in self.shards}
             for s in e.add:
                 if stored_name(s) in present:
                     raise LogError(f"{self.root}/{e.name}: shard {stored_name(s)} is already in the dataset "
                                    f"(version {self.version}); adding it again would read its rows twice")
-        if op == "import":
+        if op is Operation.IMPORT:
             self.shards = list(e.add)
         elif e.add:
             self.shards = self.shards + list(e.add)
@@ -166,31 +183,45 @@ class Snapshot:
             for w in self.writes.values():
                 if w.state == "open" and w.write_id != e.write_id:
                     w.state = "replaced"
-        if op in ("write", "begin"):
-            state = "complete" if op == "write" else "open"
+        if op in WRITES:
+            state = "open" if e.opens else "complete"
             self.writes[e.write_id] = WriteState(e.write_id, e.mode, state, [], _rows(e.add), e.version,
-                                                 e.rows if op == "write" else None)
-        elif op == "partition":
+                                                 None if e.opens else e.rows,
+                                                 removed if state == "open" else [],
+                                                 prior_schema if state == "open" else None)
+        elif op is Operation.PARTITION:
             w = self.writes.get(e.write_id)
             if w is not None:
                 w.partitions.append(int(e.partition))
                 w.rows += _rows(e.add)
-        elif op == "complete":
+        elif op is Operation.COMPLETE:
             w = self.writes.get(e.write_id)
             if w is not None:
-                w.state, w.expected_rows = "complete", e.rows
-        elif op in ("stream", "import"):
+                w.state, w.expected_rows, w.removed, w.prior_schema = "complete", e.rows, [], None
+        elif op in (Operation.STREAM, Operation.IMPORT):
             self.writes[e.write_id] = WriteState(e.write_id, "append", "complete", [], _rows(e.add), e.version)
             if e.txn is not None:
                 self.txns[e.txn["app_id"]] = max(self.txns.get(e.txn["app_id"], -1), int(e.txn["batch_id"]))
-        elif op == "vacuum":
+        elif op is Operation.VACUUM:
             self.fenced.update(e.fence)
             for wid in e.fence:
                 if wid in self.writes and self.writes[wid].state == "open":
-                    self.writes[wid].state = "fenced"
+                    self._roll_back(self.writes[wid])
             if e.retained_from is not None:
                 self.retained_from = max(self.retained_from, e.retained_from)
         self.version, self.commit_id, self.timestamp = e.version, e.commit_id, e.timestamp
+
+    def _roll_back(self, w: WriteState) -> None:
+        """A fenced open write is undone: its partitions leave the shard list (a write's shards
+        live under its own id, :mod:`sparkbridge.log.layout`), the shards its begin removed come
+        back in front (where they were), entries committed on top of it stay."""
+        prefix = w.write_id + "/"
+        self.shards = [_copy_json(s) for s in w.removed] + [
+            s for s in self.shards if not stored_name(s).startswith(prefix)]
+        if w.mode == "overwrite" or w.mode == "create":
+            # nobody else committed data on a schema an open write introduced (commit's checks)
+            self.schema = copy.deepcopy(w.prior_schema)
+        w.state, w.removed, w.prior_schema = "fenced", [], None
 
     def copy(self) -> "Snapshot":
         """A copy the caller may change. Shard entries are JSON (dicts, lists, scalars) and are
@@ -219,12 +250,20 @@ class Snapshot:
             return cls(
                 root=root, version=int(state["version"]), commit_id=state["commit_id"],
                 timestamp=state["timestamp"], shards=shards, schema=state["schema"],
-                writes={k: WriteState(**w) for k, w in state["writes"].items()},
+                writes={k: _write_state(w, where) for k, w in state["writes"].items()},
                 txns={k: int(v) for k, v in state["txns"].items()}, fenced=set(state["fenced"]),
                 retained_from=int(state["retained_from"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError, ShardFormatError) as exc:
             raise LogError(f"{where}: damaged checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _write_state(w: dict, where: str) -> WriteState:
+    from sparkbridge.format.index import check_index_entry
+
+    state = WriteState(**w)  # a checkpoint of an older sparkbridge has no removed/prior_schema
+    state.removed = [check_index_entry(e, where=f"{where}, write {state.write_id}") for e in state.removed]
+    return state
 
 
 def _rows(entries: Iterable[dict]) -> int:
@@ -364,11 +403,13 @@ class LogReader:
         """The latest state without copying (callers must not modify it)."""
         return self.refresh()
 
-    def complete_version(self) -> Optional[int]:
+    def complete_version(self, at: Optional[Snapshot] = None) -> Optional[int]:
         """The newest version with no write open (a partitioned write shows only once complete):
         what a loader that does not follow, and ``index.json``, present. None when the first write
-        is still open (or nothing is committed); -1 for a dataset without a log."""
-        latest = self.refresh()
+        is still open (or nothing is committed); -1 for a dataset without a log. ``at``: a state
+        to start from instead of the latest (a vacuum asks about the state its entry would make,
+        and about the oldest version it retains)."""
+        latest = self.refresh() if at is None else at
         if latest.legacy:
             return -1
         if latest.version < 0:

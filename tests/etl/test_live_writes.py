@@ -42,7 +42,7 @@ def test_partition_commits_each_partition_once_even_when_a_task_fails_after_its_
     faults("etl.partition.after_log.p2.a0=raise")  # partition 2's first attempt dies after its commit landed
     result = etl.write_mds(_frame(spark, 0, 1000, 5), out, commit="partition")
     assert (result.rows, result.partitions) == (1000, 5)
-    assert log_versions(out) == ["begin (create)"] + ["partition"] * 5 + ["complete"]
+    assert log_versions(out) == ["create (per partition)"] + ["partition"] * 5 + ["complete"]
     snap = open_dataset(out)
     assert sorted(snap.writes[result.job_id].partitions) == [0, 1, 2, 3, 4] and snap.writes[result.job_id].state == "complete"
     assert sorted(stock_ids(out)) == list(range(1000))  # index.json written at the end

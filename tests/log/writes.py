@@ -40,10 +40,8 @@ ID_SCHEMA = schema_record(columns=_SPECS, nulls="error", compression=None, hashe
 class Write:
     """One write in progress, step by step (what ``write_mds`` does between its lines)."""
 
-    def __init__(self, storage, mode: str, *, commit: str = "job", resume: bool = False,
-                 write_id: Optional[str] = None) -> None:
-        kwargs = {} if write_id is None else {"write_id": write_id}
-        self.job = WriteJob(storage, mode, resume=resume, **kwargs)
+    def __init__(self, storage, mode: str, *, commit: str = "job", resume=False) -> None:
+        self.job = WriteJob(storage, mode, resume=resume)
         self.commit = commit
         self.tasks: list[dict] = []
         if commit == "partition":
