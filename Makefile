@@ -58,8 +58,9 @@ test: compile java
 # the dataset log against its reference model, long: MODEL_EXAMPLES interleavings (default 10,000),
 # roots on tmpfs when there is one (tests/log/test_log_model.py)
 MODEL_EXAMPLES ?= 10000
+MODEL_PROGRESS ?=
 model-test: compile
-	TMPDIR=$$( [ -d /dev/shm ] && echo /dev/shm || echo $${TMPDIR:-/tmp} ) SPARKBRIDGE_MODEL_EXAMPLES=$(MODEL_EXAMPLES) \
+	TMPDIR=$$( [ -d /dev/shm ] && echo /dev/shm || echo $${TMPDIR:-/tmp} ) SPARKBRIDGE_MODEL_EXAMPLES=$(MODEL_EXAMPLES) SPARKBRIDGE_MODEL_PROGRESS=$(MODEL_PROGRESS) \
 		$(PY) -m pytest tests/log/test_log_model.py -k "not s3" -p no:cacheprovider -q
 
 bench: compile java

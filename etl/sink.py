@@ -8,8 +8,12 @@ Why a log entry per micro-batch with the query id and batch id (as Delta's ``txn
 ``txnVersion``): after a crash Spark replays the last micro-batch from its checkpoint with the
 same batch id; the sink finds that id already committed for this query and skips it, so no row
 is added twice, and a batch that never committed is written again, so none is lost. The query id
-is Spark's own (stable across restarts from the same checkpoint); pass ``app_id`` to name the
-stream yourself (required if the checkpoint location may change). A ``StreamingLoader(...,
+is Spark's own (stable across restarts from the same checkpoint, and kept when a checkpoint is
+moved with its files); pass ``app_id`` to name the stream yourself. A stream is its ``app_id``
+*and* its checkpoint: each batch records the query id, and a batch of a query started from a fresh
+checkpoint under an ``app_id`` another checkpoint committed is refused (CommitConflictError) —
+its batch ids restart at 0 and would otherwise be skipped as already committed. Give such a
+stream a new ``app_id``. A ``StreamingLoader(...,
 follow=True)`` on the dataset trains on micro-batches as they land.
 """
 
@@ -45,15 +49,27 @@ def mds_sink(out: str, *, app_id: Optional[str] = None, on_batch: Optional[Calla
     def sink(batch_df: Any, batch_id: int) -> None:
         from sparkbridge.etl.writer import write_mds
 
-        stream = app_id or batch_df.sparkSession.sparkContext.getLocalProperty("sql.streaming.queryId")
+        query_id = _query_id(batch_df)
+        stream = app_id or query_id
         if not stream:
             raise UsageError("mds_sink could not find the streaming query id (is it running inside foreachBatch?); "
                              "pass app_id='<a stable name for this stream>'")
-        result = write_mds(batch_df, out, mode="append", _txn={"app_id": stream, "batch_id": int(batch_id)},
-                           **options)
+        txn = {"app_id": stream, "batch_id": int(batch_id)}
+        if query_id:  # the checkpoint's identity: a reused app_id with a fresh checkpoint is refused
+            txn["query_id"] = query_id
+        result = write_mds(batch_df, out, mode="append", _txn=txn, **options)
         log.info("stream %s batch %d → %s: %s", stream, batch_id, out,
                  "already committed, skipped" if result.skipped else f"{result.rows} rows (version {result.version})")
         if on_batch is not None:
             on_batch(result)
 
     return sink
+
+
+def _query_id(batch_df: Any) -> Optional[str]:
+    """Spark's query id for this micro-batch (kept in the checkpoint: stable across restarts and
+    moves of the checkpoint, new for a fresh one); None where the session cannot tell (Connect)."""
+    try:
+        return batch_df.sparkSession.sparkContext.getLocalProperty("sql.streaming.queryId") or None
+    except Exception:  # a Spark Connect session has no sparkContext
+        return None

@@ -181,6 +181,12 @@ def write_mds(
     storage = open_storage(out)
     plans = plan_columns(df.schema, columns=columns, nulls=nulls, decimals=decimals)
     job = WriteJob(storage, mode, resume=resume)  # reads the latest version and applies the mode
+    if _txn is not None:  # a batch of another checkpoint under this app_id: refused before "already committed"
+        from sparkbridge.log.commit import stream_mismatch
+
+        mismatch = stream_mismatch(_txn, job.base.txn_queries.get(_txn["app_id"]), storage.root)
+        if mismatch:
+            raise CommitConflictError(mismatch)
     if _txn is not None and job.base.txns.get(_txn["app_id"], -1) >= _txn["batch_id"]:
         log.info("%s: batch %d of stream %s is already committed (a replay after a restart): skipped",
                  storage.root, _txn["batch_id"], _txn["app_id"])

@@ -151,6 +151,37 @@ def _write_completed(d: Draft, e: LogEntry, root: str) -> Verdict:
     return None
 
 
+def stream_mismatch(txn: Optional[dict], recorded_query: Optional[str], root: str) -> Optional[str]:
+    """Why a stream batch must be refused, or None. A stream is its ``app_id`` *and* its
+    checkpoint: Spark keeps the query id in the checkpoint, so a restart (or a checkpoint moved
+    with its files) keeps it, while a fresh checkpoint gets a new one and restarts batch ids at 0.
+    Batches of that new query under a reused ``app_id`` would look committed and be skipped: rows
+    lost without a word (issue 22 item 7). Entries without a query id (written before it was
+    recorded, or by a Spark Connect client that cannot read it) are not compared."""
+    if txn is None or not txn.get("query_id") or not recorded_query or recorded_query == txn["query_id"]:
+        return None
+    return (f"{root}: stream app_id {txn['app_id']!r} was committed by another checkpoint (query {recorded_query}); "
+            f"this query ({txn['query_id']}, batch {txn['batch_id']}) started from another checkpoint, so its batch "
+            "ids would be taken for ones already committed and its rows skipped. Nothing was committed: give this "
+            "stream a new app_id, or restart it from its own checkpoint")
+
+
+def _stream_identity(d: Draft, e: LogEntry, root: str) -> Verdict:
+    if d.txn is not None and e.txn is not None and e.txn.get("app_id") == d.txn["app_id"]:
+        message = stream_mismatch(d.txn, e.txn.get("query_id"), root)
+        if message:
+            raise CommitConflictError(message)
+    return None
+
+
+def _state_stream_identity(d: Draft, latest: Snapshot) -> Verdict:
+    if d.txn is not None:
+        message = stream_mismatch(d.txn, latest.txn_queries.get(d.txn["app_id"]), latest.root)
+        if message:
+            raise CommitConflictError(message)
+    return None
+
+
 def _batch_committed(d: Draft, e: LogEntry, root: str) -> Verdict:
     if d.txn is not None and e.txn is not None and e.txn.get("app_id") == d.txn["app_id"] \
             and int(e.txn["batch_id"]) >= int(d.txn["batch_id"]):
@@ -233,10 +264,14 @@ CHECKS: tuple[Check, ...] = (
     Check("partition-claimed", "entry", "the same partition of the same write: superseded", _partition_claimed),
     Check("write-completed", "entry", "a partition or complete after this write's complete: superseded",
           _write_completed),
+    Check("stream-identity", "entry", "a stream batch of the same app_id from another checkpoint: refused",
+          _stream_identity),
     Check("batch-committed", "entry", "a stream batch at or below a committed one: superseded", _batch_committed),
     Check("fenced", "state", "the write is fenced: refused", _state_fenced),
     Check("write-open", "state", "a partition or complete needs its write begun and open (complete: superseded)",
           _state_write_open),
+    Check("stream-identity", "state", "a stream batch of the same app_id from another checkpoint: refused",
+          _state_stream_identity),
     Check("batch-committed", "state", "the stream batch is committed: superseded", _state_batch_committed),
     Check("schema-matches", "state", "an append or stream needs the dataset's schema: SchemaMismatchError",
           _state_schema_matches),

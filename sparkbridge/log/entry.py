@@ -321,6 +321,8 @@ class LogEntry:
         if txn is not None and (not isinstance(txn, dict) or not isinstance(txn.get("app_id"), str)
                                 or not isinstance(txn.get("batch_id"), int)):
             raise LogError(f"{where}: txn must be {{'app_id': str, 'batch_id': int}}, got {txn!r}")
+        if txn is not None and txn.get("query_id") is not None and not isinstance(txn["query_id"], str):
+            raise LogError(f"{where}: txn.query_id must be a string (the Spark query id), got {txn['query_id']!r}")
         if operation == "partition" and obj.get("partition") is None:
             raise LogError(f"{where}: a partition entry needs a partition number")
         info = obj.get("info") or {}

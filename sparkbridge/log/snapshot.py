@@ -85,6 +85,8 @@ class Snapshot:
     schema: Optional[dict] = None
     writes: dict[str, WriteState] = field(default_factory=dict)
     txns: dict[str, int] = field(default_factory=dict)
+    #: app_id -> the Spark query id (checkpoint identity) of its latest committed batch
+    txn_queries: dict[str, str] = field(default_factory=dict)
     fenced: set[str] = field(default_factory=set)
     retained_from: int = 0
     legacy_sha256: Optional[str] = None  # set when read from index.json alone (no log)
@@ -202,6 +204,8 @@ class Snapshot:
             self.writes[e.write_id] = WriteState(e.write_id, "append", "complete", [], _rows(e.add), e.version)
             if e.txn is not None:
                 self.txns[e.txn["app_id"]] = max(self.txns.get(e.txn["app_id"], -1), int(e.txn["batch_id"]))
+                if e.txn.get("query_id"):
+                    self.txn_queries[e.txn["app_id"]] = e.txn["query_id"]
         elif op is Operation.VACUUM:
             self.fenced.update(e.fence)
             for wid in e.fence:
@@ -229,7 +233,7 @@ class Snapshot:
         return Snapshot(
             root=self.root, version=self.version, commit_id=self.commit_id, timestamp=self.timestamp,
             shards=[_copy_json(e) for e in self.shards], schema=copy.deepcopy(self.schema),
-            writes={k: copy.deepcopy(w) for k, w in self.writes.items()}, txns=dict(self.txns),
+            writes={k: copy.deepcopy(w) for k, w in self.writes.items()}, txns=dict(self.txns), txn_queries=dict(self.txn_queries),
             fenced=set(self.fenced), retained_from=self.retained_from, legacy_sha256=self.legacy_sha256,
             legacy_manifest=copy.deepcopy(self.legacy_manifest))
 
@@ -237,7 +241,7 @@ class Snapshot:
         return {
             "version": self.version, "commit_id": self.commit_id, "timestamp": self.timestamp,
             "shards": self.shards, "schema": self.schema,
-            "writes": {k: vars(w) for k, w in self.writes.items()}, "txns": self.txns,
+            "writes": {k: vars(w) for k, w in self.writes.items()}, "txns": self.txns, "txn_queries": self.txn_queries,
             "fenced": sorted(self.fenced), "retained_from": self.retained_from,
         }
 
@@ -251,7 +255,8 @@ class Snapshot:
                 root=root, version=int(state["version"]), commit_id=state["commit_id"],
                 timestamp=state["timestamp"], shards=shards, schema=state["schema"],
                 writes={k: _write_state(w, where) for k, w in state["writes"].items()},
-                txns={k: int(v) for k, v in state["txns"].items()}, fenced=set(state["fenced"]),
+                txns={k: int(v) for k, v in state["txns"].items()},
+                txn_queries={k: str(v) for k, v in state.get("txn_queries", {}).items()}, fenced=set(state["fenced"]),
                 retained_from=int(state["retained_from"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError, ShardFormatError) as exc:

@@ -120,6 +120,10 @@ class LogModel(RuleBasedStateMachine):
         for d in self.live:
             d.write.crash()
         self._cleanup()
+        progress = os.environ.get("SPARKBRIDGE_MODEL_PROGRESS")
+        if progress:  # one line per interleaving run (a long run's count survives a timeout)
+            with open(progress, "a") as f:
+                f.write(f"{len(self.versions)}\n")
 
     # ------------------------------------------------------------------ the model
 
