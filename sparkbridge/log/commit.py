@@ -312,7 +312,15 @@ def commit(storage: Storage, draft: Draft, *, reader: Optional[LogReader] = None
         if storage.put_if_absent(entry_name(version), entry.to_bytes()):
             _faults.point("log.commit.after_put")
             logger.debug("committed %s to %s", entry.describe(), storage.root)
-            reader.refresh()
+            try:
+                reader.refresh()
+            except Exception as exc:
+                # the entry landed: this write IS committed. Reporting a transient read error as a
+                # failure would make the caller rerun it and add its rows twice (issue 22 item 12)
+                logger.warning("committed %s to %s, but re-reading the log failed (%s: %s); the reader "
+                               "starts over on its next use", entry.describe(), storage.root, type(exc).__name__, exc)
+                reader.forget()
+                return entry
             # whoever commits a version on the interval checkpoints it (tasks of a partitioned write
             # too): a replay then never reads more than CHECKPOINT_INTERVAL entries
             write_checkpoint(storage, reader, version)

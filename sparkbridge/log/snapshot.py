@@ -434,6 +434,12 @@ class LogReader:
         latest = self.refresh()
         return self._read_many(list(range(version + 1, latest.version + 1)))
 
+    def forget(self) -> None:
+        """Drop what this reader knows: the next call reads the store from scratch (after an
+        error left it unsure what it has applied)."""
+        self._latest, self._last_name = None, None
+        self._entries.clear()
+
     def refresh(self) -> Snapshot:
         if self._latest is None:
             self._latest = self._initial()

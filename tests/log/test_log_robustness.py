@@ -235,3 +235,55 @@ def test_two_applications_resuming_one_write_on_s3_keep_the_winners_shard(s3_buc
 
     report = validate_dataset(st.root, progress=False)
     assert report.ok, report.problems
+
+
+# ----------------------------------------------------------------------------- item 12
+
+
+class _ListingFailsAfterCommit(type(open_storage("/tmp"))):
+    """A local root whose listing fails once right after a log entry landed (a transient error of
+    the store while the writer re-reads the log)."""
+
+    armed = False
+
+    def put_if_absent(self, rel, data):
+        landed = super().put_if_absent(rel, data)
+        if landed and rel.startswith("_log/"):
+            type(self).armed = True
+        return landed
+
+    def list_info(self, prefix="", *, start_after=None):
+        if type(self).armed:
+            type(self).armed = False
+            raise ConnectionError("transient: the store did not answer")
+        return super().list_info(prefix, start_after=start_after)
+
+
+def test_a_transient_error_after_the_entry_landed_is_not_a_failed_write(tmp_path):
+    st = _ListingFailsAfterCommit(str(tmp_path / "ds"))
+    write_ids(open_storage(st.root), "error", [[1, 2]])
+    entry = write_ids(st, "append", [[3, 4]])  # the re-read after the put fails once
+    assert entry.version == 1
+    snap = open_dataset(st.root)
+    assert (snap.version, read_ids(st, snap)) == (1, [1, 2, 3, 4])  # committed once, reported committed
+
+
+def test_without_hard_links_an_entry_appears_whole_and_only_once(st, monkeypatch):
+    """A file system without link() (some FUSE mounts): the entry is renamed into place without
+    replacing (renameat2), so no reader ever sees it half-written, and a second writer loses."""
+    import errno as _errno
+
+    def no_links(src, dst, *a, **k):
+        raise OSError(_errno.EPERM, "Operation not permitted")
+
+    def excl_is_the_last_resort(*a, **k):
+        raise AssertionError("O_EXCL create used although rename-without-replace works here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(type(st), "_create_exclusive", excl_is_the_last_resort)
+    write_ids(st, "error", [[1, 2]])
+    write_ids(st, "append", [[3]])
+    assert st.put_if_absent(entry_name(1), b"{}") is False  # taken: not replaced
+    snap = open_dataset(st.root)
+    assert (snap.version, read_ids(st, snap)) == (1, [1, 2, 3])
+    assert not [n for n in os.listdir(st.local_path("_log")) if n.endswith(".tmp")]
