@@ -19,7 +19,7 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install compile java bench lint clean cluster-demo
+.PHONY: model-test demo test install compile java bench lint clean cluster-demo
 
 install: $(STAMP)
 
@@ -54,6 +54,14 @@ demo: compile java
 
 test: compile java
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the dataset log against its reference model, long: MODEL_EXAMPLES interleavings (default 10,000),
+# roots on tmpfs when there is one (tests/log/test_log_model.py)
+MODEL_EXAMPLES ?= 10000
+MODEL_PROGRESS ?=
+model-test: compile
+	TMPDIR=$$( [ -d /dev/shm ] && echo /dev/shm || echo $${TMPDIR:-/tmp} ) SPARKBRIDGE_MODEL_EXAMPLES=$(MODEL_EXAMPLES) SPARKBRIDGE_MODEL_PROGRESS=$(MODEL_PROGRESS) \
+		$(PY) -m pytest tests/log/test_log_model.py -k "not s3" -p no:cacheprovider -q
 
 bench: compile java
 	$(VENV)/bin/sparkbridge bench all

@@ -57,6 +57,8 @@ class TaskConfig:
     #: its own (see :mod:`sparkbridge.etl.partition`) on top of ``read_version`` (the begin entry)
     commit: str = "job"
     read_version: int = -1
+    #: the driver run (:func:`sparkbridge.log.layout.new_run_id`): part of every attempt folder name
+    run: str = ""
 
     def config(self) -> dict[str, Any]:
         return shard_config(
@@ -239,7 +241,7 @@ class _ShardCutter:
 def run_task(cfg: TaskConfig, batches: Iterator[Any], *, partition: int, task_attempt_id: int,
              attempt_number: int) -> dict[str, Any]:
     """Write one partition; returns the manifest row (attempt folder, index entries, counts)."""
-    attempt = attempt_name(partition, task_attempt_id)
+    attempt = attempt_name(partition, task_attempt_id, cfg.run)
     phases = Phases()  # opt-in timing of the phases below (etl.phases)
     sink = _ShardSink(cfg, _Target(cfg, attempt), phases)
     cutter = _ShardCutter(sink, cfg.shard_size)

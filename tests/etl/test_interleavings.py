@@ -55,7 +55,7 @@ def test_three_spark_applications_append_at_once(spark, tmp_path):
     loader = StreamingLoader(out, batch_size=128)
     assert sorted(int(i) for b in loader for i in b["id"]) == expected
     loader.close()
-    assert log_versions(out).count("write (append)") == 3 and leftovers(out) == []
+    assert log_versions(out).count("append") == 3 and leftovers(out) == []
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])

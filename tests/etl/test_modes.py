@@ -60,7 +60,7 @@ def test_error_mode_and_append(any_spark, tmp_path):
     assert manifest.rows == 250 and manifest.shards == first.shards + second.shards
     jobs = {name for name in os.listdir(out) if is_write_id(name)}
     assert jobs == {first.job_id, second.job_id}
-    assert leftovers(out) == [] and log_versions(out) == ["write (create)", "write (append)"]
+    assert leftovers(out) == [] and log_versions(out) == ["create", "append"]
 
 
 def test_append_with_a_different_schema_lists_the_differences(any_spark, tmp_path):
@@ -105,8 +105,8 @@ def test_overwrite_keeps_old_shards_for_a_reader_mid_epoch(any_spark, tmp_path):
     top = {name for name in os.listdir(out) if is_write_id(name)}
     assert top == {v3.job_id, v4.job_id}
     assert sorted(stock_ids(out)) == list(range(3000, 3010))
-    assert log_versions(out) == ["write (create)", "write (overwrite)", "write (overwrite)", "vacuum",
-                                 "write (overwrite)"]
+    assert log_versions(out) == ["create", "overwrite", "overwrite", "vacuum",
+                                 "overwrite"]
     assert leftovers(out) == []
 
 
@@ -171,7 +171,7 @@ def test_concurrent_appends_both_commit(spark, tmp_path):
     reader = LogReader(open_storage(out))
     assert [reader.read_entry(v).read_version for v in (1, 2)] == [0, 0]
     assert sorted(stock_ids(out)) == list(range(10)) + list(range(100, 500)) + list(range(1000, 1020))
-    assert log_versions(out) == ["write (create)", "write (append)", "write (append)"]
+    assert log_versions(out) == ["create", "append", "append"]
     assert leftovers(out) == []
 
 
@@ -185,7 +185,7 @@ def test_append_landing_during_an_overwrite_fails_the_overwrite(spark, tmp_path)
     _open_gate(gate)
     thread.join(timeout=120)
     assert isinstance(result.get("error"), CommitConflictError), result
-    assert "version 1: write (append)" in str(result["error"]) and "rerun the overwrite" in str(result["error"])
+    assert "version 1: append by" in str(result["error"]) and "rerun the overwrite" in str(result["error"])
     assert sorted(stock_ids(out)) == list(range(10)) + list(range(1000, 1020))  # nothing lost, nothing half-done
     assert not os.path.exists(os.path.join(out, write_id)) and leftovers(out) == []
 
