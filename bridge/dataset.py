@@ -13,8 +13,6 @@ computes the same partition without cross-process barriers at iteration time.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -109,6 +107,7 @@ class BatchDataset(mosaic.StreamingDataset):
                 self.table = ShardTable(snapshot.shards, cache_root=cache_root, origin_root=origin,
                                         where=f"{source}, version {snapshot.version}")
                 check_hash_names(self.table, validate_hash, str(source))
+            self.table.check_declared_sizes(int(decoded_cache_bytes or DEFAULT_DECODED_CACHE))
             firsts = [int(np.argmax(self.table.layout_index == k)) for k in range(len(self.table.layouts))]
             self.plan = BatchPlan(self.table.layouts, shard_names=[self.table.name(i) for i in firsts],
                                   manifest=self.manifest, columns=columns, features=features, label=label)
@@ -203,6 +202,8 @@ class BatchDataset(mosaic.StreamingDataset):
         if self._reader is not None:
             self._reader.drop()
         self._reader = None
+        if self._resident is not None:
+            self._resident.close()
         self._resident = None
 
     # ------------------------------------------------------------------ order
@@ -248,10 +249,9 @@ class BatchDataset(mosaic.StreamingDataset):
 
 
 def _load_libc() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None)
-    except OSError:  # pragma: no cover
-        return None
+    from sparkbridge.bridge.mapped import load_libc
+
+    return load_libc()
 
 
 _LIBC = _load_libc()

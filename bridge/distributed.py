@@ -85,9 +85,30 @@ def _mapped_shm_names() -> Optional[set[str]]:
     return names
 
 
+#: The inode of the initial PID namespace (the kernel's PROC_PID_INIT_INO).
+_INIT_PID_NS_INODE = 0xEFFFFFFC
+
+
+def _sees_every_process() -> bool:
+    """Whether /proc shows every process of this host: not in a PID namespace of our own (a
+    container). Why: a container may share the host's /dev/shm (``--ipc=host``) while its /proc
+    shows only its own processes; a segment mapped by a job outside would look stale, and
+    unlinking it breaks that live job (a rank joining later finds no segment)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino == _INIT_PID_NS_INODE
+    except OSError:
+        return False
+
+
 def stale_shared_memory() -> list[str]:
-    """Names of Mosaic segments in /dev/shm owned by us that no live process maps."""
+    """Names of Mosaic segments in /dev/shm owned by us that no live process maps; none when
+    this process cannot see every process that may map them (:func:`_sees_every_process`)."""
     if not os.path.isdir(_SHM_DIR):
+        return []
+    if not _sees_every_process():
+        logger.info("this process has a PID namespace of its own (a container): processes outside it may map "
+                    "Mosaic's shared memory unseen, so none is removed as stale (when no job runs on this host, "
+                    "remove /dev/shm/NNNNNN_* segments by hand)")
         return []
     uid = os.getuid()
     ours = []

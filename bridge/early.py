@@ -59,6 +59,7 @@ def start_early_fill(snapshot: Snapshot, *, remote: Optional[str], local: Option
     budget = int(decoded_cache_bytes or DEFAULT_DECODED_CACHE)
     if not fits(table, budget):
         return None
+    table.check_declared_sizes(budget)
     check_hash_names(table, validate_hash, str(source))
     reader = ShardReader(dataset=None, table=table, validate_hash=validate_hash, remote=remote, source=str(source),
                          cache_limit=None, budget=budget, resident=ResidentRows.for_table(table))

@@ -20,6 +20,7 @@ a gather sees it; a mapped file is hashed once per process while it stays the sa
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Mapping, Optional, Union
 
@@ -31,6 +32,7 @@ from sparkbridge.bridge.mapped import map_file
 from sparkbridge.bridge.resident import LOADED, LOADING, ResidentRows
 from sparkbridge.bridge.shards import ShardTable
 from sparkbridge.bridge.smallshard import SmallShards
+from sparkbridge.errors import CorruptShardError
 from sparkbridge.format.check import ShardReport, check_shard
 
 __all__ = ["ShardReader", "check_hash_names", "pick_hash"]
@@ -155,6 +157,12 @@ class ShardReader:
                 for where, path in t.zip_candidates(i, labeled=True):
                     try:
                         with open(path, "rb") as f:
+                            size = os.fstat(f.fileno()).st_size
+                            if size != int(t.zip_bytes[i]):  # before reading it: a claim, not a fact
+                                raise CorruptShardError(
+                                    f"shard {t.name(i)!r}: zip_data.bytes={int(t.zip_bytes[i])} but the file {path} "
+                                    f"has {size} bytes: the file is truncated or corrupt (or was replaced since the "
+                                    "loader was built): rewrite the dataset, or delete the cached copy")
                             zipped = f.read()
                     except FileNotFoundError:
                         continue

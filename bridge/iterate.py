@@ -127,8 +127,11 @@ def _shard_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedBatc
     window = int(ds.predownload or 0)
     shape: Optional[PassShape] = None
     spill = in_worker() and ds.spill_for_workers  # workers share a mapped file, not a copy each
-    if int(table.raw_bytes.sum()) > budget:
-        shape = analyze_pass(ids, table.ends, table.raw_bytes, batch_size=B, window=window)
+    # what a shard decoded in memory costs against the budget: its bytes and its int64 offsets
+    # (counting the bytes only, a small budget kept evicting and reloading shards: 7,821 loads a pass)
+    cost = table.raw_bytes + table.offset_bytes
+    if int(cost.sum()) > budget:
+        shape = analyze_pass(ids, table.ends, cost, batch_size=B, window=window)
         if shape.max_live_bytes > budget and not spill:
             spill = True
             logger.info("%s: this pass needs %d MB of decoded shards at once, more than decoded_cache_bytes=%d MB: "
@@ -141,7 +144,7 @@ def _shard_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedBatc
             plan_order = lambda: (order, first)  # noqa: E731
         else:
             def plan_order() -> tuple[np.ndarray, np.ndarray]:
-                s = analyze_pass(ids, table.ends, table.raw_bytes, batch_size=B, window=window)
+                s = analyze_pass(ids, table.ends, cost, batch_size=B, window=window)
                 return s.order, s.first
         ahead = ReadAhead(plan_order, lambda s: reader.decoded(s, spill=spill), window=window,
                           skip=lambda s: s in cache)

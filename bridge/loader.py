@@ -29,7 +29,7 @@ import numpy as np
 from sparkbridge.bridge.device import outputs_to_device, resolve_device, to_batches
 from sparkbridge.bridge.orders import OrderProcess, OrderProcessDied
 from sparkbridge.bridge.passes import PassBoard
-from sparkbridge.bridge.source import Source, mark_cache, open_version, resolve_source
+from sparkbridge.bridge.source import Source, claim_cache, mark_cache, open_version, resolve_source
 from sparkbridge.bridge.state import LoaderState, StateError
 from sparkbridge.bridge.transform import TransformStage, apply_inline
 
@@ -39,6 +39,23 @@ logger = logging.getLogger(__name__)
 
 _SHUFFLE_ALGOS = ("py1br", "py1e", "py1s", "py2s", "naive")  # streaming.base.shuffle.algos
 _MAX_SLOT_BYTES = 512 << 20
+
+
+def without_repeats(work: np.ndarray) -> np.ndarray:
+    """``work`` (nodes, ranks, workers, batches, batch; -1 for padding) with every repeat of a
+    sample id replaced by -1, the first occurrence in that layout kept. Why: Mosaic repeats up to
+    ``world_size - 1`` samples so every rank gets as many batches; an evaluation summed over
+    ranks would count those twice. Every rank computes the same ``work``, so every rank keeps the
+    same occurrence and the ranks together read each row exactly once."""
+    flat = work.reshape(-1)
+    valid = np.flatnonzero(flat >= 0)
+    _, first = np.unique(flat[valid], return_index=True)
+    if first.size == valid.size:
+        return work
+    out = np.full_like(flat, -1)
+    keep = valid[first]
+    out[keep] = flat[keep]
+    return out.reshape(work.shape)
 
 
 class StreamingLoader:
@@ -52,6 +69,9 @@ class StreamingLoader:
       divide by the world size Mosaic repeats up to ``world_size - 1`` samples so that every rank
       gets as many samples, and batches, as the others (a DDP step never waits for a rank that has
       run out). ``drop_last=True`` drops each rank's final partial batch; otherwise it is smaller.
+      ``pad_ranks=False`` drops those repeats instead (every row once over all ranks, for
+      evaluation: a rank may then take one batch fewer, so no per-batch collective, and no
+      ``state_dict``).
     * Transform: ``transform=fn`` receives each batch as above and its result is what the loop
       gets (tensors in it go to ``device``). It runs in ``transform_workers`` forked processes
       (default ``num_workers``; 0 runs it in this process), results in the loader's order, so order,
@@ -90,6 +110,7 @@ class StreamingLoader:
         label: Optional[str] = None,
         device: Any = None,
         drop_last: bool = False,
+        pad_ranks: bool = True,
         num_workers: int = 0,
         shuffle_algo: str = "py1e",
         shuffle_block_size: Optional[int] = None,
@@ -144,7 +165,7 @@ class StreamingLoader:
             self._transform_stage.start()
         self.source = resolve_source(remote_or_local, local, must_exist=not follow)
         if self.source.remote is not None and self.source.local is not None:
-            mark_cache(self.source.local, self.source.remote)
+            mark_cache(self.source.local, self.source.remote)  # claimed for one version in _build_dataset
         # stale Mosaic segments are removed before the first dataset allocates its own (_build_dataset)
         self._clean_stale_shm = bool(clean_stale_shm)
         device = resolve_device(device)  # before Mosaic allocates shared memory: fail cheaply
@@ -174,6 +195,7 @@ class StreamingLoader:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.drop_last = bool(drop_last)
+        self.pad_ranks = bool(pad_ranks)
         self.prefetch = prefetch
         self.device = device
         is_cuda = self.device is not None and self.device.type == "cuda"
@@ -304,6 +326,8 @@ class StreamingLoader:
 
         snapshot = open_version(self.source, version, download_timeout=self._dataset_options["download_timeout"])
         logger.debug("%s: reading version %s (%s)", self.source.name, snapshot.version, snapshot.identity)
+        if self.source.remote is not None and self.source.local is not None:
+            claim_cache(self.source.local, self.source.remote, snapshot)
         options = dict(self._dataset_options)
         origin = self._origin(self.source)
         if origin is not None and self.source.remote is None:
@@ -407,6 +431,8 @@ class StreamingLoader:
             ids = mosaic.get_partitions(ds.partition_algo, ds.epoch_size, ds.num_canonical_nodes, world.num_nodes,
                                  world.ranks_per_node, world.workers_per_rank, self.batch_size, 0,
                                  ds.initial_physical_nodes)
+            if not self.pad_ranks:
+                ids = without_repeats(ids)
             self._len = self._count_batches(ids)
         return self._len
 
@@ -506,6 +532,8 @@ class StreamingLoader:
             # shards x 100 rows, first batch 0.36 -> 0.22 s after build (the order takes ~0.16 s there)
             self.dataset.fill_until(order.done)
         work = order.result()
+        if not self.pad_ranks:
+            work = without_repeats(work)
         with self._lock:
             self._futures.pop((epoch, start, max(1, self.num_workers)), None)
         self._board.set(epoch, start, max(1, self.num_workers), work)
@@ -636,6 +664,9 @@ class StreamingLoader:
         training step on the last batch). The same on every rank."""
         if self._following():
             return self._follow_state()
+        if not self.pad_ranks:
+            raise StateError("a loader with pad_ranks=False (each row once, for evaluation) has no resumable "
+                             "state: its ranks take different numbers of batches")
         epoch, sample = self._epoch, self._start
         if self._active:
             if self._consumed >= self._pass_batches:

@@ -25,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["map_file", "FileIdentity"]
+__all__ = ["map_file", "FileIdentity", "load_libc"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,21 @@ _MAP_POPULATE = 0x8000 if sys.platform.startswith("linux") else 0  # pre-fault r
 FileIdentity = tuple  # (st_dev, st_ino, st_size, st_mtime_ns): "the same file, unchanged"
 
 
-def _load_libc() -> Optional[ctypes.CDLL]:
+def load_libc() -> Optional[ctypes.CDLL]:
+    """The C library (with ``errno``), or None where there is none to load. Why the guard: on
+    Windows ``find_library("c")`` finds nothing and ``CDLL(None)`` raises TypeError, not OSError;
+    every caller has a path without libc."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except (OSError, TypeError):
+        return None
+
+
+def _load_libc() -> Optional[ctypes.CDLL]:
+    libc = load_libc()
+    if libc is None:
+        return None
+    try:
         libc.mmap.restype = ctypes.c_void_p
         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               ctypes.c_int64]

@@ -14,7 +14,16 @@ request carries every setting that may change after the fork (``load_state_dict`
 order's ``num_canonical_nodes``, ``shuffle_block_size`` and ``initial_physical_nodes``), so a
 helper never computes from a stale copy. The helper exits when told to by ``close()``, and when
 its pipe closes as the loader's process dies; it closes the sockets it inherited. If it dies or cannot be started,
-the order is computed in a thread, as before, and a warning says why.
+the order is computed in a thread, as before, and a warning says why. A daemonic process (a
+``multiprocessing.Pool`` or DataLoader worker) may not have children: there the thread is used
+from the start.
+
+Python 3.12+ warns (DeprecationWarning) on every ``fork()`` of a process with threads, because a
+lock some thread holds stays locked in the child. The fork here is deliberate and that warning is
+silenced for it alone: the loader forks only when none of its threads has work, the child never
+takes a lock of the parent's (no logging, no imports it has not done, no allocation through a
+thread's arena it could find locked: numpy and Mosaic's order code only, with ``gc`` off), and a
+child that dies anyway is replaced by a thread (``OrderProcessDied``).
 """
 
 from __future__ import annotations
@@ -28,9 +37,12 @@ import signal
 import stat
 import sys
 import threading
+import warnings
 from typing import Any, Optional
 
 import numpy as np
+
+from sparkbridge.bridge.resident import unmap_other_tables
 
 __all__ = ["OrderProcess", "OrderProcessDied"]
 
@@ -63,6 +75,8 @@ def _serve(dataset: Any, conn: Any, parent_end: Any) -> None:
     """The helper's loop: one request, one answer, until the pipe closes."""
     parent_end.close()  # else the pipe never reports the parent's end closed
     _close_inherited_sockets(keep=conn.fileno())
+    # other loaders' row tables: this process never reads them, and must not keep them alive
+    unmap_other_tables(keep=getattr(dataset, "_resident", None))
     gc.disable()  # a collection would touch (and copy) every page of the parent's heap
     # Ctrl-C reaches the whole process group: the loader's process handles it and closes the
     # pipe (or exits), and this process follows without a traceback of its own
@@ -107,13 +121,21 @@ class OrderProcess:
         with macOS's system libraries): then the caller computes orders in a thread."""
         if not sys.platform.startswith("linux"):
             return None
+        if multiprocessing.current_process().daemon:
+            # a multiprocessing.Pool or DataLoader worker may not have children (Python asserts it)
+            logger.info("this process is daemonic (a Pool or DataLoader worker) and may not start the epoch-order "
+                        "process; computing orders in a thread")
+            return None
         ctx = multiprocessing.get_context("fork")
         conn, child_end = ctx.Pipe(duplex=True)
         process = ctx.Process(target=_serve, args=(dataset, child_end, conn), daemon=True,
                               name="sparkbridge-epoch-order")
         try:
-            process.start()
-        except OSError as exc:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*multi-threaded, use of fork\(\) may lead to deadlocks",
+                                        category=DeprecationWarning)
+                process.start()
+        except (OSError, AssertionError) as exc:  # AssertionError: multiprocessing's own refusals
             logger.warning("could not start the epoch-order process (%s); computing orders in a thread", exc)
             conn.close()
             child_end.close()

@@ -15,14 +15,20 @@ table (correct, not shared).
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import sys
+import weakref
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ResidentRows", "EMPTY", "LOADING", "LOADED", "fits"]
+__all__ = ["ResidentRows", "EMPTY", "LOADING", "LOADED", "fits", "unmap_other_tables"]
 
 EMPTY, LOADING, LOADED = 0, 1, 2
+
+#: Every table of this process, so a forked helper can drop the ones it does not read.
+_LIVE: "weakref.WeakSet[ResidentRows]" = weakref.WeakSet()
 
 
 def fits(table: Any, budget: int) -> bool:
@@ -43,6 +49,7 @@ class ResidentRows:
         self.rows = np.frombuffer(self._table, dtype=np.dtype((np.void, self.row_bytes)), count=self.total_rows)
         self.state = np.frombuffer(self._flags, dtype=np.uint8, count=self.shard_count)
         self._complete = False
+        _LIVE.add(self)
 
     @classmethod
     def for_table(cls, table: Any) -> "ResidentRows":
@@ -55,6 +62,47 @@ class ResidentRows:
     @property
     def nbytes(self) -> int:
         return self.total_rows * self.row_bytes
+
+    def close(self) -> None:
+        """Unmap the table now (``StreamingLoader.close``), not when a reference cycle through
+        the dataset is collected: its memory is the loader's largest. A view still exported
+        elsewhere (a thread mid-fill) leaves it to the collector."""
+        self.rows = np.empty(0, dtype=self.rows.dtype)
+        self.state = np.full(self.shard_count, EMPTY, dtype=np.uint8)
+        self._complete = False
+        for m in (self._table, self._flags):
+            try:
+                m.close()
+            except BufferError:
+                pass
+
+    def unmap_in_child(self) -> None:
+        """In a forked child that never reads this table: replace its mappings with inaccessible
+        reservations (no memory), so the table's shared memory is freed once its loader closes.
+
+        Why: a child forked while a loader is open inherits its table, and shared anonymous
+        memory lives until its last mapping goes; an order helper forked for loader B kept
+        loader A's table (122 MB) alive after ``A.close()``. ``mmap.close()`` cannot be used (numpy
+        views export its buffer), so the range is remapped in place (MAP_FIXED, PROT_NONE): no
+        address is reused for other data here, and a stray access faults instead of reading."""
+        if not sys.platform.startswith("linux"):
+            return
+        from sparkbridge.bridge.mapped import load_libc
+
+        libc = load_libc()
+        if libc is None:
+            return
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        for m in (self._table, self._flags):
+            if m.closed:
+                continue
+            view = np.frombuffer(m, dtype=np.uint8)
+            address, size = view.ctypes.data, len(m)
+            del view
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10 | 0x4000  # MAP_FIXED | MAP_NORESERVE
+            libc.mmap(address, size, mmap.PROT_NONE if hasattr(mmap, "PROT_NONE") else 0, flags, -1, 0)
 
     def complete(self) -> bool:
         """Whether every shard is in the table (then batches need no shard lookups at all)."""
@@ -87,3 +135,14 @@ class ResidentRows:
 
     def take(self, sample_ids: np.ndarray) -> np.ndarray:
         return self.rows.take(sample_ids)
+
+
+def unmap_other_tables(keep: Any) -> int:
+    """In a forked child: unmap every inherited row table but ``keep`` (see
+    :meth:`ResidentRows.unmap_in_child`). Returns how many were unmapped."""
+    count = 0
+    for table in list(_LIVE):
+        if table is not keep:
+            table.unmap_in_child()
+            count += 1
+    return count

@@ -16,10 +16,16 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from sparkbridge.errors import CorruptShardError
 from sparkbridge.format.mds import ShardLayout
 from sparkbridge.format.paths import Confiner
 
-__all__ = ["ShardTable"]
+__all__ = ["ShardTable", "MAX_EXPANSION"]
+
+#: How many times its compressed file a shard larger than ``decoded_cache_bytes`` may declare to
+#: decompress to. Real tabular shards compress 2-50x; a 45 KB zstd file of run-length blocks
+#: inflates to 1.5 GB (33,000x).
+MAX_EXPANSION = 1024
 
 _NONE: Mapping = MappingProxyType({})
 
@@ -58,6 +64,11 @@ class ShardTable:
                     {"column_names": key[0], "column_encodings": key[1], "column_sizes": key[2]}))
             index[i] = k
         self.layout_index = index
+        # A decoded shard of variable-width columns also holds its sample offsets as int64 (gathers
+        # add to them; bridge.decode): 8 bytes a row of anonymous memory, mapped or not.
+        var = np.array([layout.row_dtype() is None for layout in self.layouts], dtype=bool)
+        self.offset_bytes = np.where(var[index], 8 * (self.samples + 1), 0).astype(np.int64) if n else \
+            np.zeros(0, dtype=np.int64)
         self._paths: dict[tuple[str, int], Optional[str]] = {}
         self._confiners: dict[str, Confiner] = {}
         self._all_paths: dict[tuple[str, str], list[Optional[str]]] = {}
@@ -85,6 +96,44 @@ class ShardTable:
                     seen.add(folder)
                     for _, root in roots:
                         self._confiner(root).path(folder, where=f"{self.where}, shard {i}")
+
+    def check_declared_sizes(self, budget: int) -> None:
+        """Refuse, before any order is computed or any shard is read, sizes in the index that the
+        files or the budget contradict (the error names the shard and the field that lied).
+
+        Why: the index is a claim. Mosaic materializes every sample id from its sample counts
+        (bounded by ``raw_data.bytes``: :func:`sparkbridge.format.index.min_raw_bytes`), and a
+        compressed shard is decompressed in memory whole, up to its ``raw_data.bytes``. So:
+        a stored file on local disk must be as large as declared (``zip_data.bytes``, or
+        ``raw_data.bytes`` when it is not compressed), and a compressed shard may declare more
+        than ``budget`` only within :data:`MAX_EXPANSION` times its compressed size."""
+        over = np.flatnonzero(self.compressed & (self.raw_bytes > budget)
+                              & (self.raw_bytes > MAX_EXPANSION * self.zip_bytes))
+        if over.size:
+            i = int(over[0])
+            raise CorruptShardError(
+                f"{self.where}, shard {self.entries[i]['raw_data']['basename']!r}: raw_data.bytes="
+                f"{int(self.raw_bytes[i])} is more than decoded_cache_bytes={budget} and more than {MAX_EXPANSION}x "
+                f"its compressed file (zip_data.bytes={int(self.zip_bytes[i])}); a shard is decompressed in memory "
+                "whole, so the claim is refused before it is tried: the index is corrupt or hostile (if it is "
+                "right, raise decoded_cache_bytes)")
+        for where in ("origin", "cache"):
+            for kind, declared, mine in (("zip_data", self.zip_bytes, self.compressed),
+                                         ("raw_data", self.raw_bytes, ~self.compressed)):
+                paths = self.all_paths(kind, where)
+                if paths is None:
+                    continue
+                for i in np.flatnonzero(mine).tolist():
+                    path = paths[i]
+                    try:
+                        size = os.stat(path).st_size if path is not None else None
+                    except FileNotFoundError:  # not fetched yet (a cache), or missing: named when read
+                        continue
+                    if size is not None and size != int(declared[i]):
+                        raise CorruptShardError(
+                            f"{self.where}, shard {self.entries[i][kind]['basename']!r}: {kind}.bytes="
+                            f"{int(declared[i])} but the file {path} has {size} bytes: the file is truncated or "
+                            "corrupt (or replaced), or the index lies (rewrite the dataset, or delete the cached copy)")
 
     # ------------------------------------------------------------------ facts
 

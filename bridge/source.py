@@ -11,13 +11,14 @@ give them different data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Iterator, Optional, Union
 from urllib.parse import urlparse
 
 from sparkbridge.errors import DatasetNotFoundError, ShardFormatError, UsageError, VersionNotFoundError
@@ -25,7 +26,7 @@ from sparkbridge.format.index import check_index
 from sparkbridge.log.snapshot import LogReader, Snapshot
 from sparkbridge.storage import Storage, open_storage
 
-__all__ = ["Source", "resolve_source", "open_version", "mark_cache", "CACHE_MARKER"]
+__all__ = ["Source", "resolve_source", "open_version", "mark_cache", "claim_cache", "CACHE_MARKER"]
 
 #: Written into a ``local=`` cache folder of a remote dataset: what says it is a cache (and of
 #: what), so ``sparkbridge clean --cache`` deletes it and never a dataset.
@@ -80,6 +81,73 @@ def mark_cache(folder: str, remote: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         logger.debug("could not mark %s as a cache of %s: %s", folder, remote, exc)
+
+
+def claim_cache(folder: str, remote: str, snapshot: Snapshot) -> int:
+    """Make ``folder`` this dataset's cache before anything is read from it; returns how many
+    cached files were removed.
+
+    Why: the loader reads a decompressed copy in the cache before the dataset's own file, by
+    shard name, and stock Mosaic datasets all name their shards ``shard.NNNNN.mds``. A folder
+    left by another dataset (its marker names another remote), by a write this dataset replaced
+    (a dataset without a log reuses its names: the marker holds another index hash), or by
+    someone else (no marker: stock Mosaic, or an older sparkbridge) would be read as this
+    dataset's: silently without hashes, as a corrupt shard with them. So the copies of every file
+    this version names are removed and fetched again. A dataset with a log never reuses a file
+    name, so its cache survives new versions. Under a lock, so the ranks of a node clean once."""
+    identity = snapshot.identity
+    os.makedirs(folder, exist_ok=True)
+    # the marker itself is the lock (a file of its own would be one `sparkbridge clean` does not know)
+    with open(os.path.join(folder, CACHE_MARKER), "a+", encoding="utf-8") as f, _locked(f):
+        f.seek(0)
+        try:
+            marker = json.loads(f.read() or "null")
+        except ValueError:
+            marker = None
+        if not isinstance(marker, dict):
+            marker = None
+        same = (marker is not None and marker.get("cache_of") == remote
+                and (marker.get("identity") == identity or (not snapshot.legacy and bool(marker.get("identity")))))
+        removed = 0
+        if not same:
+            from sparkbridge.format.index import shard_files
+            from sparkbridge.format.paths import Confiner
+
+            confiner = Confiner(folder)
+            for i, entry in enumerate(snapshot.shards):
+                for name in shard_files(entry):
+                    try:
+                        os.unlink(confiner.path(name, where=f"{folder}, shard {i}"))
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+            if removed:
+                logger.warning("%s: the cache folder %s held %d file(s) named like this dataset's shards but left by "
+                               "%s; removed them (they are fetched again)", remote, folder, removed,
+                               f"{marker.get('cache_of')} ({marker.get('identity') or 'identity unknown'})"
+                               if marker else "another reader (no sparkbridge marker)")
+        if marker != {"cache_of": remote, "identity": identity}:
+            f.seek(0)
+            f.truncate()
+            json.dump({"cache_of": remote, "identity": identity}, f)
+            f.flush()
+        return removed
+
+
+@contextlib.contextmanager
+def _locked(f: Any) -> Iterator[None]:
+    """An exclusive lock on open file ``f`` between the processes of this host (none where fcntl
+    is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: one process per cache folder is the rule there
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _fresh_remote_index(source: Source, timeout: float) -> Snapshot:

@@ -157,6 +157,13 @@ def run_train(args: argparse.Namespace) -> int:
         created_group = True
     rank = dist.get_rank() if distributed else 0
     loaders: list[Any] = []
+    guard = None
+    if distributed:
+        from sparkbridge.jobs.cli import error_line
+        from sparkbridge.jobs.rank_failure import RankGuard, default_store
+
+        guard = RankGuard(rank=rank, store=default_store(), message=lambda exc: error_line(exc)[0]).__enter__()
+    failed = False
     try:
         features, label_bool = _columns(StreamingLoader, args)
         task = args.task if args.task != "auto" else ("binary" if label_bool else "regression")
@@ -172,10 +179,11 @@ def run_train(args: argparse.Namespace) -> int:
                                              device=device if device.type == "cuda" else None)
         torch.manual_seed(args.seed)
 
-        def loader_for(root: str, local: Optional[str], *, shuffle: bool, batch_size: int) -> Any:
+        def loader_for(root: str, local: Optional[str], *, shuffle: bool, batch_size: int,
+                       pad_ranks: bool = True) -> Any:
             loader = StreamingLoader(root, local=local, batch_size=batch_size, shuffle=shuffle, seed=args.seed,
                                      features=features, label=args.label, num_workers=args.num_workers,
-                                     device=device)
+                                     device=device, pad_ranks=pad_ranks)
             loaders.append(loader)
             return loader
 
@@ -257,7 +265,7 @@ def run_train(args: argparse.Namespace) -> int:
         evaluation = None
         if args.eval:
             evaluation = _evaluate(inner, loader_for(args.eval, args.eval_local, shuffle=False,
-                                                     batch_size=max(args.batch_size, 4096)),
+                                                     batch_size=max(args.batch_size, 4096), pad_ranks=False),
                                    stats=stats, task=task, progress=not args.no_progress and rank == 0)
             evaluation["data"] = args.eval
         if rank == 0:
@@ -272,12 +280,26 @@ def run_train(args: argparse.Namespace) -> int:
                 _write_outputs(out, metrics, result, evaluation, stats=stats, task=task, scale=scale,
                                ranks=ranks, args=args, source=source, features=features)
         return 0
+    except BaseException as exc:
+        # No collective after a failure: this rank posts its error (or names the rank whose failure
+        # broke this one's collective) and leaves; the others learn of it within seconds.
+        failed = True
+        if guard is None:
+            raise
+        explained = guard.explain(exc)
+        if explained is exc:
+            raise
+        raise explained from exc
     finally:
-        for loader in loaders:
-            loader.close()
-        if created_group:
-            dist.barrier()
-            dist.destroy_process_group()
+        try:
+            for loader in loaders:
+                loader.close()
+            if created_group and not failed:
+                dist.barrier()
+                dist.destroy_process_group()
+        finally:
+            if guard is not None:
+                guard.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -314,7 +336,9 @@ def _gather(obj: dict[str, Any], distributed: bool) -> list[dict[str, Any]]:
 
 
 def _evaluate(model: Any, loader: Any, *, stats: Any, task: str, progress: bool) -> dict[str, Any]:
-    """Loss on ``loader`` (every rank its share, summed over ranks) in both units."""
+    """Loss on ``loader`` (every rank its share, summed over ranks) in both units. ``loader`` has
+    ``pad_ranks=False``: each row counts once (no collective per batch, so ranks may take
+    different numbers of batches)."""
     import torch
     import torch.distributed as dist
     from tqdm.auto import tqdm

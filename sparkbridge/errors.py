@@ -37,6 +37,7 @@ __all__ = [
     "TransformError",
     "FollowTimeoutError",
     "CheckpointError",
+    "RankFailedError",
 ]
 
 
@@ -135,3 +136,8 @@ class FollowTimeoutError(SparkbridgeError, TimeoutError):
 class CheckpointError(SparkbridgeError, ValueError):
     """A training checkpoint is unreadable, not sparkbridge's, or written for another model/data;
     the message names the file(s) and says how to start over."""
+
+
+class RankFailedError(SparkbridgeError, RuntimeError):
+    """Another rank of a distributed job failed; the message names that rank and its error, so
+    every rank's log says why the job ended, not only the rank that failed."""

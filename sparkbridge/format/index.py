@@ -17,11 +17,13 @@ from sparkbridge.errors import ShardFormatError
 from sparkbridge.format.mds import ShardLayout
 from sparkbridge.format.paths import check_relpath
 
-__all__ = ["INDEX_VERSION", "check_index_entry", "check_index", "stored_name", "shard_files", "index_bytes",
+__all__ = ["INDEX_VERSION", "MAX_SHARD_BYTES", "min_raw_bytes", "check_index_entry", "check_index", "stored_name", "shard_files", "index_bytes",
            "index_sha256"]
 
 INDEX_VERSION = 2
 _MAX_SAMPLES = 1 << 32
+#: An MDS shard addresses its samples with uint32 offsets: no raw (or compressed) file is larger.
+MAX_SHARD_BYTES = 1 << 32
 
 
 def _check_file(info: Any, *, where: str, key: str) -> dict[str, Any]:
@@ -31,6 +33,9 @@ def _check_file(info: Any, *, where: str, key: str) -> dict[str, Any]:
     size = info.get("bytes")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ShardFormatError(f"{where}: {key}.bytes must be an int >= 0, got {size!r}")
+    if size > MAX_SHARD_BYTES:
+        raise ShardFormatError(f"{where}: {key}.bytes={size} is more than 4 GiB, which no MDS shard can be "
+                               "(its sample offsets are uint32): the index is corrupt or hostile")
     hashes = info.get("hashes") or {}
     if not isinstance(hashes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
         raise ShardFormatError(f"{where}: {key}.hashes must map hash names to hex strings, got {hashes!r}")
@@ -79,11 +84,31 @@ def check_index_entry(entry: Any, *, where: str, layouts: Optional[dict] = None)
             raise ShardFormatError(f"{where}: {key} must be a list, got {entry.get(key)!r}")
     _check_columns(entry, where=where, layouts=layouts)
     _check_file(entry.get("raw_data"), where=where, key="raw_data")
+    least = min_raw_bytes(entry)
+    if least > entry["raw_data"]["bytes"]:
+        raise ShardFormatError(
+            f"{where} ({entry['raw_data']['basename']}): samples={samples} cannot fit raw_data.bytes="
+            f"{entry['raw_data']['bytes']} (a header of {4 * (samples + 2)} bytes and at least "
+            f"{_min_row_bytes(entry)} bytes a sample need {least}): the index is corrupt or hostile")
     if entry.get("zip_data") is not None:
         _check_file(entry["zip_data"], where=where, key="zip_data")
         if not entry.get("compression"):
             raise ShardFormatError(f"{where}: zip_data is set but compression is not")
     return entry
+
+
+def _min_row_bytes(entry: dict[str, Any]) -> int:
+    """The fewest bytes one sample of this layout takes: every fixed-width column, plus a 4-byte
+    size for each variable-width one."""
+    return sum(4 if size is None else size for size in entry["column_sizes"])
+
+
+def min_raw_bytes(entry: dict[str, Any]) -> int:
+    """The smallest raw shard that can hold ``entry["samples"]`` samples: the sample count, the
+    ``samples + 1`` offsets, then the samples. Why: Mosaic materializes every sample id of an
+    epoch from the index's counts, so a count must be checked against a size before any order."""
+    samples = entry["samples"]
+    return 4 * (samples + 2) + samples * _min_row_bytes(entry)
 
 
 def check_index(obj: Any, *, where: str) -> list[dict[str, Any]]:

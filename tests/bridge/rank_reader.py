@@ -30,6 +30,10 @@ def main() -> None:
         report[path] = {"ids": ids, "batches": batches, "len": len(loader), "world": loader.world_size,
                         "state": loader.state_dict()}
         loader.close()
+        # pad_ranks=False (evaluation): no repeats, so no per-batch collective (batch counts may differ)
+        once = StreamingLoader(path, batch_size=16, shuffle=True, num_workers=2, pad_ranks=False)
+        report[path + "#once"] = {"ids": [i for b in once for i in b["id"].tolist()], "len": len(once)}
+        once.close()
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()

@@ -293,3 +293,48 @@ def test_a_damaged_shard_met_while_waiting_fails_the_pass_naming_it(data, monkey
     with pytest.raises(CorruptShardError, match=victim.name):
         list(it)
     loader.close()
+
+
+def _shared_maps(pid: int, start: int) -> list[str]:
+    """The lines of /proc/PID/maps for a shared mapping that starts at address ``start``."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [line for line in f if int(line.split("-")[0], 16) == start and line.split()[1][3] == "s"]
+
+
+def test_a_helper_does_not_keep_another_loaders_row_table(data, tmp_path):
+    """Loader B's helper is forked while loader A is open; once A is closed, A's table (shared
+    anonymous memory) is mapped nowhere: not in B's helper either (issue 23 item 11)."""
+    a = StreamingLoader(data, batch_size=B, shuffle=True, seed=1)
+    ids(a)
+    table = a.dataset._resident
+    assert table is not None and table.complete()
+    start = table.rows.ctypes.data
+    other = write_numeric(tmp_path / "other", 2000, compression="zstd", size_limit=1 << 14)
+    b, _, _ = with_helper(data=other, seed=2)
+    helper = b._orders.pid
+    del table
+    a.close()
+    assert _shared_maps(os.getpid(), start) == []  # gone here: the helper's copy is the one in question
+    assert _shared_maps(helper, start) == []
+    # and the helper still serves B
+    assert np.array_equal(b._orders.compute(1, 0, 1, b.dataset.order_settings()), b.dataset.compute_work(1, 0, 1))
+    b.close()
+
+
+def _read_in_a_pool_worker(path: str) -> list[int]:
+    from sparkbridge.bridge import StreamingLoader
+
+    loader = StreamingLoader(path, batch_size=B, shuffle=True, seed=4)
+    try:
+        return [int(ids(loader).size) for _ in range(3)] + [int(loader._orders is None)]
+    finally:
+        loader.close()
+
+
+def test_a_loader_in_a_daemonic_process_computes_orders_in_a_thread(data):
+    """A multiprocessing.Pool worker is daemonic and may not have children: the order helper is
+    not started there and the orders come from a thread, as documented (issue 23 item 12)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_read_in_a_pool_worker, (str(data),)) == [N, N, N, 1]

@@ -3,6 +3,7 @@ path, and every damaged shard is still refused by the general path, naming it.""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -99,6 +100,12 @@ def test_a_damaged_small_shard_is_refused_naming_it(data, tmp_path, damage, vali
     compressed = any(copy.glob("*.zstd"))
     victim = sorted(copy.glob("*.zstd" if compressed else "*.mds"))[3]
     damage(victim, compressed)
+    if damage is not missing and victim.stat().st_size != json.loads((data / "index.json").read_text())[
+            "shards"][3]["zip_data" if compressed else "raw_data"]["bytes"]:
+        # the file's size contradicts the index: refused when the loader is built, naming the file
+        with pytest.raises(ShardFormatError, match=rf"{victim.name}.*(zip|raw)_data.bytes=\d+ but the file"):
+            StreamingLoader(copy, batch_size=100, shuffle=True, seed=3, validate_hash=validate_hash)
+        return
     loader = StreamingLoader(copy, batch_size=100, shuffle=True, seed=3, validate_hash=validate_hash)
     reader = loader.dataset.reader()
     reader.load_resident(0, wait=True)  # the general path finds shard 0: the quick path knows where to look

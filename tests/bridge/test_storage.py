@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,28 @@ def test_damaged_size_header_without_hashes_is_caught(tmp_path):
     with pytest.raises(CorruptShardError, match=rf"{shard.name}.*do not add up"):
         for _ in StreamingLoader(root, batch_size=5):
             pass
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.getuid() != 0, reason="needs unshare and root")
+def test_stale_shared_memory_is_left_alone_in_a_pid_namespace_of_its_own():
+    """In a container with a PID namespace of its own but the host's /dev/shm (``--ipc=host``),
+    /proc does not show the processes outside, so a segment they map looks stale: nothing is
+    unlinked there (issue 23, suspected list)."""
+    import subprocess
+    import sys
+    from multiprocessing import shared_memory
+
+    live = shared_memory.SharedMemory(name="987652_shard_states", create=True, size=64)  # mapped out here
+    try:
+        code = ("from sparkbridge.bridge.distributed import clean_stale_shared_memory, stale_shared_memory; "
+                "print(stale_shared_memory(), clean_stale_shared_memory())")
+        proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip().splitlines()[-1] == "[] 0"
+        assert os.path.exists(f"/dev/shm/{live.name}")
+    finally:
+        live.close()
+        if os.path.exists(f"/dev/shm/{live.name}"):
+            live.unlink()

@@ -158,7 +158,7 @@ def test_an_index_checks_each_layout_once_and_its_entries_share_the_column_lists
     def entry(k, names=("id", "x"), encodings=("int64", "float32"), sizes=(8, 4)):
         return {"column_names": list(names), "column_encodings": list(encodings), "column_sizes": list(sizes),
                 "compression": None, "format": "mds", "hashes": [], "samples": 10, "size_limit": 1 << 20,
-                "version": 2, "raw_data": {"basename": f"shard.{k:05d}.mds", "bytes": 100, "hashes": {}},
+                "version": 2, "raw_data": {"basename": f"shard.{k:05d}.mds", "bytes": 1000, "hashes": {}},
                 "zip_data": None}
 
     shards = [entry(0), entry(1), entry(2, names=("id", "y")), entry(3)]
