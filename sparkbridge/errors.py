@@ -35,6 +35,7 @@ __all__ = [
     "UnsafePathError",
     "StateError",
     "FollowTimeoutError",
+    "RankFailedError",
     "CheckpointError",
 ]
 
@@ -124,6 +125,11 @@ class StateError(SparkbridgeError, ValueError):
 
 class FollowTimeoutError(SparkbridgeError, TimeoutError):
     """``follow=True`` waited longer than its timeout for a dataset or for new commits."""
+
+
+class RankFailedError(SparkbridgeError, RuntimeError):
+    """Another rank of a distributed job failed with an error that cannot travel as itself (it
+    does not pickle); the message names that rank and repeats its error."""
 
 
 class CheckpointError(SparkbridgeError, ValueError):

@@ -85,3 +85,25 @@ def copy_with_a_flipped_byte(data: Path, out: Path, shard: int) -> tuple[Path, P
     raw[len(raw) // 2] ^= 0xFF
     victim.write_bytes(bytes(raw))
     return out, victim
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 240, env: Optional[dict] = None):
+    """``python -m torch.distributed.run --nproc_per_node=nproc script args`` on loopback (gloo on
+    CPU in the script); the finished process (``returncode``, ``stdout``, ``stderr``)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(script), *map(str, args)]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo), **(env or {}))
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=str(repo))
