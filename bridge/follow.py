@@ -243,9 +243,8 @@ class Follower:
         self.manifest = None
         self.finished = False
         self.padding: dict[int, int] = {}  # batch index -> how many of its last rows are repeats
-        self.decompressions = 0  # shards decompressed (or read and hashed) from their stored file
         self._spill_dir: Optional[str] = None
-        self._spilled: dict[int, tuple] = {}  # shard -> identity of the raw file this process wrote
+        self._mapped_files: dict[int, tuple] = {}  # shard -> (raw file checked, its identity then)
         self._ended = False
         self._in_end = False
         self._wait_since: Optional[float] = None
@@ -468,15 +467,18 @@ class Follower:
     # ------------------------------------------------------------------ reading shards
 
     def _spills(self) -> bool:
-        """Whether shards go through decompressed files on local disk (memory-mapped: page cache,
-        not ``decoded_cache_bytes``): once the landed data no longer fits the budget, a shuffled
-        draw would otherwise evict and decompress shards again almost every batch."""
-        return self.landed_bytes > self.cache.max_bytes
+        """Whether shards are read through files on local disk, memory-mapped (page cache, not
+        ``decoded_cache_bytes``): once the landed data no longer fits the budget, a shuffled draw
+        would otherwise evict and decompress shards again almost every batch. (Unshuffled, a
+        rank reads its rows in log order: a shard is needed for consecutive batches only.)"""
+        return self.shuffle and self.landed_bytes > self.cache.max_bytes
 
     def _decoded(self, i: int):
         return self.cache.get(i, lambda: self._load(i))
 
     def _load(self, i: int):
+        """Shard ``i``, checked: decoded in memory, or — spilling — mapped from its decompressed
+        file (the stored file itself when it is not compressed), checked once per file."""
         shard = self.shards[i]
         spill = self._spills()
         if spill:
@@ -488,18 +490,30 @@ class Follower:
                 raise FileNotFoundError(f"shard {shard.name!r} of {self.reader.root} is listed in the log but "
                                         "missing: the dataset is incomplete")
             self._download(shard)
-        with open(shard.path, "rb") as f:
-            stored = f.read()
         e = shard.entry
         zipped = e.get("zip_data")
+        if spill and not zipped:
+            stored, ident = map_file(shard.path)
+        else:
+            with open(shard.path, "rb") as f:
+                stored = f.read()
         hashes = dict((zipped or e["raw_data"]).get("hashes") or {})
-        self.decompressions += 1
         report = check_shard(stored, where=f"shard {shard.name!r}", compression=e.get("compression") if zipped else None,
                              raw_bytes=int(e["raw_data"]["bytes"]), samples=shard.samples, stored_hashes=hashes,
                              hash_names=pick_hash(hashes, self.validate_hash)).raise_first()
-        if spill:
-            return self._spill(i, report.raw)
-        return decode_shard(shard.name, shard.layout, report.raw, report.offsets)
+        if not spill:
+            return decode_shard(shard.name, shard.layout, report.raw, report.offsets)
+        if zipped:
+            path = self._spill_path(i)
+            tmp = f"{path}.part"
+            with open(tmp, "wb") as f:
+                f.write(memoryview(report.raw))
+            os.replace(tmp, path)
+            stored, ident = map_file(path)
+        else:
+            path = shard.path
+        self._mapped_files[i] = (path, ident)
+        return self._from_map(i, stored)
 
     def _spill_path(self, i: int) -> str:
         if self._spill_dir is None:
@@ -512,24 +526,14 @@ class Follower:
                         "and memory-mapped from there (removed when the epoch ends)", self.reader.root, self._spill_dir)
         return os.path.join(self._spill_dir, f"{i:08d}.mds")
 
-    def _spill(self, i: int, raw: np.ndarray):
-        """Write a checked shard's decompressed bytes to this process's spill folder; its map."""
-        path = self._spill_path(i)
-        tmp = f"{path}.part"
-        with open(tmp, "wb") as f:
-            f.write(memoryview(raw))
-        os.replace(tmp, path)
-        buf, ident = map_file(path)
-        self._spilled[i] = ident
-        return self._from_map(i, buf)
-
     def _mapped(self, i: int):
-        """Shard ``i`` from the file this process spilled it to, when that file is unchanged."""
-        ident = self._spilled.get(i)
-        if ident is None:
+        """Shard ``i`` from the file it was checked in, when that file is unchanged since."""
+        known = self._mapped_files.get(i)
+        if known is None:
             return None
+        path, ident = known
         try:
-            buf, now = map_file(self._spill_path(i))
+            buf, now = map_file(path)
         except FileNotFoundError:
             return None
         if now != ident:
@@ -544,7 +548,7 @@ class Follower:
     def close(self) -> None:
         """Drop the decoded shards and remove the spill folder."""
         self.cache.clear()
-        self._spilled.clear()
+        self._mapped_files.clear()
         if self._spill_dir is not None:
             from sparkbridge.bridge.spill import remove_spill_folder
 
