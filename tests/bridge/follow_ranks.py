@@ -56,6 +56,7 @@ def follow(out: str, path: str, batch: str) -> None:
     from sparkbridge.bridge import StreamingLoader
 
     rank, _ = _init()
+    Path(out, f"ready{rank}").touch()  # the test starts its write now: the loader waits for the first commit
     loader = StreamingLoader(path, batch_size=int(batch), shuffle=True, seed=3, follow=True, follow_poll=0.05)
     result = _epoch(loader)
     result["second"] = sorted(i for b in loader for i in b["id"].tolist())  # the finished version

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sparkbridge import etl
-from tests.bridge.util import torchrun
+from tests.bridge.util import torchrun, torchrun_start
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +54,22 @@ def test_two_ranks_stay_in_lockstep_when_partitions_split_a_batch_unevenly(spark
         except BaseException as exc:
             box["error"] = exc
 
+    # the ranks start first and wait for the write's first commit (follow=True waits for it)
+    ranks = torchrun_start(RANKS, "follow", tmp_path, out, 128, env={"FOLLOW_PG_TIMEOUT": "20"})
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{r}").exists() for r in range(2)) and ranks.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
     thread = threading.Thread(target=write)
     thread.start()
-    while not (out / "_log").exists() and thread.is_alive():  # follow the write, not its result
-        time.sleep(0.05)
-    proc = torchrun(RANKS, "follow", tmp_path, out, 128, env={"FOLLOW_PG_TIMEOUT": "20"}, timeout=120)
+    try:
+        _, stderr = ranks.communicate(timeout=150)
+    finally:
+        if ranks.poll() is None:
+            ranks.kill()
     thread.join(timeout=120)
     assert "error" not in box, box.get("error")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert ranks.returncode == 0, stderr[-4000:]
     r0, r1 = _ranks(tmp_path, 2)
     assert r0["steps"] == r1["steps"] == 3  # 383 and 382 rows: 128 + 128 + 127 (rank 1 pads one row)
     assert r0["pads"] == [0, 0, 0] and r1["pads"] == [0, 0, 1]
