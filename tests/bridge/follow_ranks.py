@@ -173,10 +173,11 @@ def cases(out: str, seed: str, count: str, first: str = "0") -> None:
 
             writer = threading.Thread(target=land)
         dist.barrier()
-        if writer is not None:
-            writer.start()
         loader = StreamingLoader(root, batch_size=case["batch"], shuffle=case["shuffle"], seed=c,
                                  drop_last=case["drop_last"], follow=True, follow_poll=0.01, follow_timeout=30)
+        assert loader._following(), "the case must test a followed epoch"
+        if writer is not None:  # after rank 0 chose what to follow: the write is still open then
+            writer.start()
         ids, pads, steps, empty = [], [], 0, False
         import torch
 
