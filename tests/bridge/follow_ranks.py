@@ -267,4 +267,8 @@ def error(out: str, kinds: str) -> None:
 
 
 if __name__ == "__main__":
-    {"follow": follow, "cases": cases, "error": error}[sys.argv[1]](*sys.argv[2:])
+    try:
+        {"follow": follow, "cases": cases, "error": error}[sys.argv[1]](*sys.argv[2:])
+    except BaseException:  # the test shows each rank's own failure (torchrun's report keeps the last lines)
+        Path(sys.argv[2], f"crash{os.environ.get('RANK', '0')}.txt").write_text(traceback.format_exc())
+        raise
