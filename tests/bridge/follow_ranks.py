@@ -87,7 +87,7 @@ def _case(c: int, seed: int, world: int) -> dict:
         fixed["parts"] = [eval(p, {"m": m}) if isinstance(p, str) else p for p in fixed["parts"]]
         n = len(fixed["parts"])
         return {"before": 0, "shuffle": False, "drop_last": False, "compression": None, "size_limit": 1 << 16,
-                "gaps": [0.05] * n, "step_sleep": 0.0, **fixed}
+                "gaps": [0.05] * n, "step_sleep": 0.0, "resume_at": None, **fixed}
     batch = rng.choice([1, 2, 3, 4, 5, 7, 8, 16])
     m = batch * world
     parts = []
@@ -99,7 +99,9 @@ def _case(c: int, seed: int, world: int) -> dict:
     return {"batch": batch, "parts": parts, "before": rng.randint(0, len(parts)), "shuffle": rng.random() < 0.6,
             "drop_last": rng.random() < 0.25, "compression": rng.choice([None, "zstd"]),
             "size_limit": rng.choice([200, 1 << 16]), "gaps": [rng.uniform(0, 0.03) for _ in parts],
-            "step_sleep": rng.choice([0.0, 0.0, 0.002])}
+            "step_sleep": rng.choice([0.0, 0.0, 0.002]),
+            # stop after this many steps, save the state, resume in a new loader (None: read through)
+            "resume_at": rng.randint(1, 6) if rng.random() < 0.25 else None}
 
 
 def _expected_steps(total: int, world: int, batch: int, drop_last: bool) -> int:
@@ -173,25 +175,40 @@ def cases(out: str, seed: str, count: str, first: str = "0") -> None:
 
             writer = threading.Thread(target=land)
         dist.barrier()
-        loader = StreamingLoader(root, batch_size=case["batch"], shuffle=case["shuffle"], seed=c,
-                                 drop_last=case["drop_last"], follow=True, follow_poll=0.01, follow_timeout=30)
+        def new_loader():
+            return StreamingLoader(root, batch_size=case["batch"], shuffle=case["shuffle"], seed=c,
+                                   drop_last=case["drop_last"], follow=True, follow_poll=0.01, follow_timeout=30)
+
+        loader = new_loader()
         assert loader._following(), "the case must test a followed epoch"
         if writer is not None:  # after rank 0 chose what to follow: the write is still open then
             writer.start()
-        ids, pads, steps, empty = [], [], 0, False
+        ids, pads, steps, empty, resumed = [], [], 0, False, False
         import torch
 
         from sparkbridge.errors import DatasetNotFoundError
 
         try:
-            for batch in loader:
-                assert (batch["x"].numpy() == batch["id"].numpy() / 4).all(), "x is not id / 4"
-                ids += batch["id"].tolist()
-                pads.append(int(getattr(loader, "padding", 0)))
-                steps += 1
-                if case["step_sleep"]:
-                    time.sleep(case["step_sleep"])
-                dist.all_reduce(torch.zeros(1))
+            while True:
+                for batch in loader:
+                    assert (batch["x"].numpy() == batch["id"].numpy() / 4).all(), "x is not id / 4"
+                    ids += batch["id"].tolist()
+                    pads.append(int(getattr(loader, "padding", 0)))
+                    steps += 1
+                    if case["step_sleep"]:
+                        time.sleep(case["step_sleep"])
+                    dist.all_reduce(torch.zeros(1))
+                    if steps == case["resume_at"] and not resumed:
+                        break
+                else:
+                    break
+                # a job stopped here: its checkpoint's state resumes a new loader (the write may have
+                # completed meanwhile, or not)
+                state = json.loads(json.dumps(loader.state_dict()))
+                loader.close()
+                resumed = True
+                loader = new_loader()
+                loader.load_state_dict(state)
         except DatasetNotFoundError:  # the write completed without a row: no later epoch to open
             empty = True
         loader.close()
