@@ -187,6 +187,7 @@ class StreamingLoader:
         self._follow: Optional[dict] = None  # the followed epoch's settings while it is not finished
         self._follower: Any = None
         self._follow_resume: Optional[dict] = None
+        self._padding = 0  # see the padding property
         if follow:
             self._follow = self._follow_target(version=version, timeout=follow_timeout,
                                                idle_timeout=follow_idle_timeout, poll=follow_poll)
@@ -256,7 +257,7 @@ class StreamingLoader:
         return self._follow is not None and self._epoch == 0
 
     def _new_follower(self):
-        from sparkbridge.bridge.distributed import broadcast_from_rank0, world_info
+        from sparkbridge.bridge.distributed import all_gather_objects, world_info
         from sparkbridge.bridge.follow import Follower
         from sparkbridge.log.snapshot import LogReader
 
@@ -279,7 +280,7 @@ class StreamingLoader:
             validate_hash=opts["validate_hash"], decoded_cache_bytes=opts["decoded_cache_bytes"] or (1 << 30),
             poll=self._follow["poll"], timeout=self._follow["timeout"], idle_timeout=self._follow["idle_timeout"],
             history=resume.get("history", ()), skip_batches=int(resume.get("batches", 0)),
-            broadcast=broadcast_from_rank0 if world > 1 else None,
+            exchange=all_gather_objects if world > 1 else None,
         )
 
     def _follow_cache(self) -> str:
@@ -296,6 +297,8 @@ class StreamingLoader:
     def _follow_pass(self) -> Iterator[Any]:
         """The followed first epoch; when it ends, the finished version is opened for the next."""
         follower = self._new_follower()
+        if self._follower is not None:  # an earlier, abandoned followed pass: its spilled shards
+            self._follower.close()
         self._follower = follower
         self._consumed = follower.skip_batches
         self._active = True
@@ -306,14 +309,18 @@ class StreamingLoader:
             def to_tensors(self, batch, buf_tensor=None):
                 return follower.plan.to_tensors(batch, buf_tensor)
 
+        k = follower.skip_batches
         for out in self._outputs(iter(follower), _Plan(), epoch=0):
             if self._token is token:
                 self._consumed += 1
+                self._padding = follower.padding.get(k, 0)
+            k += 1
             yield out
         if self._token is not token or not follower.finished:
             return
         logger.info("%s: the followed epoch ended at version %d (%d batches); later epochs read that version",
                     self.source.name, follower.version, self._consumed)
+        follower.close()
         self.dataset = self._build_dataset(follower.version)
         self._follow, self._follower, self._follow_resume = None, None, None
         self._finish_pass(0)
@@ -405,6 +412,19 @@ class StreamingLoader:
         from sparkbridge.bridge import mosaic
 
         return int(mosaic.rank_world(self.dataset).num_ranks)
+
+    @property
+    def padding(self) -> int:
+        """How many of the last rows of the batch last handed out repeat rows already handed out.
+
+        In a followed epoch (``follow=True``) a rank whose share is smaller than another's pads
+        its last batch with repeats of its own rows (or any rows, when it owns none), so every
+        rank takes the same number of steps; those repeats are always the batch's last
+        ``padding`` rows. Mask them out of a loss or a metric with
+        ``keep = torch.arange(n) < n - loader.padding`` (``n`` the batch's row count). 0 for every
+        other batch, and in later epochs, whose order is Mosaic's (it repeats up to
+        ``world_size - 1`` samples over an epoch and does not flag them)."""
+        return self._padding
 
     @property
     def epoch(self) -> int:
@@ -604,6 +624,7 @@ class StreamingLoader:
         return iter_batches(self.dataset, ids)
 
     def _run(self, token: object, epoch: int) -> Iterator[Any]:
+        self._padding = 0
         if self.num_workers == 0:
             source: Any = iter(self.dataset)
         elif self.dataset.resident():
@@ -699,6 +720,10 @@ class StreamingLoader:
         if saved.follow is not None:
             self._load_follow_state(saved)
             return
+        if self.dataset is None:
+            # this loader was about to follow a write (or a stream), but the saved run had already
+            # finished its followed epoch: resume on the version that epoch ended at, follow no more
+            self._leave_follow(saved.version)
         if saved.version is not None and saved.version >= 0 and saved.version != self.dataset.version:
             # the run started on another version: read exactly that one again (while retained)
             self._rebuild(saved.version)
@@ -715,6 +740,21 @@ class StreamingLoader:
         self._len = None
         self._epoch, self._start, self._consumed, self._active = saved.epoch, saved.sample_in_epoch, 0, False
         self._token = None
+
+    def _leave_follow(self, version: Optional[int]) -> None:
+        logger.info("%s: the saved state was taken after its followed epoch; resuming on version %s, "
+                    "without following", self.source.name, version)
+        if self._follower is not None:
+            self._follower.close()
+        self._follow, self._follower, self._follow_resume = None, None, None
+        from sparkbridge.errors import VersionNotFoundError
+
+        try:
+            self.dataset = self._build_dataset(version if version is not None and version >= 0 else None)
+        except VersionNotFoundError as exc:
+            raise StateError(f"the saved state read version {version} of {self.source.name}, which can no longer "
+                             f"be read ({exc}); resuming on other data would repeat or skip samples") from None
+        self._len = None
 
     def _load_follow_state(self, saved: LoaderState) -> None:
         """Resume inside a followed epoch: the same write, from the same start, skipping the
@@ -734,6 +774,9 @@ class StreamingLoader:
             raise StateError("a followed epoch resumes only with the same batch size and world size "
                              f"(saved {saved.batch_size} x {saved.world_size}, now {self.batch_size} x {self.world_size})")
         self._follow["target"] = FollowTarget(int(f["start_version"]), f.get("write_id"), bool(f.get("stream")))
+        if self._follower is not None:
+            self._follower.close()
+            self._follower = None
         if self.dataset is not None:
             self._shutdown_workers()
             self._release(self.dataset)
@@ -790,6 +833,8 @@ class StreamingLoader:
             self._executor = None
         self._stop_orders()
         self._board.drop_shared()
+        if self._follower is not None:
+            self._follower.close()
         self._follower = None
         if self.dataset is not None:
             self._release(self.dataset)

@@ -36,6 +36,7 @@ __all__ = [
     "StateError",
     "TransformError",
     "FollowTimeoutError",
+    "RankFailedError",
     "CheckpointError",
     "RankFailedError",
 ]
@@ -131,6 +132,11 @@ class TransformError(SparkbridgeError, RuntimeError):
 
 class FollowTimeoutError(SparkbridgeError, TimeoutError):
     """``follow=True`` waited longer than its timeout for a dataset or for new commits."""
+
+
+class RankFailedError(SparkbridgeError, RuntimeError):
+    """Another rank of a distributed job failed with an error that cannot travel as itself (it
+    does not pickle); the message names that rank and repeats its error."""
 
 
 class CheckpointError(SparkbridgeError, ValueError):
