@@ -188,6 +188,9 @@ class StreamingLoader:
         self._follower: Any = None
         self._follow_resume: Optional[dict] = None
         self._padding = 0  # see the padding property
+        # what a followed epoch waits with; kept when nothing is followed now, for a state that
+        # resumes one (load_state_dict)
+        self._follow_settings = {"timeout": follow_timeout, "idle_timeout": follow_idle_timeout, "poll": follow_poll}
         if follow:
             self._follow = self._follow_target(version=version, timeout=follow_timeout,
                                                idle_timeout=follow_idle_timeout, poll=follow_poll)
@@ -763,8 +766,9 @@ class StreamingLoader:
 
         f = saved.follow
         if self._follow is None:
-            self._follow = {"timeout": 600.0, "idle_timeout": 60.0, "poll": 0.2}
-            logger.info("resuming a followed epoch of %s with default follow settings", self.source.name)
+            self._follow = dict(self._follow_settings)
+            logger.info("resuming a followed epoch of %s (follow_timeout=%s s, follow_idle_timeout=%s s)",
+                        self.source.name, self._follow["timeout"], self._follow["idle_timeout"])
         for name in ("shuffle", "shuffle_seed"):
             mine = self._dataset_options[name]
             if getattr(saved, name) != mine:

@@ -140,3 +140,36 @@ def test_the_followed_pool_grows_and_compacts_in_amortized_o_rows():
     out = np.concatenate(expect + [pool.take_front(pool.size)])
     assert np.array_equal(out, np.arange(nxt))
     assert pool.touched <= 4 * 2 * nxt  # each row added, moved a bounded number of times, taken
+
+
+def test_a_resumed_followed_epoch_waits_with_the_loaders_own_follow_settings(tmp_path):
+    """A loader that follows nothing itself (follow=False) resumes a followed epoch whose append
+    has stalled: it waits follow_timeout (1 s here), not a built-in 600 s."""
+    import time
+
+    from sparkbridge.errors import FollowTimeoutError
+
+    root = str(tmp_path / "ds")
+    first = PartitionedWrite(root)
+    first.partition(16)
+    first.complete()
+    w = PartitionedWrite(root, mode="append", first=16)
+    w.partition(24)
+    a = StreamingLoader(root, batch_size=8, follow=True, follow_poll=0.02)
+    seen = []
+    for k, batch in enumerate(a):
+        seen += _ids([batch])
+        if k == 1:
+            break
+    state = a.state_dict()
+    a.close()
+    b = StreamingLoader(root, batch_size=8, follow_timeout=1.0, follow_poll=0.02)
+    b.load_state_dict(state)
+    started = time.monotonic()
+    rest = []
+    with pytest.raises(FollowTimeoutError, match="no commit to .* for 1 s"):
+        for batch in b:
+            rest += _ids([batch])
+    assert time.monotonic() - started < 30
+    assert sorted(seen + rest) == list(range(40))  # every landed row once before the wait
+    b.close()
