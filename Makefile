@@ -19,7 +19,7 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install compile java bench lint clean cluster-demo
+.PHONY: model-test follow-ddp demo test install compile java bench lint clean cluster-demo
 
 install: $(STAMP)
 
@@ -54,6 +54,24 @@ demo: compile java
 
 test: compile java
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the dataset log against its reference model, long: MODEL_EXAMPLES interleavings (default 10,000),
+# roots on tmpfs when there is one (tests/log/test_log_model.py)
+MODEL_EXAMPLES ?= 10000
+MODEL_PROGRESS ?=
+model-test: compile
+	TMPDIR=$$( [ -d /dev/shm ] && echo /dev/shm || echo $${TMPDIR:-/tmp} ) SPARKBRIDGE_MODEL_EXAMPLES=$(MODEL_EXAMPLES) SPARKBRIDGE_MODEL_PROGRESS=$(MODEL_PROGRESS) \
+		$(PY) -m pytest tests/log/test_log_model.py -k "not s3" -p no:cacheprovider -q
+
+# Followed epochs under DDP at scale: FOLLOW_DDP_CASES randomized partitioned writes (sizes around every
+# multiple of batch x world, empty ones, fewer rows than ranks) followed by 2 and by 3 torchrun ranks, one
+# job per world size; every case must keep the ranks in lockstep and read every row once. `make test` runs
+# 16 per world size.
+FOLLOW_DDP_CASES ?= 110
+FOLLOW_DDP_SEED ?= 1
+follow-ddp: compile
+	FOLLOW_DDP_CASES=$(FOLLOW_DDP_CASES) FOLLOW_DDP_SEED=$(FOLLOW_DDP_SEED) $(PY) -m pytest -s -q \
+	  tests/bridge/test_follow_ddp.py -k randomized
 
 bench: compile java
 	$(VENV)/bin/sparkbridge bench all

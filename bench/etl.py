@@ -8,8 +8,14 @@ the machine's facts and load. Both MDS writers use zstd + xxh64. Targets (issue 
 ``write_mds`` ≤ 1.1x Spark's Parquet write (goal 1.0x) and ≥ 10x faster than ``dataframe_to_mds``.
 Leaves ``bench-output/etl.md`` (table) and ``bench-output/etl.png`` (chart).
 
+``--connect``: ``write_mds`` from a Spark Connect session vs from a classic session instead (issue 21:
+target Connect <= 1.2x classic). Both drivers run ``--master`` with the same settings: the classic one
+in this process, the Connect one in a local Connect server process (``sparkbridge.jobs.local_cluster``);
+the same table is cached in each, and the two writes alternate in each round.
+
     python bench/etl.py [--rows 1000000] [--partitions 4] [--rounds 3] [--json out.json] [--report-dir DIR]
     python bench/etl.py --rows 20000 --rounds 1        # a CI-size smoke run
+    python bench/etl.py --connect [--rows 1000000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -73,6 +79,85 @@ def run_writer(name: str, df, out: Path) -> dict:
     raise ValueError(name)
 
 
+_CONNECT_MODE = "SPARK_CONNECT_MODE_ENABLED"
+_SESSION_CONF = {"spark.sql.session.timeZone": "UTC", "spark.sql.execution.arrow.pyspark.enabled": "true",
+                 "spark.ui.showConsoleProgress": "false"}
+
+
+def _connect_mode(on: bool) -> None:
+    """pyspark builds Connect columns only while the process is in Connect mode: switch per session."""
+    if on:
+        os.environ[_CONNECT_MODE] = "1"
+    else:
+        os.environ.pop(_CONNECT_MODE, None)
+
+
+def run_connect(args, spark, scratch: Path, java: str) -> int:
+    """``write_mds`` on a Spark Connect session vs on the classic ``spark``: alternating, same table."""
+    from pyspark.sql.connect.session import SparkSession as RemoteSparkSession
+
+    from sparkbridge import etl
+    from sparkbridge.jobs.local_cluster import spark_connect_server
+
+    conf = {**_SESSION_CONF, "spark.driver.memory": "4g"}
+    facts_before = machine_facts()
+    with spark_connect_server(master=args.master, conf=conf, log_dir=scratch / "connect-server") as server:
+        _connect_mode(True)
+        remote = RemoteSparkSession.builder.remote(server.url).getOrCreate()
+        sessions = {"classic": spark, "connect": remote}
+        try:
+            frames, warm = {}, {}
+            for kind, session in sessions.items():
+                _connect_mode(kind == "connect")
+                frames[kind] = build_frame(session, args.rows, args.partitions)
+                warm[kind] = build_frame(session, min(args.rows, 20_000), 2)
+            print(f"rows={args.rows} partitions={args.partitions} rounds={args.rounds} master={args.master} "
+                  f"(classic driver in this process; Connect server {server.url})")
+            print("machine:", format_facts(facts_before))
+            print("versions:", format_facts({**versions(), "java": java}))
+            for kind in sessions:  # warm up: Python workers, JIT, imports
+                _connect_mode(kind == "connect")
+                etl.write_mds(warm[kind], str(scratch / f"warm-{kind}"), mode="overwrite")
+                warm[kind].unpersist()
+            times: dict[str, list[float]] = {k: [] for k in sessions}
+            order = list(sessions)
+            for r in range(args.rounds):
+                for kind in order[r % 2:] + order[:r % 2]:
+                    _connect_mode(kind == "connect")
+                    out = scratch / kind
+                    if out.exists():
+                        shutil.rmtree(out)
+                    with timer() as t:
+                        result = etl.write_mds(frames[kind], str(out), compression="zstd", hashes=("xxh64",))
+                    if result.rows != args.rows:
+                        raise SystemExit(f"{kind} wrote {result.rows} rows, expected {args.rows}")
+                    times[kind].append(t[0])
+                    print(f"  round {r + 1}: write_mds on {kind:8s} {t[0]:7.2f} s")
+            facts_after = machine_facts()
+            stats = {k: summarize(v) for k, v in times.items()}
+            for kind in sessions:
+                st = stats[kind]
+                print(f"  {kind:8s} best {st['best']:7.2f} s  median {st['median']:7.2f} s  "
+                      f"{args.rows / st['best']:12,.0f} rows/s")
+            best = stats["connect"]["best"] / stats["classic"]["best"]
+            median = stats["connect"]["median"] / stats["classic"]["median"]
+            rounds = [a / b for a, b in zip(times["connect"], times["classic"])]
+            print(f"ratio connect / classic: best {best:.2f}x  median {median:.2f}x  rounds "
+                  f"[{', '.join(f'{x:.2f}' for x in rounds)}]  (target <= 1.2x: {'met' if best <= 1.2 else 'NOT met'})")
+            print("load average before/after:", facts_before["load_avg"], facts_after["load_avg"])
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"rows": args.rows, "partitions": args.partitions, "rounds": args.rounds,
+                               "times": times, "stats": stats, "ratio": {"best": best, "median": median},
+                               "per_round": rounds, "machine_before": facts_before, "machine_after": facts_after,
+                               "versions": {**versions(), "java": java}}, f, indent=2)
+        finally:
+            _connect_mode(True)
+            remote.stop()
+            _connect_mode(False)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -83,6 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--skip", choices=WRITERS, action="append", default=[], help="leave a writer out")
     parser.add_argument("--report-dir", default=str(REPORT_DIR), help="where etl.md and etl.png go")
+    parser.add_argument("--connect", action="store_true",
+                        help="compare write_mds on a Spark Connect session with a classic session instead")
     args = parser.parse_args(argv)
     if args.rows <= 0 or args.partitions <= 0 or args.rounds <= 0:
         parser.error("--rows, --partitions and --rounds must be positive")
@@ -100,6 +187,13 @@ def main(argv=None) -> int:
              .config("spark.sql.execution.arrow.pyspark.enabled", "true").getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
     java = spark.sparkContext._jvm.System.getProperty("java.version")
+    if args.connect:
+        try:
+            return run_connect(args, spark, scratch, java)
+        finally:
+            spark.stop()
+            if not args.out:
+                shutil.rmtree(scratch, ignore_errors=True)
     writers = [w for w in WRITERS if w not in args.skip]
     facts_before = machine_facts()
     try:

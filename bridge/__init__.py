@@ -7,17 +7,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["StreamingLoader", "StateError", "CorruptShardError"]
+__all__ = ["StreamingLoader", "StateError", "CorruptShardError", "SequencePacker", "pad_sequences"]
 
 _LAZY = {
     "StreamingLoader": "sparkbridge.bridge.loader",
     "StateError": "sparkbridge.bridge.state",
     "CorruptShardError": "sparkbridge.bridge.decode",
+    "SequencePacker": "sparkbridge.bridge.sequences",
+    "pad_sequences": "sparkbridge.bridge.sequences",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from sparkbridge.bridge.decode import CorruptShardError
     from sparkbridge.bridge.loader import StreamingLoader
+    from sparkbridge.bridge.sequences import SequencePacker, pad_sequences
     from sparkbridge.bridge.state import StateError
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from sparkbridge.bridge.batch import BatchPlan, PackedBatch
 
-__all__ = ["resolve_device", "to_batches"]
+__all__ = ["resolve_device", "to_batches", "outputs_to_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +125,30 @@ def _ready(plan: BatchPlan, item) -> Any:
     event.synchronize()
     dev_buf.record_stream(torch.cuda.current_stream(dev_buf.device))
     return plan.to_tensors(batch, dev_buf)
+
+
+def outputs_to_device(outputs: Iterable[Any], device: Optional[Any], *, pin_memory: bool) -> Iterator[Any]:
+    """The device stage after a transform: every tensor in each output (nested in dicts, lists and
+    tuples) moves to ``device``; other values pass through. The transform's output has no packed
+    buffer, so each tensor is copied on its own (pinned first on CUDA, so the copy is asynchronous)."""
+    if device is None:
+        yield from outputs
+        return
+    import torch
+
+    non_blocking = pin_memory and device.type == "cuda"
+
+    def move(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if non_blocking and not obj.is_pinned():
+                obj = obj.pin_memory()
+            return obj.to(device, non_blocking=non_blocking)
+        if isinstance(obj, dict):
+            return {k: move(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)) and not isinstance(obj, (str, bytes)):
+            moved = [move(v) for v in obj]
+            return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
+        return obj
+
+    for out in outputs:
+        yield move(out)

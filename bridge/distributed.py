@@ -11,8 +11,8 @@ import logging
 import os
 from typing import Optional
 
-__all__ = ["world_info", "broadcast_from_rank0", "clean_stale_shared_memory", "stale_shared_memory",
-           "release_shared_memory"]
+__all__ = ["world_info", "broadcast_from_rank0", "all_gather_objects", "clean_stale_shared_memory",
+           "stale_shared_memory", "release_shared_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,10 @@ def _one_process() -> bool:
 
 def broadcast_from_rank0(compute):
     """``compute()`` on rank 0, the same value on every rank (``compute`` runs only on rank 0).
-    Without a process group (one process, or torchrun before ``init_process_group``) one is set up
-    from torchrun's environment for the call, as Mosaic does."""
+    When it raises, every rank raises that error (same class and message): a rank that waited for
+    the value must not wait for the process group's timeout. Without a process group (one
+    process, or torchrun before ``init_process_group``) one is set up from torchrun's environment
+    for the call, as Mosaic does."""
     if _one_process():
         return compute()
     import torch.distributed as dist
@@ -59,12 +61,62 @@ def broadcast_from_rank0(compute):
     try:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return compute()
-        box = [compute() if dist.get_rank() == 0 else None]
+        failure = None
+        box: list = [None]
+        if dist.get_rank() == 0:
+            try:
+                box = [("value", compute())]
+            except Exception as exc:
+                failure = exc
+                box = [("error", portable_error(exc))]
         dist.broadcast_object_list(box, src=0)
-        return box[0]
+        kind, value = box[0]
+        if kind == "error":
+            if failure is not None:
+                raise failure
+            raise rebuilt_error(value, 0)
+        return value
     finally:
         if destroy:
             dist.destroy_process_group()
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (one all-gather of the default group)."""
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def portable_error(exc: BaseException) -> tuple[Optional[bytes], str, str]:
+    """An error as it travels to the other ranks: pickled when it survives the trip with its
+    class and message intact, plus its class name and message (the fallback)."""
+    import pickle
+
+    name, message = type(exc).__name__, str(exc)
+    try:
+        data: Optional[bytes] = pickle.dumps(exc)
+        back = pickle.loads(data)
+        if type(back) is not type(exc) or str(back) != message:
+            data = None
+    except Exception:
+        data = None
+    return data, name, message
+
+
+def rebuilt_error(portable: tuple[Optional[bytes], str, str], rank: int) -> BaseException:
+    """Rank ``rank``'s error (:func:`portable_error`), to raise on this rank: the same class and
+    message (:class:`~sparkbridge.errors.RankFailedError` naming both when it does not pickle)."""
+    import pickle
+
+    from sparkbridge.errors import RankFailedError
+
+    data, name, message = portable
+    exc: BaseException = pickle.loads(data) if data is not None else RankFailedError(f"rank {rank} failed: {name}: {message}")
+    exc.add_note(f"(raised on rank {rank}; every rank of the job raises it)")
+    return exc
 
 
 def _mapped_shm_names() -> Optional[set[str]]:

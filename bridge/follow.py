@@ -7,20 +7,34 @@ ends when the followed write is marked complete, or — for a stream — when no
 ``idle_timeout`` seconds. Later epochs read the finished version with Mosaic's order.
 
 Order. Rows are numbered in log order (version, then shard, then row); rank ``r`` of ``w`` owns
-the rows numbered ``r mod w``, so ranks are disjoint and their shares differ by at most one row;
-the last batch is padded by repeating rows (as Mosaic pads) so every rank takes the same number
-of steps and DDP never waits at the end. Without shuffling a rank reads its rows in log order;
-with ``shuffle=True`` each batch is drawn at random from the rows that have landed and not yet
-been read — a shuffle over what is available so far, not over the whole dataset: early batches
-can only mix the first partitions. ``bench/shuffle.py`` measures how close it gets to a global
+the rows numbered ``r mod w``, so ranks are disjoint and their shares differ by at most one row.
+A step is taken only when every rank can fill its batch; once the write has ended, the largest
+share decides how many steps remain and a smaller share pads its last batch by repeating its own
+rows (any rows, for a rank that owns none), as Mosaic pads, so every rank takes the same number of
+steps. Padded rows are the last ``padding[k]`` rows of batch ``k`` (the loader's ``padding``), so
+a loss or a metric can mask them. Without shuffling a rank reads its rows in log order; with
+``shuffle=True`` each batch is drawn at random from the rows that have landed and not yet been
+read — a shuffle over what is available so far, not over the whole dataset: early batches can
+only mix the first partitions. ``bench/shuffle.py`` measures how close it gets to a global
 shuffle (the shuffle score).
+
+Lockstep by construction (torchrun). At every batch boundary — a step, a wait for commits, the
+end — every rank takes part in one exchange: rank 0 contributes the facts (the version to adopt,
+whether the write has ended), every rank its failure if it has one. Each rank adopts exactly that
+version, so all hold the same row total, and whether a step is taken, waited for or is the last
+follows from that total alone. No rank decides from its own pool, and no rank leaves the
+exchanges while another stays: an error on any rank (a timeout, a replaced or fenced write seen
+by rank 0, a shard one rank could not read) is raised on every rank, same class and message.
+
+Memory. Decoded shards stay within ``decoded_cache_bytes``; once the landed data outgrows it,
+shards are decompressed once into a spill folder on local disk and memory-mapped from there
+(page cache), so a shuffled draw does not decompress evicted shards again every batch.
 
 Determinism and resumption. New commits are adopted only at batch boundaries and each adoption
 is recorded (batch index → version); the draws depend only on the seed, the rank, the batch
-index and that record. Under torchrun rank 0 decides the adoptions and broadcasts them, so every
-rank holds the same rows at the same step. ``state()`` is that record plus the number of batches
-consumed: a resumed loader replays the draws without reading a byte and continues with exactly
-the rows the run had not seen.
+index and that record. ``state()`` is that record plus the number of batches consumed: a resumed
+loader replays the draws without reading a byte and continues with exactly the rows the run had
+not seen.
 """
 
 from __future__ import annotations
@@ -28,15 +42,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from sparkbridge.bridge.batch import BatchPlan, PackedBatch
 from sparkbridge.bridge.cache import ShardCache
 from sparkbridge.bridge.decode import decode_shard
+from sparkbridge.bridge.distributed import portable_error, rebuilt_error
 from sparkbridge.bridge.fetch import pick_hash
+from sparkbridge.bridge.mapped import map_file
 from sparkbridge.errors import CommitConflictError, FollowTimeoutError, ShardFormatError, UsageError
 from sparkbridge.format.check import check_shard
 from sparkbridge.format.index import stored_name
@@ -94,44 +110,87 @@ class _Shard:
         return int(self.entry["samples"])
 
 
-@dataclass
 class _Pool:
-    """This rank's landed, unread rows (global numbers), with O(batch) draws and removals."""
+    """This rank's landed, unread rows (global numbers), with O(batch) draws and removals.
 
-    rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    size: int = 0
+    The live rows are ``rows[head:end]``: a front draw moves ``head`` (nothing is shifted), a
+    random draw fills its holes with the tail's survivors and moves ``end``; the buffer grows by
+    doubling and is compacted only when it is full, so every operation costs O(rows drawn or
+    added), amortized, whatever the pool's size (a 40M-row pool used to cost 63 ms a batch).
+    ``touched`` counts the elements the pool wrote or scanned: the structural cost, for tests."""
+
+    def __init__(self) -> None:
+        self.rows = np.empty(0, np.int64)
+        self.head = 0
+        self.end = 0
+        self.touched = 0
+
+    @property
+    def size(self) -> int:
+        return self.end - self.head
 
     def add(self, new: np.ndarray) -> None:
-        need = self.size + len(new)
-        if need > len(self.rows):
-            grown = np.empty(max(need, 2 * len(self.rows), 1024), np.int64)
-            grown[:self.size] = self.rows[:self.size]
-            self.rows = grown
-        self.rows[self.size:need] = new
-        self.size = need
+        n = len(new)
+        if self.end + n > len(self.rows):
+            live = self.size
+            if live + n <= len(self.rows) // 2:  # room enough once compacted
+                target = self.rows
+            else:
+                target = np.empty(max(2 * (live + n), 1024), np.int64)
+            target[:live] = self.rows[self.head:self.end]  # numpy copies overlapping ranges safely
+            self.rows, self.head, self.end = target, 0, live
+            self.touched += live
+        self.rows[self.end:self.end + n] = new
+        self.end += n
+        self.touched += n
 
     def take_front(self, n: int) -> np.ndarray:
-        out = self.rows[:n].copy()
-        self.rows[:self.size - n] = self.rows[n:self.size]
-        self.size -= n
+        out = self.rows[self.head:self.head + n].copy()
+        self.head += n
+        self.touched += n
         return out
 
     def take_random(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        picks = rng.choice(self.size, size=n, replace=False)
-        out = self.rows[picks].copy()
-        # fill the holes with the tail: keep the survivors' positions deterministic
-        keep = np.ones(self.size, bool)
-        keep[picks] = False
-        tail_start = self.size - n
+        size = self.size
+        # numpy draws n of size without replacement in O(n) (Floyd's algorithm) when size > 50 n,
+        # else by a partial shuffle of size <= 50 n: O(batch) either way
+        picks = rng.choice(size, size=n, replace=False)
+        live = self.rows[self.head:self.end]
+        out = live[picks]
+        # fill the holes with the tail's survivors: the survivors' positions stay deterministic
+        tail_start = size - n
+        tail_keep = np.ones(n, bool)
+        tail_keep[picks[picks >= tail_start] - tail_start] = False
         holes = picks[picks < tail_start]
-        movers = np.flatnonzero(keep[tail_start:self.size]) + tail_start
-        self.rows[holes] = self.rows[movers]
-        self.size = tail_start
+        live[holes] = live[np.flatnonzero(tail_keep) + tail_start]
+        self.end -= n
+        self.touched += 3 * n
         return out
 
 
+@dataclass(frozen=True)
+class _Facts:
+    """What every rank acts on at a batch boundary, decided by rank 0: the version to adopt and
+    whether the followed write has ended (its row count is then final)."""
+
+    version: int
+    ended: bool
+
+
+_WAIT, _DONE = "wait", "done"
+
+
 class Follower:
-    """One rank's followed epoch (see the module doc). Built by the loader; iterate it once."""
+    """One rank's followed epoch (see the module doc). Built by the loader; iterate it once.
+
+    Lockstep by construction: at every batch boundary all ranks take part in one exchange
+    (``exchange``, an all-gather) in which rank 0 contributes the facts (:class:`_Facts`) and
+    every rank its failure, if any. Every rank then adopts exactly the version decided, so all
+    hold the same shards and the same row total; whether a step is taken, waited for or is the
+    last is computed from that total alone (rank ``r`` owns the rows ``r mod world``, each step
+    takes ``batch_size`` of each rank's rows), so every rank takes the same steps and walks the
+    same collectives. A failure on any rank (rank 0's decision: a timeout, a replaced or fenced
+    write; or a shard another rank could not read) is raised on every rank at that exchange."""
 
     def __init__(
         self,
@@ -156,10 +215,12 @@ class Follower:
         idle_timeout: float = 60.0,
         history: Sequence[Sequence[int]] = (),
         skip_batches: int = 0,
-        broadcast: Any = None,
+        exchange: Optional[Callable[[Any], list]] = None,
     ) -> None:
         if target.stream and idle_timeout is None:
             raise UsageError("following a stream needs follow_idle_timeout (seconds without a commit that end the epoch)")
+        if world > 1 and exchange is None:
+            raise UsageError("a followed epoch on several ranks needs an exchange between them (torch.distributed)")
         self.reader, self.target = reader, target
         self.root_local = root_local
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, epoch
@@ -168,17 +229,25 @@ class Follower:
         self.validate_hash = validate_hash
         self.cache = ShardCache(decoded_cache_bytes)
         self.poll, self.timeout, self.idle_timeout = poll, timeout, idle_timeout
-        self.broadcast = broadcast  # callable(value_on_rank0) -> value, None with one rank
+        self.exchange = exchange  # callable(obj) -> [obj of rank 0, obj of rank 1, ...]; None with one rank
         self.history: list[list[int]] = [list(h) for h in history]  # [batch index, version adopted]
         self.skip_batches = skip_batches
         self.emitted = 0
         self.version = -1  # last version adopted
         self.shards: list[_Shard] = []
+        self._starts = np.empty(0, np.int64)  # the shards' first row numbers, grown by doubling
         self.total = 0  # rows landed, all ranks
+        self.landed_bytes = 0  # decompressed bytes of the landed shards
         self.pool = _Pool()
         self.plan: Optional[BatchPlan] = None
         self.manifest = None
         self.finished = False
+        self.padding: dict[int, int] = {}  # batch index -> how many of its last rows are repeats
+        self._spill_dir: Optional[str] = None
+        self._mapped_files: dict[int, tuple] = {}  # shard -> (raw file checked, its identity then)
+        self._ended = False
+        self._in_end = False
+        self._wait_since: Optional[float] = None
         self._last_commit_at = time.monotonic()
 
     # ------------------------------------------------------------------ adopting commits
@@ -226,14 +295,29 @@ class Follower:
         start = self.total
         n = int(entry["samples"])
         self.shards.append(_Shard(entry, name, confined_path(self.root_local, name, where=where), layout, start))
+        if len(self.shards) > len(self._starts):
+            grown = np.empty(max(64, 2 * len(self._starts)), np.int64)
+            grown[:len(self.shards) - 1] = self._starts[:len(self.shards) - 1]
+            self._starts = grown
+        self._starts[len(self.shards) - 1] = start
         self.total += n
+        self.landed_bytes += int(entry["raw_data"]["bytes"])
         first = start + ((self.rank - start) % self.world)  # this rank's first row number in the shard
         if first < start + n:
             self.pool.add(np.arange(first, start + n, self.world, dtype=np.int64))
 
     # ------------------------------------------------------------------ deciding (rank 0) and agreeing
 
-    def _ended(self, snap: Snapshot) -> bool:
+    def _landed(self, rank: int) -> int:
+        """Rows rank ``rank`` owns among those landed: the same figure on every rank."""
+        return max(0, -(-(self.total - rank) // self.world))
+
+    def _smallest(self, k: int) -> int:
+        """Unread rows of the rank with the fewest before step ``k`` of the main phase (every step
+        took ``batch_size`` rows of each rank): whether every rank can fill a batch."""
+        return self._landed(self.world - 1) - k * self.batch_size
+
+    def _write_ended(self, snap: Snapshot) -> bool:
         if self.target.write_id is not None:
             w = snap.writes.get(self.target.write_id)
             if w is None or w.state in ("fenced", "replaced"):
@@ -242,26 +326,48 @@ class Follower:
             return w.state == "complete"
         return time.monotonic() - self._last_commit_at > self.idle_timeout
 
-    def _decide(self, need: int) -> tuple[int, bool]:
-        """Rank 0's decision at a batch boundary: the version to adopt and whether the epoch ends
-        once this rank's pool is drained. Waits while the pool cannot fill a batch."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            snap = self.reader.refresh()
-            ended = self._ended(snap)
-            if snap.version > self.version:
-                self._last_commit_at = time.monotonic()
-            if ended or snap.version > self.version or self.pool.size >= need:
-                return snap.version, ended
-            if time.monotonic() > deadline:
+    def _decide(self, k: int) -> _Facts:
+        """Rank 0's facts for step ``k``. The log is read when a rank could not fill the step, and
+        every 8 steps (new commits widen the shuffle); never once the write has ended."""
+        can_step = self._smallest(k) >= self.batch_size and not self._in_end
+        if self._ended or (can_step and k % 8):
+            return _Facts(self.version, self._ended)
+        snap = self.reader.refresh()
+        ended = self._write_ended(snap)
+        if snap.version > self.version:
+            self._last_commit_at = time.monotonic()
+        if can_step or ended or snap.version > self.version:
+            self._wait_since = None
+        else:
+            now = time.monotonic()
+            if self._wait_since is None:
+                self._wait_since = now
+            elif now - self._wait_since > self.timeout:
                 raise FollowTimeoutError(f"follow=True: no commit to {self.reader.root} for {self.timeout:.0f} s while "
                                          f"write {self.target.write_id} is still open; is the writer stuck?")
-            time.sleep(self.poll)
+        return _Facts(snap.version, ended)
 
-    def _agree(self, need: int, k: int) -> tuple[int, bool]:
-        if self.world == 1 or self.broadcast is None:
-            return self._decide(need)
-        return tuple(self.broadcast(lambda: self._decide(need)))
+    def _agree(self, k: int, failure: Optional[BaseException]) -> _Facts:
+        """The one exchange of a batch boundary (see the class doc): rank 0's facts for step ``k``,
+        or the failure of any rank, raised on every rank."""
+        facts = None
+        if failure is None and self.rank == 0:
+            try:
+                facts = self._decide(k)
+            except Exception as exc:
+                failure = exc
+        if self.exchange is None:
+            if failure is not None:
+                raise failure
+            return facts
+        everyone = self.exchange({"facts": facts, "failure": portable_error(failure) if failure is not None else None})
+        for r, theirs in enumerate(everyone):
+            if theirs["failure"] is None:
+                continue
+            if r == self.rank:
+                raise failure
+            raise rebuilt_error(theirs["failure"], r)
+        return everyone[0]["facts"]
 
     # ------------------------------------------------------------------ iteration
 
@@ -283,69 +389,171 @@ class Follower:
 
     def _end_shape(self) -> tuple[int, int]:
         """(steps every rank takes, rows in the last one), from the final row count alone, so all
-        ranks agree: the largest share decides; smaller shares pad their last batch by one row."""
-        largest = -(-self.total // self.world)
+        ranks agree: the largest share decides; smaller shares pad their last batch."""
+        largest = self._landed(0)
         if self.drop_last:
             steps = largest // self.batch_size
             return steps, self.batch_size
         steps = -(-largest // self.batch_size)
         return steps, largest - (steps - 1) * self.batch_size if steps else 0
 
-    def __iter__(self) -> Iterator[PackedBatch]:
-        if self.skip_batches:
-            if not self.history:
-                raise UsageError("a followed epoch's state has no adoption record to resume from")
-            self._replay()
-        if self.version < 0:
-            self._adopt(self.target.start_version)
-            self.history.append([0, self.version])
-        k = self.emitted
-        while True:
-            ended = False
-            if self.pool.size < self.batch_size or self.world > 1 or k % 8 == 0:
-                version, ended = self._agree(self.batch_size, k)
-                if version > self.version:
-                    self._adopt(version)
-                    self.history.append([k, version])
-            if ended and self.pool.size < self.batch_size:
-                break
-            if self.pool.size >= self.batch_size:
-                yield self._gather(self._draw(k, self.batch_size))
-                k += 1
-                self.emitted = k
+    def _rows(self, k: int, facts: _Facts) -> Any:
+        """Step ``k``'s rows for this rank after adopting ``facts``, or _WAIT / _DONE (the same on
+        every rank: computed from the adopted total and ``k`` alone)."""
+        if facts.version > self.version:
+            self._adopt(facts.version)
+            self.history.append([k, self.version])
+        self._ended = self._ended or facts.ended
+        if not self._in_end and self._smallest(k) >= self.batch_size:
+            return self._draw(k, self.batch_size)
+        if not self._ended:
+            return _WAIT
+        self._in_end = True
         steps, last = self._end_shape()
-        while k < steps:
-            want = self.batch_size if k < steps - 1 else last
-            rows = self._draw(k, want)
-            if len(rows) < want:  # a smaller share: repeat some of this rank's rows, as Mosaic pads
-                rng = np.random.default_rng([self.seed, self.epoch, k, self.rank, 1])
-                mine = np.arange(self.rank, self.total, self.world, dtype=np.int64)
-                rows = np.concatenate([rows, rng.choice(mine, size=want - len(rows))])
-            yield self._gather(rows)
-            k += 1
-            self.emitted = k
+        if k >= steps:
+            return _DONE
+        want = self.batch_size if k < steps - 1 else last
+        rows = self._draw(k, want)
+        pad = want - len(rows)
+        if pad:  # a smaller share: repeat some rows (as Mosaic pads), flagged by self.padding[k]
+            rng = np.random.default_rng([self.seed, self.epoch, k, self.rank, 1])
+            mine = self._landed(self.rank)
+            if mine:  # this rank's own rows
+                extra = self.rank + self.world * rng.integers(0, mine, size=pad)
+            else:  # it owns none (fewer rows than ranks): any row
+                extra = rng.integers(0, self.total, size=pad)
+            rows = np.concatenate([rows, extra.astype(np.int64)])
+            self.padding[k] = pad
+        return rows
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        failure: Optional[BaseException] = None
+        try:
+            if self.skip_batches:
+                if not self.history:
+                    raise UsageError("a followed epoch's state has no adoption record to resume from")
+                self._replay()
+            if self.version < 0:
+                self._adopt(self.target.start_version)
+                self.history.append([0, self.version])
+        except Exception as exc:
+            failure = exc
+        k = self.emitted
+        facts = self._agree(k, failure)
+        while True:
+            batch, rows = None, _WAIT
+            try:
+                rows = self._rows(k, facts)
+                if not isinstance(rows, str):
+                    batch = self._gather(rows)
+            except Exception as exc:
+                failure = exc
+            if rows is _WAIT and failure is None:
+                time.sleep(self.poll)
+            # every rank walks here once per step, wait and end included: the next step's facts,
+            # and any rank's failure, reach every rank before this batch is handed out
+            nxt = k + 1 if batch is not None else k
+            if rows is _DONE and self.exchange is None:
+                break
+            facts = self._agree(nxt, failure)
+            if rows is _DONE:
+                break
+            if batch is not None:
+                yield batch
+                k = nxt
+                self.emitted = k
         self.finished = True
 
-    def _decoded(self, i: int):
-        shard = self.shards[i]
+    # ------------------------------------------------------------------ reading shards
 
-        def load():
-            if not os.path.exists(shard.path):
-                if self._reads_in_place():
-                    raise FileNotFoundError(f"shard {shard.name!r} of {self.reader.root} is listed in the log but "
-                                            "missing: the dataset is incomplete")
-                self._download(shard)
+    def _spills(self) -> bool:
+        """Whether shards are read through files on local disk, memory-mapped (page cache, not
+        ``decoded_cache_bytes``): once the landed data no longer fits the budget, a shuffled draw
+        would otherwise evict and decompress shards again almost every batch. (Unshuffled, a
+        rank reads its rows in log order: a shard is needed for consecutive batches only.)"""
+        return self.shuffle and self.landed_bytes > self.cache.max_bytes
+
+    def _decoded(self, i: int):
+        return self.cache.get(i, lambda: self._load(i))
+
+    def _load(self, i: int):
+        """Shard ``i``, checked: decoded in memory, or — spilling — mapped from its decompressed
+        file (the stored file itself when it is not compressed), checked once per file."""
+        shard = self.shards[i]
+        spill = self._spills()
+        if spill:
+            mapped = self._mapped(i)
+            if mapped is not None:
+                return mapped
+        if not os.path.exists(shard.path):
+            if self._reads_in_place():
+                raise FileNotFoundError(f"shard {shard.name!r} of {self.reader.root} is listed in the log but "
+                                        "missing: the dataset is incomplete")
+            self._download(shard)
+        e = shard.entry
+        zipped = e.get("zip_data")
+        if spill and not zipped:
+            stored, ident = map_file(shard.path)
+        else:
             with open(shard.path, "rb") as f:
                 stored = f.read()
-            e = shard.entry
-            zipped = e.get("zip_data")
-            hashes = dict((zipped or e["raw_data"]).get("hashes") or {})
-            report = check_shard(stored, where=f"shard {shard.name!r}", compression=e.get("compression") if zipped else None,
-                                 raw_bytes=int(e["raw_data"]["bytes"]), samples=shard.samples, stored_hashes=hashes,
-                                 hash_names=pick_hash(hashes, self.validate_hash)).raise_first()
+        hashes = dict((zipped or e["raw_data"]).get("hashes") or {})
+        report = check_shard(stored, where=f"shard {shard.name!r}", compression=e.get("compression") if zipped else None,
+                             raw_bytes=int(e["raw_data"]["bytes"]), samples=shard.samples, stored_hashes=hashes,
+                             hash_names=pick_hash(hashes, self.validate_hash)).raise_first()
+        if not spill:
             return decode_shard(shard.name, shard.layout, report.raw, report.offsets)
+        if zipped:
+            path = self._spill_path(i)
+            tmp = f"{path}.part"
+            with open(tmp, "wb") as f:
+                f.write(memoryview(report.raw))
+            os.replace(tmp, path)
+            stored, ident = map_file(path)
+        else:
+            path = shard.path
+        self._mapped_files[i] = (path, ident)
+        return self._from_map(i, stored)
 
-        return self.cache.get(i, load)
+    def _spill_path(self, i: int) -> str:
+        if self._spill_dir is None:
+            from sparkbridge.bridge.spill import new_spill_folder, remove_stale_spill_folders
+
+            remove_stale_spill_folders()
+            self._spill_dir = new_spill_folder(self.reader.root)
+            os.makedirs(self._spill_dir, mode=0o700, exist_ok=True)
+            logger.info("%s: the followed data outgrew decoded_cache_bytes; shards are decompressed once into %s "
+                        "and memory-mapped from there (removed when the epoch ends)", self.reader.root, self._spill_dir)
+        return os.path.join(self._spill_dir, f"{i:08d}.mds")
+
+    def _mapped(self, i: int):
+        """Shard ``i`` from the file it was checked in, when that file is unchanged since."""
+        known = self._mapped_files.get(i)
+        if known is None:
+            return None
+        path, ident = known
+        try:
+            buf, now = map_file(path)
+        except FileNotFoundError:
+            return None
+        if now != ident:
+            return None
+        return self._from_map(i, buf)
+
+    def _from_map(self, i: int, buf: np.ndarray):
+        shard = self.shards[i]
+        offsets = buf[4:4 + 4 * (shard.samples + 1)].view("<u4")  # checked before it was written
+        return decode_shard(shard.name, shard.layout, buf, offsets, mapped=True)
+
+    def close(self) -> None:
+        """Drop the decoded shards and remove the spill folder."""
+        self.cache.clear()
+        self._mapped_files.clear()
+        if self._spill_dir is not None:
+            from sparkbridge.bridge.spill import remove_spill_folder
+
+            remove_spill_folder(self._spill_dir)
+            self._spill_dir = None
 
     def _reads_in_place(self) -> bool:
         storage = self.reader.storage
@@ -361,7 +569,7 @@ class Follower:
         os.replace(tmp, shard.path)
 
     def _gather(self, rows: np.ndarray) -> PackedBatch:
-        starts = np.fromiter((s.start for s in self.shards), np.int64, len(self.shards))
+        starts = self._starts[:len(self.shards)]
         sid = np.searchsorted(starts, rows, side="right") - 1
         local = rows - starts[sid]
         order = np.argsort(sid, kind="stable")
@@ -380,3 +588,4 @@ class Follower:
         return {"start_version": self.target.start_version, "write_id": self.target.write_id,
                 "stream": self.target.stream, "history": [h for h in self.history if h[0] <= consumed],
                 "batches": consumed}
+

@@ -22,15 +22,16 @@ import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from sparkbridge.bridge.device import resolve_device, to_batches
+from sparkbridge.bridge.device import outputs_to_device, resolve_device, to_batches
 from sparkbridge.bridge.orders import OrderProcess, OrderProcessDied
 from sparkbridge.bridge.passes import PassBoard
 from sparkbridge.bridge.source import Source, claim_cache, mark_cache, open_version, resolve_source
 from sparkbridge.bridge.state import LoaderState, StateError
+from sparkbridge.bridge.transform import TransformStage, apply_inline
 
 __all__ = ["StreamingLoader", "StateError"]
 
@@ -71,6 +72,12 @@ class StreamingLoader:
       ``pad_ranks=False`` drops those repeats instead (every row once over all ranks, for
       evaluation: a rank may then take one batch fewer, so no per-batch collective, and no
       ``state_dict``).
+    * Transform: ``transform=fn`` receives each batch as above and its result is what the loop
+      gets (tensors in it go to ``device``). It runs in ``transform_workers`` forked processes
+      (default ``num_workers``; 0 runs it in this process), results in the loader's order, so order,
+      resume, DDP shares and follow mode are as without it. A failure raises
+      :class:`~sparkbridge.errors.TransformError` naming the epoch and batch (see
+      :mod:`sparkbridge.bridge.transform`).
     * Types: bool columns (manifest.json) and ``<col>__null`` masks come as ``torch.bool``; dates
       as int32 days and timestamps as int64 microseconds since the epoch; ``str_int``/``str_float``
       as int64/float64 tensors, ``str_decimal`` as a list of ``Decimal``.
@@ -123,6 +130,8 @@ class StreamingLoader:
         follow_timeout: float = 600.0,
         follow_idle_timeout: Optional[float] = 60.0,
         follow_poll: float = 0.2,
+        transform: Optional[Callable[[Any], Any]] = None,
+        transform_workers: Optional[int] = None,
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -140,6 +149,20 @@ class StreamingLoader:
             raise ValueError("validate_hash must be a hash name such as 'xxh64', True/None (auto) or False")
         if validate_hash is True:
             validate_hash = None
+        if transform is not None and not callable(transform):
+            raise ValueError(f"transform must be a callable taking a batch, got {type(transform).__name__}")
+        if transform_workers is None:
+            transform_workers = num_workers if transform is not None else 0
+        if not isinstance(transform_workers, int) or isinstance(transform_workers, bool) or transform_workers < 0:
+            raise ValueError(f"transform_workers must be an int >= 0, got {transform_workers!r}")
+        self._transform = transform
+        self._transform_stage: Optional[TransformStage] = None
+        self._closed = True  # until construction completes (close() then stops only the transform stage)
+        if transform is not None and transform_workers > 0:
+            # forked first, before this loader starts any thread (the early fill, the order
+            # process): the workers only ever run the transform, on batches handed to them
+            self._transform_stage = TransformStage(transform, workers=transform_workers)
+            self._transform_stage.start()
         self.source = resolve_source(remote_or_local, local, must_exist=not follow)
         if self.source.remote is not None and self.source.local is not None:
             mark_cache(self.source.local, self.source.remote)  # claimed for one version in _build_dataset
@@ -164,6 +187,10 @@ class StreamingLoader:
         self._follow: Optional[dict] = None  # the followed epoch's settings while it is not finished
         self._follower: Any = None
         self._follow_resume: Optional[dict] = None
+        self._padding = 0  # see the padding property
+        # what a followed epoch waits with; kept when nothing is followed now, for a state that
+        # resumes one (load_state_dict)
+        self._follow_settings = {"timeout": follow_timeout, "idle_timeout": follow_idle_timeout, "poll": follow_poll}
         if follow:
             self._follow = self._follow_target(version=version, timeout=follow_timeout,
                                                idle_timeout=follow_idle_timeout, poll=follow_poll)
@@ -233,7 +260,7 @@ class StreamingLoader:
         return self._follow is not None and self._epoch == 0
 
     def _new_follower(self):
-        from sparkbridge.bridge.distributed import broadcast_from_rank0, world_info
+        from sparkbridge.bridge.distributed import all_gather_objects, world_info
         from sparkbridge.bridge.follow import Follower
         from sparkbridge.log.snapshot import LogReader
 
@@ -256,7 +283,7 @@ class StreamingLoader:
             validate_hash=opts["validate_hash"], decoded_cache_bytes=opts["decoded_cache_bytes"] or (1 << 30),
             poll=self._follow["poll"], timeout=self._follow["timeout"], idle_timeout=self._follow["idle_timeout"],
             history=resume.get("history", ()), skip_batches=int(resume.get("batches", 0)),
-            broadcast=broadcast_from_rank0 if world > 1 else None,
+            exchange=all_gather_objects if world > 1 else None,
         )
 
     def _follow_cache(self) -> str:
@@ -273,6 +300,8 @@ class StreamingLoader:
     def _follow_pass(self) -> Iterator[Any]:
         """The followed first epoch; when it ends, the finished version is opened for the next."""
         follower = self._new_follower()
+        if self._follower is not None:  # an earlier, abandoned followed pass: its spilled shards
+            self._follower.close()
         self._follower = follower
         self._consumed = follower.skip_batches
         self._active = True
@@ -283,15 +312,18 @@ class StreamingLoader:
             def to_tensors(self, batch, buf_tensor=None):
                 return follower.plan.to_tensors(batch, buf_tensor)
 
-        for out in to_batches(iter(follower), _Plan(), device=self.device, pin_memory=self.pin_memory,
-                              prefetch=self.prefetch):
+        k = follower.skip_batches
+        for out in self._outputs(iter(follower), _Plan(), epoch=0):
             if self._token is token:
                 self._consumed += 1
+                self._padding = follower.padding.get(k, 0)
+            k += 1
             yield out
         if self._token is not token or not follower.finished:
             return
         logger.info("%s: the followed epoch ended at version %d (%d batches); later epochs read that version",
                     self.source.name, follower.version, self._consumed)
+        follower.close()
         self.dataset = self._build_dataset(follower.version)
         self._follow, self._follower, self._follow_resume = None, None, None
         self._finish_pass(0)
@@ -383,6 +415,19 @@ class StreamingLoader:
         from sparkbridge.bridge import mosaic
 
         return int(mosaic.rank_world(self.dataset).num_ranks)
+
+    @property
+    def padding(self) -> int:
+        """How many of the last rows of the batch last handed out repeat rows already handed out.
+
+        In a followed epoch (``follow=True``) a rank whose share is smaller than another's pads
+        its last batch with repeats of its own rows (or any rows, when it owns none), so every
+        rank takes the same number of steps; those repeats are always the batch's last
+        ``padding`` rows. Mask them out of a loss or a metric with
+        ``keep = torch.arange(n) < n - loader.padding`` (``n`` the batch's row count). 0 for every
+        other batch, and in later epochs, whose order is Mosaic's (it repeats up to
+        ``world_size - 1`` samples over an epoch and does not flag them)."""
+        return self._padding
 
     @property
     def epoch(self) -> int:
@@ -582,6 +627,7 @@ class StreamingLoader:
         return iter_batches(self.dataset, ids)
 
     def _run(self, token: object, epoch: int) -> Iterator[Any]:
+        self._padding = 0
         if self.num_workers == 0:
             source: Any = iter(self.dataset)
         elif self.dataset.resident():
@@ -590,8 +636,7 @@ class StreamingLoader:
             work = self._board.work_for(epoch, self._board.start, self.num_workers)
             source = self._owned(self._workers(epoch, self._board.start, work))
         ahead = False
-        for k, out in enumerate(to_batches(source, self.dataset.plan, device=self.device,
-                                           pin_memory=self.pin_memory, prefetch=self.prefetch)):
+        for k, out in enumerate(self._outputs(source, self.dataset.plan, epoch=epoch)):
             if k == 1:
                 # The next epochs' orders are computed from the second batch on: after the
                 # workers are forked (never fork under a busy thread) and after the first batch,
@@ -606,6 +651,18 @@ class StreamingLoader:
             if not ahead:  # a pass of one batch
                 self._submit_ahead(epoch)
             self._finish_pass(epoch)
+
+    def _outputs(self, packed: Iterator[Any], plan: Any, *, epoch: int) -> Iterator[Any]:
+        """Packed batches -> tensors -> the transform (when given) -> the device. A pass counts a
+        batch as consumed when it leaves here, so batches in the transform stage are not."""
+        if self._transform is None:
+            return to_batches(packed, plan, device=self.device, pin_memory=self.pin_memory, prefetch=self.prefetch)
+        batches = to_batches(packed, plan, device=None, pin_memory=False, prefetch=self.prefetch)
+        if self._transform_stage is None:
+            out = apply_inline(self._transform, batches, epoch=epoch)
+        else:
+            out = self._transform_stage.map(batches, epoch=epoch)
+        return outputs_to_device(out, self.device, pin_memory=self.pin_memory)
 
     def _finish_pass(self, epoch: int) -> None:
         self._epoch, self._start, self._consumed, self._active = epoch + 1, 0, 0, False
@@ -666,6 +723,10 @@ class StreamingLoader:
         if saved.follow is not None:
             self._load_follow_state(saved)
             return
+        if self.dataset is None:
+            # this loader was about to follow a write (or a stream), but the saved run had already
+            # finished its followed epoch: resume on the version that epoch ended at, follow no more
+            self._leave_follow(saved.version)
         if saved.version is not None and saved.version >= 0 and saved.version != self.dataset.version:
             # the run started on another version: read exactly that one again (while retained)
             self._rebuild(saved.version)
@@ -683,6 +744,21 @@ class StreamingLoader:
         self._epoch, self._start, self._consumed, self._active = saved.epoch, saved.sample_in_epoch, 0, False
         self._token = None
 
+    def _leave_follow(self, version: Optional[int]) -> None:
+        logger.info("%s: the saved state was taken after its followed epoch; resuming on version %s, "
+                    "without following", self.source.name, version)
+        if self._follower is not None:
+            self._follower.close()
+        self._follow, self._follower, self._follow_resume = None, None, None
+        from sparkbridge.errors import VersionNotFoundError
+
+        try:
+            self.dataset = self._build_dataset(version if version is not None and version >= 0 else None)
+        except VersionNotFoundError as exc:
+            raise StateError(f"the saved state read version {version} of {self.source.name}, which can no longer "
+                             f"be read ({exc}); resuming on other data would repeat or skip samples") from None
+        self._len = None
+
     def _load_follow_state(self, saved: LoaderState) -> None:
         """Resume inside a followed epoch: the same write, from the same start, skipping the
         batches consumed (their draws are replayed from the recorded adoptions)."""
@@ -690,8 +766,9 @@ class StreamingLoader:
 
         f = saved.follow
         if self._follow is None:
-            self._follow = {"timeout": 600.0, "idle_timeout": 60.0, "poll": 0.2}
-            logger.info("resuming a followed epoch of %s with default follow settings", self.source.name)
+            self._follow = dict(self._follow_settings)
+            logger.info("resuming a followed epoch of %s (follow_timeout=%s s, follow_idle_timeout=%s s)",
+                        self.source.name, self._follow["timeout"], self._follow["idle_timeout"])
         for name in ("shuffle", "shuffle_seed"):
             mine = self._dataset_options[name]
             if getattr(saved, name) != mine:
@@ -701,6 +778,9 @@ class StreamingLoader:
             raise StateError("a followed epoch resumes only with the same batch size and world size "
                              f"(saved {saved.batch_size} x {saved.world_size}, now {self.batch_size} x {self.world_size})")
         self._follow["target"] = FollowTarget(int(f["start_version"]), f.get("write_id"), bool(f.get("stream")))
+        if self._follower is not None:
+            self._follower.close()
+            self._follower = None
         if self.dataset is not None:
             self._shutdown_workers()
             self._release(self.dataset)
@@ -745,6 +825,9 @@ class StreamingLoader:
     def close(self) -> None:
         """Stop the worker processes and the background epoch-order thread and release Mosaic's
         shared memory. The loader cannot be iterated afterwards (``state_dict`` still works)."""
+        stage = getattr(self, "_transform_stage", None)
+        if stage is not None:
+            stage.close()
         if getattr(self, "_closed", True):
             return
         self._closed = True
@@ -754,6 +837,8 @@ class StreamingLoader:
             self._executor = None
         self._stop_orders()
         self._board.drop_shared()
+        if self._follower is not None:
+            self._follower.close()
         self._follower = None
         if self.dataset is not None:
             self._release(self.dataset)

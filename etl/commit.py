@@ -29,18 +29,20 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from sparkbridge.errors import (
     CommitConflictError,
     DatasetExistsError,
     SchemaMismatchError,
+    UnsafePathError,
 )
 from sparkbridge.format.index import stored_name
 from sparkbridge.format.manifest import ColumnSpec
 from sparkbridge.log.commit import Draft, Superseded, commit
 from sparkbridge.log.derived import sync_derived
-from sparkbridge.log.layout import STAGING, job_file, new_write_id, staging_prefix
+from sparkbridge.log.entry import CommitUnit, Operation
+from sparkbridge.log.layout import STAGING, is_write_id, job_file, new_run_id, new_write_id, staging_prefix
 from sparkbridge.log.snapshot import LogReader, Snapshot
 from sparkbridge.log.vacuum import vacuum
 from sparkbridge.storage import Storage, fsync_tree
@@ -51,8 +53,9 @@ log = logging.getLogger(__name__)
 
 MODES = ("error", "overwrite", "append")
 HEARTBEAT_SECONDS = 60.0
-_LOG_MODE = {"error": "create", "append": "append", "overwrite": "overwrite"}
-_MODE_OF = {v: k for k, v in _LOG_MODE.items()}
+#: ``write_mds``'s ``mode`` (what to do when a dataset exists) -> the log's operation (what the write does)
+OPERATION_OF_MODE = {"error": Operation.CREATE, "append": Operation.APPEND, "overwrite": Operation.OVERWRITE}
+_MODE_OF = {v.value: k for k, v in OPERATION_OF_MODE.items()}
 
 
 def schema_record(*, columns: Sequence[ColumnSpec], fingerprint: str, nulls: str, compression: Optional[str],
@@ -97,20 +100,21 @@ def schema_diff(old: Sequence[ColumnSpec], new: Sequence[ColumnSpec]) -> list[st
 class WriteJob:
     """One ``write_mds`` call, from the mode check to the commit (see the module doc)."""
 
-    def __init__(self, storage: Storage, mode: str, *, resume: bool = False) -> None:
+    def __init__(self, storage: Storage, mode: str, *, resume: Union[bool, str] = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.storage = storage
         self.mode = mode
         self.reader = LogReader(storage)
         self.write_id = new_write_id()
+        self.run_id = new_run_id()  # attempt folders of this run: unique across Spark applications
         self.base: Snapshot = self.reader.refresh().copy()
         self.commit_attempted = False
         self.committed = False
         self.begin_version: Optional[int] = None  # commit="partition": the version of the begin entry
         self.resumed = False
         if resume:
-            self._resume_open_write()
+            self._resume_open_write(resume)
         else:
             self._check_mode()
         self._stop = threading.Event()
@@ -136,20 +140,41 @@ class WriteJob:
                 f"{self.storage.root} has no recorded schema (it was not written by sparkbridge), so its "
                 "logical schema is unknown and append cannot check it; use mode='overwrite' or a new output")
 
-    def _resume_open_write(self) -> None:
-        """``resume=True``: continue the newest open partitioned write instead of starting one."""
-        open_writes = sorted(self.base.open_writes, key=lambda w: w.begun_at)
-        if not open_writes:
-            raise CommitConflictError(
-                f"{self.storage.root}: resume=True but no write is open there (it completed, was replaced or "
-                "fenced by a vacuum); run the write again with mode='append' or mode='overwrite'")
-        w = open_writes[-1]
+    def _resume_open_write(self, resume: Union[bool, str]) -> None:
+        """Continue an open partitioned write instead of starting one. ``resume="<write id>"``
+        names it; ``resume=True`` takes the only open write and is refused when several are open
+        (why: a rerun of yesterday's job must never complete today's write with its own rows)."""
+        root = self.storage.root
+        if isinstance(resume, str):
+            w = self.base.writes.get(resume)
+            if w is None:
+                raise CommitConflictError(f"{root}: resume={resume!r}: write {resume} was never begun in this "
+                                          "dataset's log; rerun the write without resume")
+            if w.state != "open":
+                why = {"complete": f"write {resume} is complete (it has nothing left to commit)",
+                       "fenced": f"write {resume} was fenced by a vacuum: it is rolled back, none of its rows "
+                                 "are served",
+                       "replaced": f"write {resume} was replaced by an overwrite while it was open"}.get(
+                    w.state, f"write {resume} is {w.state}")
+                raise CommitConflictError(f"{root}: resume={resume!r}: {why}; rerun the write without resume")
+        else:
+            open_writes = sorted(self.base.open_writes, key=lambda w: w.begun_at)
+            if not open_writes:
+                raise CommitConflictError(
+                    f"{root}: resume=True but no write is open there (it completed, was replaced or "
+                    "fenced by a vacuum); run the write again with mode='append' or mode='overwrite'")
+            if len(open_writes) > 1:
+                listed = "; ".join(f"{w.write_id} ({_MODE_OF[w.mode]}, begun at version {w.begun_at}, "
+                                   f"{len(w.partitions)} partition(s) committed)" for w in open_writes)
+                raise CommitConflictError(
+                    f"{root}: resume=True but {len(open_writes)} writes are open: {listed}. Name the one this "
+                    f"job continues: resume='<write id>' (its failure said which)")
+            w = open_writes[0]
         self.write_id, self.begin_version, self.resumed = w.write_id, w.begun_at, True
-        begin = self.reader.read_entry(w.begun_at)
-        if begin.mode != _LOG_MODE[self.mode]:
-            raise CommitConflictError(f"{self.storage.root}: the open write {w.write_id} was begun with mode "
-                                      f"{_MODE_OF[begin.mode]!r}, not {self.mode!r}; resume it with that mode")
-        self.base = self.reader.snapshot(w.begun_at - 1) if w.begun_at > 0 else Snapshot(root=self.storage.root, version=-1)
+        if w.mode != OPERATION_OF_MODE[self.mode].value:
+            raise CommitConflictError(f"{root}: the open write {w.write_id} was begun with mode "
+                                      f"{_MODE_OF[w.mode]!r}, not {self.mode!r}; resume it with that mode")
+        self.base = self.reader.snapshot(w.begun_at - 1) if w.begun_at > 0 else Snapshot(root=root, version=-1)
         log.info("resuming write %s (begun at version %d, %d partition(s) committed)", w.write_id, w.begun_at,
                  len(w.partitions))
 
@@ -163,6 +188,11 @@ class WriteJob:
     def start(self) -> None:
         """Create the staging folder (local) and the job descriptor, start its heartbeat."""
         if self.storage.is_local:
+            folder = self.storage.local_path(staging_prefix(self.write_id))
+            if os.path.islink(folder) or os.path.islink(os.path.dirname(folder)):
+                # tasks would write, and cleanup delete, wherever the link points
+                raise UnsafePathError(f"{folder} (or {STAGING}/) is a symbolic link; a write's staging folder must "
+                                      f"be a real folder inside {self.storage.root}. Remove the link")
             for attempt in range(5):  # another write may remove an empty _staging/ meanwhile
                 try:
                     os.makedirs(self.storage.local_path(staging_prefix(self.write_id)), exist_ok=self.resumed)
@@ -197,7 +227,7 @@ class WriteJob:
         """The version this write commits on top of: the base, after adopting a pre-log index."""
         if not self.base.legacy:
             return self.base.version
-        draft = Draft(operation="import", write_id=new_write_id(), read_version=-1, add=tuple(self.base.shards),
+        draft = Draft(operation=Operation.IMPORT, write_id=new_write_id(), read_version=-1, add=tuple(self.base.shards),
                       schema=_legacy_schema(self.base),
                       info={"index_sha256": self.base.legacy_sha256, "reason": "adopt index.json written without a log"})
         try:
@@ -205,7 +235,7 @@ class WriteJob:
         except CommitConflictError:
             pass  # another writer adopted it first: its import is version 0 as well
         first = self.reader.read_entry(0)
-        if first.operation != "import" or first.info.get("index_sha256") != self.base.legacy_sha256:
+        if first.operation is not Operation.IMPORT or first.info.get("index_sha256") != self.base.legacy_sha256:
             raise CommitConflictError(f"{self.storage.root}: the dataset changed while this write ran "
                                       f"({first.describe()}); nothing was committed, rerun the write")
         self.base = self.reader.snapshot(0)
@@ -234,15 +264,25 @@ class WriteJob:
         entries = [e for task in tasks for e in attempt_entries(self.write_id, task)]
         read_version = self._base_version()
         if self.storage.is_local:
-            self._publish_local([t["attempt"] for t in tasks if t["entries"]])
+            try:
+                self._publish_local([t["attempt"] for t in tasks if t["entries"]])
+            except FileNotFoundError:
+                # a vacuum fenced this write (idle past its retention) and deleted its staged files:
+                # say so, as the commit itself would, instead of a bare rename error
+                if self.write_id in self.reader.refresh().fenced:
+                    raise CommitConflictError(
+                        f"{self.storage.root}: write {self.write_id} was fenced by a vacuum (no progress within "
+                        "the retention period) and its staged files were deleted; nothing of it was committed: "
+                        "rerun the write") from None
+                raise
         _faults.point("etl.commit.before_log")
         remove = tuple(stored_name(e) for e in self.base.shards) if self.mode == "overwrite" else ()
         rows = int(sum(t["rows"] for t in tasks))
         if txn is not None:
-            draft = Draft(operation="stream", write_id=self.write_id, read_version=read_version, add=tuple(entries),
+            draft = Draft(operation=Operation.STREAM, write_id=self.write_id, read_version=read_version, add=tuple(entries),
                           schema=schema, rows=rows, txn=dict(txn), info=info)
         else:
-            draft = Draft(operation="write", mode=_LOG_MODE[self.mode], write_id=self.write_id,
+            draft = Draft(operation=OPERATION_OF_MODE[self.mode], commit=CommitUnit.JOB, write_id=self.write_id,
                           read_version=read_version, add=tuple(entries), remove=remove, schema=schema, rows=rows,
                           info=info)
         self.commit_attempted = True
@@ -268,7 +308,8 @@ class WriteJob:
             return None
         read_version = self._base_version()
         remove = tuple(stored_name(e) for e in self.base.shards) if self.mode == "overwrite" else ()
-        draft = Draft(operation="begin", mode=_LOG_MODE[self.mode], write_id=self.write_id, read_version=read_version,
+        draft = Draft(operation=OPERATION_OF_MODE[self.mode], commit=CommitUnit.PARTITION, write_id=self.write_id,
+                      read_version=read_version,
                       remove=remove, schema=schema, info=info)
         self.commit_attempted = True
         entry = commit(self.storage, draft, reader=self.reader)
@@ -285,7 +326,7 @@ class WriteJob:
             raise CommitConflictError(
                 f"{self.storage.root}: write {self.write_id} ended but partitions {missing[:10]} have no commit in "
                 "the log (it was fenced, replaced, or its tasks were lost); rerun with resume=True")
-        draft = Draft(operation="complete", write_id=self.write_id, read_version=self.begin_version,
+        draft = Draft(operation=Operation.COMPLETE, write_id=self.write_id, read_version=self.begin_version,
                       rows=int(state.rows), info={"partitions": partitions})
         entry = commit(self.storage, draft, reader=self.reader)
         self.committed = True
@@ -317,8 +358,17 @@ class WriteJob:
             # a partitioned write: its committed partitions stay readable, marked incomplete (resume=True
             # finishes the write, mode='overwrite' replaces it, a vacuum fences it once idle)
             log.warning("%s: write %s stopped before it completed; its committed partitions stay readable "
-                        "(version %d onwards), marked incomplete: rerun with resume=True to finish it",
-                        self.storage.root, self.write_id, self.begin_version)
+                        "(version %d onwards) by followers only, marked incomplete: rerun with resume=%r to "
+                        "finish it", self.storage.root, self.write_id, self.begin_version, self.write_id)
+            if isinstance(exc, Exception):
+                try:
+                    w = self.reader.refresh().writes.get(self.write_id)
+                except Exception:  # the note is a hint; the write's own error is the one to report
+                    w = None
+                if w is not None and w.state == "open":
+                    exc.add_note(f"write {self.write_id} is open in {self.storage.root} with {len(w.partitions)} "
+                                 f"partition(s) committed: rerun the same job with resume={self.write_id!r} to "
+                                 "finish it (default readers do not see it until it completes)")
             try:
                 self._remove_staging()
             except Exception as cleanup_exc:

@@ -19,6 +19,7 @@ from typing import Any
 
 from sparkbridge import _faults
 from sparkbridge.log.commit import Draft, Superseded, commit
+from sparkbridge.log.entry import Operation
 from sparkbridge.log.layout import staging_prefix
 from sparkbridge.log.snapshot import LogReader
 from sparkbridge.storage import fsync_tree
@@ -63,7 +64,7 @@ def commit_partition(cfg: Any, row: dict[str, Any]) -> dict[str, Any]:
     attempt, partition = row["attempt"], row["partition"]
     _publish(cfg, attempt)
     _faults.point(f"etl.partition.before_log.p{partition}.a{row['attempt_number']}")
-    draft = Draft(operation="partition", write_id=cfg.job_id, read_version=cfg.read_version, partition=partition,
+    draft = Draft(operation=Operation.PARTITION, write_id=cfg.job_id, read_version=cfg.read_version, partition=partition,
                   add=tuple(attempt_entries(cfg.job_id, row)), info={"attempt": attempt, "rows": row["rows"]})
     try:
         entry = commit(cfg.storage, draft)

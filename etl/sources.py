@@ -1,4 +1,4 @@
-"""Read CSV or Parquet into a DataFrame, with an explicit policy for malformed CSV rows.
+"""Read CSV, JSON lines or Parquet into a DataFrame, with an explicit policy for malformed rows.
 
 Why not plain ``spark.read.csv``: its PERMISSIVE default silently turns a malformed row into nulls
 (data loss nobody sees), FAILFAST dies with a JVM traceback that does not name the file, and both
@@ -27,7 +27,7 @@ __all__ = ["read_source", "detect_format", "MalformedRecordsError", "FORMATS", "
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("csv", "parquet")
+FORMATS = ("csv", "parquet", "json")
 BAD_RECORD_POLICIES = ("fail", "drop")  # ... or a path: keep malformed rows there
 #: How many malformed rows an error quotes.
 MAX_EXAMPLES = 5
@@ -35,72 +35,72 @@ MAX_EXAMPLES = 5
 _LINE_LOOKUP_MAX_BYTES = 256 << 20
 
 _CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.deflate", ".csv.lz4", ".csv.snappy", ".csv.zst")
+#: JSON lines (one record per line, Spark's default JSON layout)
+_JSON_SUFFIXES = tuple(base + comp for base in (".json", ".jsonl", ".ndjson") for comp in ("", ".gz", ".bz2", ".zst"))
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 #: Spark's defaults for CSV, spelled out (and logged) so the behaviour does not depend on its version.
 _CSV_DEFAULTS = {"header": "true", "escape": '"', "encoding": "UTF-8"}
+_JSON_DEFAULTS = {"encoding": "UTF-8"}
 
 
 # --------------------------------------------------------------------------- files and formats
 
 
-def _hadoop_fs(spark: "SparkSession", path: str):
-    """Hadoop's FileSystem for ``path``: the same view of files Spark's reader has (any scheme)."""
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    try:
-        fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    except Exception as exc:  # py4j error: no FileSystem for the scheme
-        scheme = urlparse(path).scheme
-        java = getattr(exc, "java_exception", None)
-        detail = java.getMessage() if java is not None else (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ValueError(
-            f"Spark cannot read {path!r}: no Hadoop filesystem for scheme {scheme!r}"
-            + (" (S3 needs the hadoop-aws jars and an s3a:// URL)" if scheme in ("s3", "s3a") else "")
-            + f" ({detail})"
-        ) from None
-    return fs, hpath
-
-
-def _is_hidden(name: str) -> bool:
-    # Spark skips these when reading a folder (_SUCCESS, _committed, .crc files, ...).
-    return name.startswith("_") or name.startswith(".")
+def _spark_error(exc: BaseException) -> tuple[Optional[str], str]:
+    """(Spark's error condition, its message's first line without the JVM stack) of a pyspark
+    error, classic (py4j) or Connect (gRPC) alike."""
+    condition = None
+    getter = getattr(exc, "getCondition", None) or getattr(exc, "getErrorClass", None)  # Spark 4 / 3.x
+    if callable(getter):
+        try:
+            condition = getter()
+        except Exception:  # noqa: BLE001 - an error without a condition
+            condition = None
+    java = getattr(exc, "java_exception", None)
+    text = java.toString() if java is not None else str(exc)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return condition, first
 
 
 def _list_input(spark: "SparkSession", path: str) -> list[str]:
     """Data files under ``path`` (a file, a folder read recursively, or a glob), as Spark would see them.
 
+    Why through a DataFrame: Spark's own file index (the one its readers use, with every Hadoop
+    filesystem the cluster has, hidden ``_``/``.`` files skipped) answers this on a classic and on a
+    Spark Connect session alike, where no ``sparkContext``/JVM gateway exists in this process.
+    ``inputFiles()`` lists files without running a job; ``binaryFile`` reads no content for it.
     Raises FileNotFoundError naming the path when nothing is there.
     """
-    fs, hpath = _hadoop_fs(spark, path)
-    statuses = fs.globStatus(hpath)
-    if statuses is None or len(statuses) == 0:
-        raise FileNotFoundError(f"input not found: {path}")
-    files: list[str] = []
-    for status in statuses:
-        if status.isFile():
-            files.append(status.getPath().toString())
-            continue
-        it = fs.listFiles(status.getPath(), True)
-        base = status.getPath().toString().rstrip("/")
-        while it.hasNext():
-            f = it.next().getPath().toString()
-            rel = f[len(base):].lstrip("/")
-            if not any(_is_hidden(part) for part in rel.split("/")):
-                files.append(f)
-    return files
+    try:
+        files = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(path).inputFiles()
+    except Exception as exc:  # pyspark's AnalysisException (classic or Connect), a py4j error
+        condition, first = _spark_error(exc)
+        if condition == "PATH_NOT_FOUND":
+            raise FileNotFoundError(f"input not found: {path}") from None
+        if "No FileSystem for scheme" in first or "UnsupportedFileSystemException" in first:
+            scheme = urlparse(path).scheme
+            raise ValueError(
+                f"Spark cannot read {path!r}: no Hadoop filesystem for scheme {scheme!r}"
+                + (" (S3 needs the hadoop-aws jars and an s3a:// URL)" if scheme in ("s3", "s3a") else "")
+                + f" ({first})"
+            ) from None
+        raise ValueError(f"Spark cannot list {path!r}: {first}") from None
+    return sorted(files)
 
 
 def _format_of_name(name: str) -> Optional[str]:
     lower = name.lower()
     if lower.endswith(_CSV_SUFFIXES):
         return "csv"
+    if lower.endswith(_JSON_SUFFIXES):
+        return "json"
     if lower.endswith(_PARQUET_SUFFIXES):
         return "parquet"
     return None
 
 
 def detect_format(path: str, files: list[str]) -> str:
-    """``csv`` or ``parquet`` from the file names under ``path``; a clear error when unclear."""
+    """``csv``, ``parquet`` or ``json`` from the file names under ``path``; a clear error when unclear."""
     if not files:
         raise FileNotFoundError(f"{path}: no data files (hidden '_'/'.' files are ignored)")
     found: dict[str, list[str]] = {}
@@ -112,13 +112,13 @@ def detect_format(path: str, files: list[str]) -> str:
     if "unknown" in found:
         raise ValueError(
             f"{path}: cannot tell the format of {found['unknown'][0]} from its extension "
-            f"(known: {', '.join(_CSV_SUFFIXES + _PARQUET_SUFFIXES)}); pass format='csv' or 'parquet'"
+            f"(known: {', '.join(_CSV_SUFFIXES + _PARQUET_SUFFIXES + _JSON_SUFFIXES)}); "
+            "pass format='csv', 'parquet' or 'json'"
         )
     if len(found) > 1:
-        raise ValueError(
-            f"{path} mixes formats: CSV ({found['csv'][0]}, ...) and Parquet ({found['parquet'][0]}, ...); "
-            "read them separately"
-        )
+        mixed = " and ".join(f"{fmt.upper() if fmt != 'parquet' else 'Parquet'} ({files[0]}, ...)"
+                             for fmt, files in sorted(found.items()))
+        raise ValueError(f"{path} mixes formats: {mixed}; read them separately")
     return next(iter(found))
 
 
@@ -218,9 +218,10 @@ def _format_examples(examples: list[tuple[str, Optional[int], str]]) -> str:
     return "\n".join(lines)
 
 
-def _read_csv(
+def _read_text(
     spark: "SparkSession",
     path: str,
+    fmt: str,
     *,
     schema: Optional["StructType"],
     bad_records: str,
@@ -229,11 +230,16 @@ def _read_csv(
     from pyspark.sql import functions as F
     from pyspark.sql.types import StringType, StructField, StructType
 
-    reader_options = dict(_CSV_DEFAULTS)
+    what = "CSV row(s)" if fmt == "csv" else "JSON record(s)"
+    reader_options = dict(_CSV_DEFAULTS if fmt == "csv" else _JSON_DEFAULTS)
     reader_options.update({k: str(v) for k, v in options.items()})
     if schema is None:
         log.info("%s: no schema given; inferring column types from the data (an extra pass)", path)
-        schema = spark.read.options(**reader_options).option("inferSchema", "true").csv(path).schema
+        if fmt == "csv":
+            schema = spark.read.options(**reader_options).option("inferSchema", "true").csv(path).schema
+        else:  # JSON inference adds its own corrupt-record column when a line does not parse: not data
+            inferred = spark.read.options(**reader_options).option("columnNameOfCorruptRecord", "_corrupt_record")
+            schema = StructType([f for f in inferred.json(path).schema.fields if f.name != "_corrupt_record"])
     columns = schema.fieldNames()
     if not columns:
         raise ValueError(f"{path}: no columns (empty file or header?)")
@@ -243,14 +249,15 @@ def _read_csv(
     file_col = "_source_file"
     while file_col in columns:
         file_col = "_" + file_col
-    log.info("%s: CSV reader options %s", path, reader_options)
+    log.info("%s: %s reader options %s", path, fmt.upper(), reader_options)
 
     checked = (
         spark.read.schema(StructType(schema.fields + [StructField(corrupt, StringType(), True)]))
         .options(**reader_options)
         .option("mode", "PERMISSIVE")
         .option("columnNameOfCorruptRecord", corrupt)
-        .csv(path)
+        .format(fmt)
+        .load(path)
     )
     guard = _parse_guard(columns)
     bad = checked.filter(F.col(corrupt).isNotNull() & guard).withColumn(file_col, F.input_file_name())
@@ -261,19 +268,20 @@ def _read_csv(
         log.info("%s: no malformed rows", path)
         if bad_records == "fail":
             # Clean data: a plain read, FAILFAST in case the files change under us.
-            return spark.read.schema(schema).options(**reader_options).option("mode", "FAILFAST").csv(path)
+            return (spark.read.schema(schema).options(**reader_options).option("mode", "FAILFAST").format(fmt)
+                    .load(path))
         return good
     if bad_records == "fail":
         examples = _examples(bad, corrupt, file_col)
         raise MalformedRecordsError(
-            f"{path}: {n_bad} malformed CSV row(s) under schema <{schema.simpleString()}> "
+            f"{path}: {n_bad} malformed {what} under schema <{schema.simpleString()}> "
             f"(first {len(examples)} shown; use bad_records='drop' or a folder to keep them):\n"
             + _format_examples(examples),
             count=n_bad,
             examples=examples,
         )
     if bad_records == "drop":
-        log.warning("%s: dropped %d malformed CSV row(s) (bad_records='drop')", path, n_bad)
+        log.warning("%s: dropped %d malformed %s (bad_records='drop')", path, n_bad, what)
         return good
     (
         bad.select(F.col(file_col).alias("file"), F.col(corrupt).alias("record"))
@@ -282,12 +290,24 @@ def _read_csv(
         .write.mode("append")
         .json(bad_records)
     )
-    log.warning("%s: %d malformed CSV row(s) written to %s (JSON: file, record); continuing without them",
-                path, n_bad, bad_records)
+    log.warning("%s: %d malformed %s written to %s (JSON: file, record); continuing without them",
+                path, n_bad, what, bad_records)
     return good
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+def _read_images(spark: "SparkSession", path: str, *, bad_records: str, options: dict) -> "DataFrame":
+    """``format="images"``: :func:`sparkbridge.etl.images.read_images`, its keywords in ``options``."""
+    from sparkbridge.errors import UsageError
+    from sparkbridge.etl.images import read_images
+
+    allowed = ("label_pattern", "labels", "label_type", "suffixes")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise UsageError(f"read_source(format='images'): unknown options {unknown}; the options are {list(allowed)}")
+    return read_images(spark, path, bad_records=bad_records, **options)
 
 
 def read_source(
@@ -299,19 +319,24 @@ def read_source(
     bad_records: Union[str, "os.PathLike[str]"] = "fail",
     options: Optional[Mapping[str, Any]] = None,
 ) -> "DataFrame":
-    """A DataFrame over CSV or Parquet at ``path`` (a file, folder or glob; local, file:// or any
-    Hadoop filesystem Spark has).
+    """A DataFrame over CSV, JSON lines or Parquet at ``path`` (a file, folder or glob; local, file://
+    or any Hadoop filesystem Spark has), from a classic or a Spark Connect session alike.
 
-    - ``format``: ``"csv"`` or ``"parquet"``; by default from the file extensions (``.csv``,
-      ``.csv.gz``, ``.parquet``, or the files inside a folder).
-    - ``schema``: a DDL string (``"id INT, name STRING"``) or a StructType. CSV without one is
+    - ``format="images"``: a folder of PNG/JPEG files as ``(path, image, label)``
+      (:func:`sparkbridge.etl.images.read_images`; ``options`` holds its ``label_pattern``,
+      ``labels``, ``label_type`` and ``suffixes``).
+    - ``format``: ``"csv"``, ``"json"`` or ``"parquet"``; by default from the file extensions
+      (``.csv``, ``.csv.gz``, ``.json``/``.jsonl``/``.ndjson`` (+ ``.gz``), ``.parquet``, or the
+      files inside a folder).
+    - ``schema``: a DDL string (``"id INT, name STRING"``) or a StructType. CSV/JSON without one is
       inferred (one extra pass). Parquet with one is checked against the files' own schema.
-    - ``bad_records`` (CSV): ``"fail"`` raises :class:`MalformedRecordsError` naming the files, line
-      numbers and text of up to 5 malformed rows; ``"drop"`` drops them and logs the count; any other
+    - ``bad_records`` (CSV, JSON): ``"fail"`` raises :class:`MalformedRecordsError` naming the files,
+      line numbers and text of up to 5 malformed rows (a field that does not parse as its type, a
+      wrong field count, a line that is not JSON); ``"drop"`` drops them and logs the count; any other
       string is a folder where malformed rows are appended as JSON (``file``, ``record``, ``source``,
-      ``detected_at``) before the good rows are returned. Checking costs one extra pass over the CSV.
+      ``detected_at``) before the good rows are returned. Checking costs one extra pass over the input.
     - ``options``: extra Spark reader options (e.g. ``{"nullValue": "NA"}``); they win over the
-      defaults (header, RFC 4180 ``""`` escapes, UTF-8).
+      defaults (CSV: header, RFC 4180 ``""`` escapes, UTF-8; JSON: UTF-8).
     """
     if spark is None:
         raise ValueError("read_source needs a SparkSession")
@@ -329,9 +354,11 @@ def read_source(
         )
     if format is not None:
         format = format.lower()
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if format not in FORMATS + ("images",):
+            raise ValueError(f"format must be one of {FORMATS + ('images',)}, got {format!r}")
     options = dict(options or {})
+    if format == "images":
+        return _read_images(spark, path, bad_records=bad_records, options=options)
 
     files = _list_input(spark, path)
     if format is None:
@@ -341,10 +368,11 @@ def read_source(
 
     if format == "parquet":
         if bad_records not in ("fail", "drop"):
-            log.info("%s: bad_records=%r applies to CSV only; Parquet rows are typed by the file", path, bad_records)
+            log.info("%s: bad_records=%r applies to CSV and JSON only; Parquet rows are typed by the file",
+                     path, bad_records)
         df = spark.read.options(**options).parquet(path)
         if struct is not None:
             _check_parquet_schema(struct, df.schema, path)
             df = df.select(*[quote_column(f.name) for f in struct.fields])
         return df
-    return _read_csv(spark, path, schema=struct, bad_records=bad_records, options=options)
+    return _read_text(spark, path, format, schema=struct, bad_records=bad_records, options=options)

@@ -57,6 +57,8 @@ class TaskConfig:
     #: its own (see :mod:`sparkbridge.etl.partition`) on top of ``read_version`` (the begin entry)
     commit: str = "job"
     read_version: int = -1
+    #: the driver run (:func:`sparkbridge.log.layout.new_run_id`): part of every attempt folder name
+    run: str = ""
 
     def config(self) -> dict[str, Any]:
         return shard_config(
@@ -239,7 +241,7 @@ class _ShardCutter:
 def run_task(cfg: TaskConfig, batches: Iterator[Any], *, partition: int, task_attempt_id: int,
              attempt_number: int) -> dict[str, Any]:
     """Write one partition; returns the manifest row (attempt folder, index entries, counts)."""
-    attempt = attempt_name(partition, task_attempt_id)
+    attempt = attempt_name(partition, task_attempt_id, cfg.run)
     phases = Phases()  # opt-in timing of the phases below (etl.phases)
     sink = _ShardSink(cfg, _Target(cfg, attempt), phases)
     cutter = _ShardCutter(sink, cfg.shard_size)
@@ -284,8 +286,9 @@ def run_task(cfg: TaskConfig, batches: Iterator[Any], *, partition: int, task_at
     }
 
 
-def task_function(cfg: TaskConfig):
-    """The function given to ``mapInArrow``: one output row of JSON per task."""
+def task_function(cfg: TaskConfig, credentials: Any = None):
+    """The function given to ``mapInArrow``: one output row of JSON per task. ``credentials``: the
+    write's :class:`~sparkbridge.etl.credentials.CredentialKey` (the task's half of the S3 settings)."""
 
     def fn(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
@@ -295,9 +298,9 @@ def task_function(cfg: TaskConfig):
 
         ctx = TaskContext.get()
         if not cfg.storage.is_local:
-            # the driver's S3 settings travel as (redacted) local properties of this task, into this
-            # task's own client only: never into the reused worker's environment
-            cfg.storage.set_client_args(from_task_context(ctx))
+            # the driver's S3 settings travel sealed as local properties of this task, opened with the
+            # key in this closure, into this task's own client only: never into the worker's environment
+            cfg.storage.set_client_args(from_task_context(ctx, credentials))
         partition, attempt = ctx.partitionId(), ctx.attemptNumber()
         try:
             if cfg.commit == "partition":

@@ -27,6 +27,7 @@ from sparkbridge.errors import (
 )
 from sparkbridge.etl.commit import WriteJob, schema_record
 from sparkbridge.log.commit import Superseded
+from sparkbridge.log.layout import is_write_id
 from sparkbridge.etl.credentials import task_credentials
 from sparkbridge.log.vacuum import DEFAULT_RETENTION_SECONDS
 from sparkbridge.format.codecs import compression_extension, hash_bytes
@@ -137,7 +138,7 @@ def write_mds(
     decimals: str = "string",
     retention_seconds: float = DEFAULT_RETENTION_SECONDS,
     commit: str = "job",
-    resume: bool = False,
+    resume: Union[bool, str] = False,
     _txn: Optional[dict] = None,
 ) -> WriteResult:
     """Write ``df`` to ``out`` (local folder or ``s3://bucket/prefix``) as an MDS dataset.
@@ -155,11 +156,14 @@ def write_mds(
     ``commit``: ``job`` (default: one log entry when every task is done) or ``partition`` (each
     partition is committed by the task that wrote it, as soon as it is done, exactly once — a
     ``StreamingLoader(..., follow=True)`` trains on it while the job still runs; ``index.json``
-    for stock readers is refreshed at the end, when the write is marked complete). A failed
-    partitioned write leaves its committed partitions readable and marked incomplete: rerun with
-    ``resume=True`` (same input, same partitioning: claimed partitions are skipped, the rest are
-    written, then the write completes) or with ``mode="overwrite"``.
-    S3 outputs use the driver's ``S3_ENDPOINT_URL``/``AWS_*`` (sent with the tasks, redacted).
+    and default loaders see it at the end, when the write is marked complete). A failed
+    partitioned write stays open (its error's note names it): rerun the same job with
+    ``resume="<write id>"`` (same input, same partitioning: claimed partitions are skipped, the
+    rest are written, then the write completes); ``resume=True`` takes the only open write and is
+    refused when several are. A write idle past ``retention_seconds`` is fenced by a vacuum and
+    rolled back: never served, and an overwrite's old rows stay.
+    S3 outputs use the driver's ``S3_ENDPOINT_URL``/``AWS_*`` (sent with the tasks, sealed: see
+    :mod:`sparkbridge.etl.credentials`), on a classic and a Spark Connect session alike.
     """
     started = time.perf_counter()
     compression, hashes = _check_options(compression, hashes)
@@ -168,6 +172,9 @@ def write_mds(
         raise UsageError(f"retention_seconds must be a number >= 0, got {retention_seconds!r}")
     if commit not in ("job", "partition"):
         raise UsageError(f"commit must be 'job' or 'partition', got {commit!r}")
+    if not isinstance(resume, bool) and not (isinstance(resume, str) and is_write_id(resume)):
+        raise UsageError(f"resume must be True/False or a write id such as 'j20260101T120000-1a2b3c4d' (a failed "
+                         f"partitioned write names its own), got {resume!r}")
     if resume and commit != "partition":
         raise UsageError("resume=True continues a write committed per partition: pass commit='partition'")
     if _txn is not None and (mode != "append" or commit != "job"):
@@ -175,6 +182,12 @@ def write_mds(
     storage = open_storage(out)
     plans = plan_columns(df.schema, columns=columns, nulls=nulls, decimals=decimals)
     job = WriteJob(storage, mode, resume=resume)  # reads the latest version and applies the mode
+    if _txn is not None:  # a batch of another checkpoint under this app_id: refused before "already committed"
+        from sparkbridge.log.commit import stream_mismatch
+
+        mismatch = stream_mismatch(_txn, job.base.txn_queries.get(_txn["app_id"]), storage.root)
+        if mismatch:
+            raise CommitConflictError(mismatch)
     if _txn is not None and job.base.txns.get(_txn["app_id"], -1) >= _txn["batch_id"]:
         log.info("%s: batch %d of stream %s is already committed (a replay after a restart): skipped",
                  storage.root, _txn["batch_id"], _txn["app_id"])
@@ -202,17 +215,17 @@ def write_mds(
                             hashes=hashes))
     prepared = prepare_frame(df, plans, nulls=nulls)
     if commit == "partition":
-        job.begin(schema=schema, info={"writer": "sparkbridge.etl.write_mds", "mode": mode})
+        job.begin(schema=schema, info={"writer": "sparkbridge.etl.write_mds"})
     job.start()
     log.info("write_mds: %d columns to %s (mode=%s, nulls=%s, compression=%s, shard_size=%d, write %s)",
              len(plans), storage.root, mode, nulls, compression, size_limit, job.write_id)
     cfg = TaskConfig(storage=storage, job_id=job.write_id, plans=tuple(plans), compression=compression,
                      hashes=hashes, shard_size=size_limit, nulls=nulls, commit=commit,
-                     read_version=-1 if job.begin_version is None else job.begin_version)
+                     read_version=-1 if job.begin_version is None else job.begin_version, run=job.run_id)
     try:
         try:
-            with task_credentials(df.sparkSession, storage), arrow_stream_conf(df.sparkSession, plans):
-                result_rows = prepared.mapInArrow(task_function(cfg), f"{MANIFEST_FIELD} string").collect()
+            with task_credentials(df.sparkSession, storage) as key, arrow_stream_conf(df.sparkSession, plans):
+                result_rows = prepared.mapInArrow(task_function(cfg, key), f"{MANIFEST_FIELD} string").collect()
         except Exception as exc:
             message = _task_error(exc)
             if message is not None:
@@ -233,7 +246,7 @@ def write_mds(
             entry = job.complete(tasks, partitions=len(tasks))
         else:
             entry = job.finish(tasks, schema=schema, txn=_txn,
-                               info={"writer": "sparkbridge.etl.write_mds", "mode": mode, "partitions": len(tasks)})
+                               info={"writer": "sparkbridge.etl.write_mds", "partitions": len(tasks)})
     except Superseded as exc:  # a replayed stream batch committed meanwhile by its first run
         job.abort(exc)
         return WriteResult(rows=0, shards=0, bytes=0, seconds=time.perf_counter() - started, out=storage.root,

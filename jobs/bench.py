@@ -35,6 +35,8 @@ BENCHMARKS = {
     "live": "bench/live.py",  # training that follows the ETL vs ETL then training
     "shuffle": "bench/shuffle.py",  # shuffle score of a followed epoch vs a global shuffle
     "s3": "bench/s3.py",  # first epoch from a real S3 server (SeaweedFS) vs stock Mosaic
+    "media": "bench/media.py",  # JPEG decode in the transform stage vs the decode bound and Mosaic
+    "sequences": "bench/sequences.py",  # token sequences padded / packed vs Mosaic's per-sample path
     "peers": "bench/peers.py",  # first epoch vs Petastorm's BatchedDataLoader (installed on first use)
 }
 

@@ -31,7 +31,7 @@ log = logging.getLogger("sparkbridge.convert")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=("csv", "parquet"), help="input format (default: from the extension)")
+    parser.add_argument("--format", choices=("csv", "parquet", "json"), help="input format (default: from the extension)")
     parser.add_argument("--schema", help="input schema as DDL, e.g. 'id INT, name STRING' (CSV default: inferred)")
     parser.add_argument("--mode", choices=("error", "overwrite", "append"), default="error",
                         help="when OUTPUT already holds a dataset (default: error)")
@@ -56,18 +56,27 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commit", choices=("job", "partition"), default="job",
                         help="commit the whole job at its end (default), or each partition as soon as it is "
                              "written, so `StreamingLoader(..., follow=True)` trains while the job runs")
-    parser.add_argument("--resume", action="store_true",
-                        help="with --commit partition: finish the open write a failed run left (same input)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="WRITE_ID",
+                        help="with --commit partition: finish the open write a failed run left (same input): the "
+                             "one named (its error says which), or without WRITE_ID the only open write")
     parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="extra Spark setting")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (last line of stdout)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _add_remote(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--remote", metavar="sc://HOST:PORT", default=None,
+                        help="run on a Spark Connect server instead of a local/cluster driver "
+                             "(default: the SPARK_REMOTE environment variable when set)")
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """``sparkbridge convert INPUT OUTPUT [options]``."""
     parser.add_argument("input", metavar="INPUT", help="CSV/Parquet file, folder or glob")
     parser.add_argument("output", metavar="OUTPUT", help="dataset root: a folder or s3://bucket/prefix")
-    parser.add_argument("--master", default="local[*]", help="Spark master URL (default local[*])")
+    parser.add_argument("--master", default=None,
+                        help="Spark master URL (default local[*], or the SPARK_REMOTE Connect server when set)")
+    _add_remote(parser)
     _add_common(parser)
 
 
@@ -80,6 +89,7 @@ def _submit_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, help="CSV/Parquet file, folder or glob")
     parser.add_argument("--output", required=True, help="dataset root: a folder or s3://bucket/prefix")
     parser.add_argument("--master", default=None, help="override spark-submit's master (normally not needed)")
+    _add_remote(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     _add_common(parser)
     return parser
@@ -154,20 +164,26 @@ def _ship_etl_package(spark: "SparkSession") -> str:
                     if name.endswith(".py"):
                         full = os.path.join(folder, name)
                         zf.write(full, f"{arcroot}/{os.path.relpath(full, root)}".replace(os.sep, "/"))
-    spark.sparkContext.addPyFile(zpath)
+    from sparkbridge.etl.session import is_connect
+
+    if is_connect(spark):  # a Connect session's Python workers get the session's artifacts
+        spark.addArtifacts(zpath, pyfile=True)
+    else:
+        spark.sparkContext.addPyFile(zpath)
     log.info("shipped the Spark side of sparkbridge to the executors (%s)", zpath)
     return zpath
 
 
 def build_session(*, master: Optional[str], conf: dict[str, str], app_name: str = "sparkbridge-convert",
-                  verbose: bool = False) -> "SparkSession":
-    """A SparkSession for the job (:func:`jobs.spark.spark_session`); ``master=None`` keeps what
-    spark-submit configured. Executors get the driver's S3 settings with each write's tasks
+                  verbose: bool = False, remote: Optional[str] = None) -> "SparkSession":
+    """A SparkSession for the job (:func:`sparkbridge.jobs.spark.spark_session`); ``master=None``
+    keeps what spark-submit configured; ``remote`` (or ``SPARK_REMOTE``) makes a Spark Connect
+    session instead. Executors get the driver's S3 settings with each write's tasks
     (:mod:`sparkbridge.etl.credentials`), not through ``spark.executorEnv``, where Spark's redaction
     leaves ``AWS_ACCESS_KEY_ID`` readable."""
     from sparkbridge.jobs.spark import spark_session
 
-    spark, _ = spark_session(master, app_name=app_name, conf=dict(conf), verbose=verbose)
+    spark, _ = spark_session(master, remote=remote, app_name=app_name, conf=dict(conf), verbose=verbose)
     return spark
 
 
@@ -241,16 +257,27 @@ def preflight(args: argparse.Namespace) -> None:
                                      "or --mode append to add to it") from None
 
 
-def _run(args: argparse.Namespace, *, master: Optional[str]) -> int:
+def _run(args: argparse.Namespace, *, master: Optional[str], default_master: Optional[str] = None) -> int:
     """Check the options, then run the job; errors propagate to ``cli.run_command`` (one line, exit code)."""
     conf = _conf_pairs(args.conf)
     _columns(args.select)
     _columns(args.features, option="--features")
+    from sparkbridge.etl.session import is_connect
+    from sparkbridge.jobs.spark import remote_url
+
+    remote = getattr(args, "remote", None)
+    if remote and master:
+        raise UsageError(f"--master {master} and --remote {remote}: pick one (a Connect server has its own master)")
+    if master and not remote and os.environ.get("SPARK_REMOTE"):
+        raise UsageError(f"--master {master} while SPARK_REMOTE={os.environ['SPARK_REMOTE'].split(';')[0]} is set: "
+                         "pyspark would connect there anyway; unset SPARK_REMOTE or drop --master")
+    remote = remote_url(remote) if not master else None
     preflight(args)  # a missing input or a refused write fails here, before a JVM starts
-    spark = build_session(master=master, conf=conf, verbose=getattr(args, "verbose", False))
+    spark = build_session(master=master if (master or remote) else default_master, conf=conf,
+                          verbose=getattr(args, "verbose", False), remote=remote)
     shipped: Optional[str] = None
     try:
-        if not spark.sparkContext.master.startswith("local"):
+        if is_connect(spark) or not spark.sparkContext.master.startswith("local"):
             shipped = _ship_etl_package(spark)
         result = convert(spark, args, progress=not args.no_progress)
     finally:
@@ -265,7 +292,7 @@ def _run(args: argparse.Namespace, *, master: Optional[str]) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    return _run(args, master=args.master)
+    return _run(args, master=args.master, default_master="local[*]")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -249,7 +249,9 @@ def build_features(
     from pyspark.ml.feature import StringIndexer
     from pyspark.sql import functions as F
 
-    n_parts = partitions or max(2, spark.sparkContext.defaultParallelism)
+    from sparkbridge.etl.session import default_parallelism
+
+    n_parts = partitions or max(2, default_parallelism(spark))
     source = etl.read_source(spark, str(raw.flights), format="csv", schema=FLIGHTS_SCHEMA)
     # Parse once, keep only what the features need, spread over the cores: the passes below
     # (StringIndexer fit, two writes) then start from memory.

@@ -37,6 +37,8 @@ __all__ = [
     "free_ports",
     "seaweedfs_server",
     "spark_standalone_cluster",
+    "spark_connect_server",
+    "ConnectServer",
     "create_bucket",
     "spark_home",
     "spark_submit",
@@ -470,5 +472,94 @@ def spark_standalone_cluster(
         yield master_url
     finally:
         _stop(procs)
+        if owns_dir:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Spark Connect server
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectServer:
+    """A running Spark Connect server: ``url`` is what ``SparkSession.builder.remote`` takes."""
+
+    url: str
+    log_path: Path
+    webui: Optional[str]
+    event_log_dir: Optional[Path]
+
+
+@contextlib.contextmanager
+def spark_connect_server(
+    *,
+    master: str = "local[2,4]",
+    log_dir: Optional[PathLike] = None,
+    conf: Optional[Mapping[str, str]] = None,
+    env: Optional[Mapping[str, str]] = None,
+    ui: bool = False,
+    event_log: bool = False,
+    timeout: float = 180.0,
+) -> Iterator[ConnectServer]:
+    """A Spark Connect server on 127.0.0.1 (a free port), in its own process; yields a :class:`ConnectServer`.
+
+    Why a process of its own: in one Python process, a Connect session (pyspark switches the whole
+    process to Connect mode once it has one) and a classic session cannot be used side by side,
+    and ``SparkSession.builder.remote("local")`` runs the server inside the caller. Started as the
+    wheel's ``spark-submit --class org.apache.spark.sql.connect.service.SparkConnectServer`` (the
+    wheel has no sbin/), its driver log (INFO) in ``log_dir/connect-server.log``. The S3 settings
+    of this process (``S3_ENDPOINT_URL``, ``AWS_*``) are *not* passed on: the server's executors
+    have only the credentials a write sends (``env`` adds variables). Ready once a client can run
+    a query.
+    """
+    owns_dir = log_dir is None
+    base = Path(tempfile.mkdtemp(prefix="sparkbridge-connect-")) if owns_dir else Path(log_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    home = spark_home()
+    server_env = {k: v for k, v in os.environ.items()
+                  if not (k.startswith("AWS_") or k == "S3_ENDPOINT_URL" or k.startswith("SPARK_CONNECT")
+                          or k == "SPARK_REMOTE")}
+    server_env.update({"SPARK_HOME": home, "SPARK_LOCAL_IP": HOST,
+                       "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable)})
+    server_env.pop("SPARK_CONF_DIR", None)
+    if env:
+        server_env.update(env)
+    port, ui_port = free_ports(2)
+    settings = {
+        "spark.connect.grpc.binding.address": HOST,
+        "spark.connect.grpc.binding.port": str(port),
+        "spark.ui.enabled": "true" if ui else "false",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.ui.showConsoleProgress": "false",
+    }
+    if ui:
+        settings["spark.ui.port"] = str(ui_port)
+    events = None
+    if event_log:
+        events = base / "events"
+        events.mkdir(exist_ok=True)
+        settings.update({"spark.eventLog.enabled": "true", "spark.eventLog.dir": events.as_uri(),
+                         "spark.eventLog.compress": "false"})  # plain JSON lines: searchable
+    settings.update(conf or {})
+    argv = [str(Path(home) / "bin" / "spark-submit"), "--class",
+            "org.apache.spark.sql.connect.service.SparkConnectServer", "--master", master,
+            "--name", "sparkbridge-connect"]
+    for key, value in settings.items():
+        argv += ["--conf", f"{key}={value}"]
+    log_path = base / "connect-server.log"
+    proc = _spawn("spark connect server", argv, log_path=log_path, env=server_env, cwd=base)
+    url = f"sc://{HOST}:{port}"
+    try:
+        def listening() -> bool:
+            with socket.create_connection((HOST, port), timeout=1):
+                return True
+
+        _poll(f"Spark Connect server at {url}", listening, timeout=timeout, procs=[proc], interval=0.5)
+        log.info("Spark Connect server %s (log %s)", url, log_path)
+        yield ConnectServer(url=url, log_path=log_path, webui=f"http://{HOST}:{ui_port}" if ui else None,
+                            event_log_dir=events)
+    finally:
+        _stop([proc])
         if owns_dir:
             shutil.rmtree(base, ignore_errors=True)

@@ -41,6 +41,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=None, help="use only the first N flights of the CSV (default: all 336,776)")
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (default: 5)")
     parser.add_argument("--master", default="local[*]", help="Spark master URL (default: local[*])")
+    parser.add_argument("--remote", default=None, metavar="sc://HOST:PORT",
+                        help="run the Spark side on a Spark Connect server (default: SPARK_REMOTE when set)")
     parser.add_argument("--batch-size", type=int, default=1024, help="rows per training batch (default: 1024)")
     parser.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default: 0.005)")
     parser.add_argument("--seed", type=int, default=1313, help="seed of the model init and the shuffle (default: 1313)")
@@ -52,6 +54,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads (default: 1; the model is tiny, more threads only add sync overhead)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--images", action="store_true",
+                        help="the image demo instead: scikit-learn's digits as PNG files -> Spark -> MDS -> a CNN "
+                             "trained through the loader's transform stage (decode + random shift)")
     parser.add_argument("--live", action="store_true",
                         help="train while Spark still writes: partitions are committed as they are written and "
                              "the first epoch follows them (prints the time to first batch and the overlap)")
@@ -97,6 +102,13 @@ def _shard_count(root: str) -> int:
     return len(json.loads(open_storage(root).read_bytes("index.json"))["shards"])
 
 
+def _where(spark: "SparkSession") -> str:
+    """The master URL, or ``Spark Connect sc://host:port``: what the summary names."""
+    from sparkbridge.etl.session import describe, is_connect
+
+    return describe(spark) if is_connect(spark) else spark.sparkContext.master
+
+
 def _etl(args: argparse.Namespace, out: Path, spark: Optional["SparkSession"], *, progress: bool) -> tuple[str, dict, dict]:
     """Extract and run the Spark job; returns (dataset root, feature spec, facts for the summary)."""
     from sparkbridge.jobs import flights
@@ -108,9 +120,11 @@ def _etl(args: argparse.Namespace, out: Path, spark: Optional["SparkSession"], *
     raw = flights.extract_raw(out / "raw", rows=args.rows, progress=progress)
     created = False
     if spark is None:
-        spark, created = spark_session(args.master, app_name="sparkbridge-demo", verbose=getattr(args, "verbose", False),
+        spark, created = spark_session(args.master, remote=getattr(args, "remote", None), app_name="sparkbridge-demo",
+                                       verbose=getattr(args, "verbose", False),
                                        conf=_DEMO_SPARK_CONF)
-    log.info("Spark ETL (%s) → MDS shards under %s", args.master if created else "active session", dataset)
+    where = _where(spark) if created else "active session"
+    log.info("Spark ETL (%s) → MDS shards under %s", where, dataset)
     t_etl = time.perf_counter()
     try:
         with SparkProgress(spark, enabled=progress) as bars:
@@ -129,7 +143,7 @@ def _etl(args: argparse.Namespace, out: Path, spark: Optional["SparkSession"], *
         "bytes": results["train"].bytes + results["test"].bytes,
         "etl_seconds": round(etl_seconds, 3),
         "write_seconds": round(results["train"].seconds + results["test"].seconds, 3),
-        "master": args.master if created else "active session",
+        "master": where,
     }
     return str(dataset), flights.feature_spec(features), facts
 
@@ -149,10 +163,10 @@ class _LiveETL:
         raw = flights.extract_raw(out / "raw", rows=args.rows, progress=False)
         self.created = False
         if spark is None:
-            spark, self.created = spark_session(args.master, app_name="sparkbridge-demo",
+            spark, self.created = spark_session(args.master, remote=getattr(args, "remote", None), app_name="sparkbridge-demo",
                                                 verbose=getattr(args, "verbose", False), conf=_DEMO_SPARK_CONF)
         self.spark = spark
-        self.master = args.master if self.created else "active session"
+        self.master = _where(spark) if self.created else "active session"
         t0 = time.perf_counter()
         self.features = flights.build_features(spark, raw)
         self.features_seconds = time.perf_counter() - t0
@@ -271,6 +285,10 @@ def run_demo(args: argparse.Namespace, *, spark: Optional["SparkSession"] = None
     from sparkbridge.storage import is_remote
 
     _validate(args)
+    if getattr(args, "images", False):
+        from sparkbridge.jobs.images_demo import run_images_demo
+
+        return run_images_demo(args, spark=spark)
     progress = progress and not getattr(args, "no_progress", False)
     t_total = time.perf_counter()
     out = Path(args.out).resolve()

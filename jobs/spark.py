@@ -6,6 +6,11 @@ this interpreter, UTC session time, and a console that shows our progress bars a
 instead of Spark's own progress bar and its INFO/WARN start-up chatter (``verbose=True`` keeps
 Spark's own log at INFO). A local driver JVM gets a log4j2 configuration that prints errors only;
 under spark-submit the driver is already running, so only the log level is set.
+
+Spark Connect: ``remote="sc://host:port"`` (the CLI's ``--remote``) or the ``SPARK_REMOTE``
+environment variable (pyspark's own convention) makes a Connect session instead; the Spark-side
+code works on either (:mod:`sparkbridge.etl.session`). A Connect server owns its driver: JVM
+options, Python workers and log levels are set where it runs, not here.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import TYPE_CHECKING, Mapping, Optional
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import SparkSession
 
-__all__ = ["spark_session", "active_session", "quiet_log4j_config"]
+__all__ = ["spark_session", "active_session", "quiet_log4j_config", "remote_url"]
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +71,62 @@ def active_session() -> Optional["SparkSession"]:
     return SparkSession.getActiveSession()
 
 
+def remote_url(remote: Optional[str] = None) -> Optional[str]:
+    """The Spark Connect URL to use: ``remote`` when given, else ``SPARK_REMOTE``, else None (classic).
+
+    Raises :class:`~sparkbridge.errors.UsageError` for a URL pyspark would refuse with its own error."""
+    from sparkbridge.errors import UsageError
+
+    url = remote if remote else os.environ.get("SPARK_REMOTE") or None
+    if url is None:
+        return None
+    where = "--remote" if remote else "SPARK_REMOTE"
+    if not (url.startswith("sc://") or url.startswith("local")):
+        raise UsageError(f"{where} must be a Spark Connect URL such as sc://host:15002 (or local[N] for a server "
+                         f"started in this process), got {url!r}")
+    return url
+
+
 def spark_session(
     master: Optional[str] = "local[*]",
     *,
+    remote: Optional[str] = None,
     app_name: str = "sparkbridge",
     conf: Optional[Mapping[str, str]] = None,
     verbose: bool = False,
 ) -> tuple["SparkSession", bool]:
     """``(session, created)``: the active session if there is one, else a new one on ``master``
-    (``None``: what spark-submit configured). The caller stops the session only if it created it."""
+    (``None``: what spark-submit configured), or a Spark Connect session on ``remote`` /
+    ``SPARK_REMOTE`` when one is given. The caller stops the session only if it created it."""
     from pyspark.sql import SparkSession
+
+    from sparkbridge.etl.session import describe
 
     active = active_session()
     if active is not None:
-        log.info("using the active Spark session (master %s)", active.sparkContext.master)
+        log.info("using the active Spark session (%s)", describe(active))
         return active, False
     settings = dict(conf or {})
+    url = remote_url(remote)
+    if url is not None:
+        # Only session (SQL) settings make sense for a remote driver; static ones are the server's.
+        if url.startswith("sc://"):
+            try:
+                from pyspark.sql.connect.session import SparkSession as RemoteSparkSession
+            except ImportError as exc:
+                from sparkbridge.errors import UsageError
+
+                raise UsageError(f"Spark Connect needs pyspark's connect client packages (pip install "
+                                 f"'pyspark[connect]': grpcio, grpcio-status, zstandard): {exc}") from None
+            # as SparkSession.builder does, without its refusal when this process also has a classic context
+            os.environ["SPARK_CONNECT_MODE_ENABLED"] = "1"
+            builder = RemoteSparkSession.builder.remote(url).appName(app_name)
+        else:
+            builder = SparkSession.builder.remote(url).appName(app_name)
+        for key, value in {"spark.sql.session.timeZone": "UTC", **settings}.items():
+            builder = builder.config(key, value)
+        log.info("connecting to Spark Connect %s", url.split(";")[0])
+        return builder.getOrCreate(), True
     if not os.environ.get("PYSPARK_PYTHON") and "spark.pyspark.python" not in settings:
         # Python workers must import pyarrow and sparkbridge: run them with this interpreter.
         os.environ["PYSPARK_PYTHON"] = sys.executable

@@ -34,9 +34,10 @@ __all__ = [
     "LogError",
     "UnsafePathError",
     "StateError",
+    "TransformError",
     "FollowTimeoutError",
-    "CheckpointError",
     "RankFailedError",
+    "CheckpointError",
 ]
 
 
@@ -123,15 +124,21 @@ class StateError(SparkbridgeError, ValueError):
     """A saved loader state does not fit this loader (other data, other order, bad fields)."""
 
 
+class TransformError(SparkbridgeError, RuntimeError):
+    """A loader's ``transform`` raised (the original exception is the ``__cause__``) or one of its
+    worker processes died; the message names the epoch and batch."""
+
+
 class FollowTimeoutError(SparkbridgeError, TimeoutError):
     """``follow=True`` waited longer than its timeout for a dataset or for new commits."""
+
+
+class RankFailedError(SparkbridgeError, RuntimeError):
+    """Another rank of a distributed job failed: with an error that cannot travel as itself (it
+    does not pickle), or (``jobs/train.py``) as the cause of this rank's broken collective; the
+    message names that rank and repeats its error, so every rank's log says why the job ended."""
 
 
 class CheckpointError(SparkbridgeError, ValueError):
     """A training checkpoint is unreadable, not sparkbridge's, or written for another model/data;
     the message names the file(s) and says how to start over."""
-
-
-class RankFailedError(SparkbridgeError, RuntimeError):
-    """Another rank of a distributed job failed; the message names that rank and its error, so
-    every rank's log says why the job ended, not only the rank that failed."""

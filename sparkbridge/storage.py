@@ -166,7 +166,13 @@ class LocalStorage(Storage):
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
                     raise
-                return self._create_exclusive(path, data)  # a file system without hard links
+                # a file system without hard links: rename without replacing keeps the entry
+                # invisible until it is whole; O_EXCL only where that is missing too
+                moved = _rename_noreplace(tmp, path)
+                if moved is None:
+                    return self._create_exclusive(path, data)
+                if not moved:
+                    return False
         finally:
             try:
                 os.unlink(tmp)
@@ -245,7 +251,21 @@ class LocalStorage(Storage):
                 pass
 
     def delete_prefix(self, prefix: str) -> int:
-        path = self.local_path(prefix)
+        """Delete ``prefix`` (a file, or a folder with everything in it), never anything outside the
+        root: a symbolic link is removed itself, never followed (``X/``'s trailing slash would make
+        ``rmtree`` follow a link at ``X``), and a path that leads out of the root through a linked
+        parent folder is refused (UnsafePathError)."""
+        path = self.local_path(prefix).rstrip(os.sep) or os.sep
+        if os.path.islink(path):
+            os.unlink(path)
+            return 1
+        if not os.path.lexists(path):
+            return 0
+        real_root = os.path.realpath(self.root)
+        real = os.path.realpath(path)
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            raise UnsafePathError(f"refusing to delete {path}: it resolves to {real}, outside the dataset root "
+                                  f"{self.root} (a symbolic link on the way)")
         if os.path.isfile(path):
             os.unlink(path)
             return 1
@@ -256,11 +276,41 @@ class LocalStorage(Storage):
         return count
 
 
+def _rename_noreplace(src: str, dest: str) -> Optional[bool]:
+    """``renameat2(RENAME_NOREPLACE)``: True when moved, False when ``dest`` exists, None when the
+    kernel or file system cannot (not Linux, or e.g. NFS): atomic and exclusive without link()."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    at_fdcwd, rename_noreplace = -100, 1
+    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dest), rename_noreplace) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        return False
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return None
+    raise OSError(err, os.strerror(err), dest)
+
+
 def _synced_temp(path: str, data: bytes) -> tuple[str, str]:
     """(folder, temp file beside ``path`` holding ``data``, fsynced): the first half of an atomic
-    replace or create. The caller renames or links it, or removes it."""
+    replace or create. The caller renames or links it, or removes it. A folder made here (the
+    first ``_log/``) is fsynced into its parent, or a power cut could lose the whole log."""
     folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
+    made, up = [], folder
+    while not os.path.isdir(up):
+        made.append(up)
+        up = os.path.dirname(up)
+    if made:
+        os.makedirs(folder, exist_ok=True)
+        for new in made:
+            _fsync_dir(os.path.dirname(new))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         _write_synced(fd, data)

@@ -2,6 +2,14 @@
 
 ``local[2,4]``: two cores, and a failed task is retried up to 4 times, so fault tests can make a
 task fail on its first attempt inside the shared session.
+
+``any_spark`` runs a test on both session kinds: the classic ``spark`` and ``connect_spark``, a
+Spark Connect client of ONE real Connect server for the whole run (``connect_server``, its own
+process on a free 127.0.0.1 port, started the first time a test asks for it: ~20-40 s on 2 busy
+cores). Why a separate process: once a Python process holds a Connect session, pyspark switches
+the process to Connect mode (``SPARK_CONNECT_MODE_ENABLED``: ``pyspark.sql.functions`` build
+Connect columns, ``SparkSession.builder`` refuses a classic session), so the fixture turns that
+mode on only for the duration of each Connect test, as a Connect-only process would have it.
 """
 
 from __future__ import annotations
@@ -44,6 +52,57 @@ def spark():
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+
+
+_CONNECT_MODE = "SPARK_CONNECT_MODE_ENABLED"
+
+
+@pytest.fixture(scope="session")
+def connect_server(tmp_path_factory):
+    """One Spark Connect server for the run (INFO driver log, UI and event log on, so tests can
+    search them); its executors get no S3 credentials of their own."""
+    from sparkbridge.jobs.local_cluster import spark_connect_server
+
+    with spark_connect_server(log_dir=tmp_path_factory.mktemp("connect-server"), ui=True, event_log=True,
+                              conf={"spark.sql.shuffle.partitions": "4",
+                                    "spark.sql.execution.arrow.pyspark.enabled": "true",
+                                    "spark.driver.memory": "2g"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def connect_spark(connect_server):
+    """A Spark Connect session on ``connect_server``. Use it through ``any_spark`` or ``connect_mode``."""
+    from pyspark.sql.connect.session import SparkSession as RemoteSparkSession
+
+    before = os.environ.get(_CONNECT_MODE)
+    os.environ[_CONNECT_MODE] = "1"
+    # the Connect builder itself: pyspark's SparkSession.builder refuses a Connect session while this
+    # process holds the classic one
+    session = RemoteSparkSession.builder.remote(connect_server.url).getOrCreate()
+    session.range(1).collect()  # the server is ready
+    if before is None:
+        os.environ.pop(_CONNECT_MODE, None)  # classic tests keep working in this process
+    yield session
+    os.environ[_CONNECT_MODE] = "1"
+    session.stop()
+    if before is None:
+        os.environ.pop(_CONNECT_MODE, None)
+
+
+@pytest.fixture
+def connect_mode(connect_spark, monkeypatch):
+    """``connect_spark``, with this process in Connect mode for the test (as a Connect-only client is)."""
+    monkeypatch.setenv(_CONNECT_MODE, "1")
+    return connect_spark
+
+
+@pytest.fixture(params=["classic", "connect"])
+def any_spark(request):
+    """The test runs twice: on the shared classic session and on the shared Connect session."""
+    if request.param == "classic":
+        return request.getfixturevalue("spark")
+    return request.getfixturevalue("connect_mode")
 
 
 @pytest.fixture(scope="session")

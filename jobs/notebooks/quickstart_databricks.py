@@ -30,10 +30,12 @@ EPOCHS = int(os.environ.get("SPARKBRIDGE_NOTEBOOK_EPOCHS", "5"))
 from sparkbridge.jobs import flights
 from sparkbridge.jobs.flights_training import evaluate_model, train_model
 from sparkbridge.jobs.plotting import plot_training
+from sparkbridge.etl.session import describe
 from sparkbridge.jobs.spark import spark_session
 
-spark, _ = spark_session("local[*]", app_name="sparkbridge-notebook")  # the active session if there is one
-print("Spark", spark.version, "master", spark.sparkContext.master)
+# the active session if there is one (Databricks: classic or serverless/Spark Connect alike; SPARK_REMOTE too)
+spark, _ = spark_session("local[*]", app_name="sparkbridge-notebook")
+print("Spark", spark.version, describe(spark))
 
 # COMMAND ----------
 
@@ -80,3 +82,20 @@ print(f"test accuracy {metrics['accuracy']:.4f} vs majority-class baseline {metr
 os.makedirs(OUT, exist_ok=True)
 plot_training(trained.history, f"{OUT}/training.png", title="sparkbridge notebook: training")
 print("plot:", f"{OUT}/training.png")
+
+# COMMAND ----------
+
+# MAGIC %md ## 5. The same data on several ranks: `sparkbridge train` launched by pyspark's `TorchDistributor`
+# MAGIC `local_mode=True` runs the ranks on the driver (a single-node or GPU driver); `local_mode=False` runs
+# MAGIC them in barrier tasks on the executors. Each rank streams a disjoint, equal share.
+
+# COMMAND ----------
+
+from sparkbridge.jobs.distributor import train_with_torch_distributor
+
+RANKS = int(os.environ.get("SPARKBRIDGE_NOTEBOOK_RANKS", "2"))
+distributed = train_with_torch_distributor(
+    ["--data", f"{DATASET}/train", "--label", spec["label"], "--epochs", "1", "--batch-size", "256",
+     "--out", f"{OUT}/distributed", "--no-progress"] + (["--cache", cache["train"] + "-ddp"] if cache["train"] else []),
+    num_processes=RANKS, local_mode=True)
+print("TorchDistributor:", RANKS, "ranks →", f"{OUT}/distributed/summary.json")

@@ -24,7 +24,15 @@ from sparkbridge.errors import DatasetNotFoundError, LogError, ManifestError, Sh
 from sparkbridge.format.index import check_index, index_bytes, index_sha256, shard_files, stored_name
 from sparkbridge.format.manifest import MANIFEST_BASENAME, ColumnSpec, Manifest
 from sparkbridge.format.mds import INDEX_BASENAME
-from sparkbridge.log.entry import CHECKPOINT_FORMAT, LogEntry, checkpoint_name, entry_name, parse_log_name
+from sparkbridge.log.entry import (
+    CHECKPOINT_FORMAT,
+    WRITES,
+    LogEntry,
+    Operation,
+    checkpoint_name,
+    entry_name,
+    parse_log_name,
+)
 from sparkbridge.log.layout import LOG_DIR
 from sparkbridge.storage import FileInfo, Storage, open_storage
 
@@ -39,8 +47,12 @@ CHECKPOINT_INTERVAL = 32
 @dataclass
 class WriteState:
     """What the log says about one write: ``open`` (begun, partitions landing), ``complete``,
-    ``fenced`` (a vacuum decided it may never commit again) or ``replaced`` (an overwrite landed
-    while it was open)."""
+    ``fenced`` (a vacuum decided it may never commit again: *rolled back*, as if it had never
+    begun) or ``replaced`` (an overwrite landed while it was open and removed its partitions).
+
+    ``removed`` and ``prior_schema``: the shards an open overwrite's begin removed and the schema
+    before it, kept until it completes so that a fence can put them back (why: a fenced overwrite must never leave the dataset without its old
+    rows); empty otherwise."""
 
     write_id: str
     mode: str
@@ -49,6 +61,8 @@ class WriteState:
     rows: int = 0
     begun_at: int = -1
     expected_rows: Optional[int] = None
+    removed: list[dict] = field(default_factory=list)
+    prior_schema: Optional[dict] = None
 
 
 def _copy_json(value: Any) -> Any:
@@ -71,6 +85,8 @@ class Snapshot:
     schema: Optional[dict] = None
     writes: dict[str, WriteState] = field(default_factory=dict)
     txns: dict[str, int] = field(default_factory=dict)
+    #: app_id -> the Spark query id (checkpoint identity) of its latest committed batch
+    txn_queries: dict[str, str] = field(default_factory=dict)
     fenced: set[str] = field(default_factory=set)
     retained_from: int = 0
     legacy_sha256: Optional[str] = None  # set when read from index.json alone (no log)
@@ -147,10 +163,19 @@ class Snapshot:
         if e.version != self.version + 1:
             raise LogError(f"{self.root}: log entry {e.version} applied to version {self.version}")
         op = e.operation
+        removed: list[dict] = []
+        prior_schema = self.schema
         if e.remove:
             gone = set(e.remove)
+            removed = [s for s in self.shards if stored_name(s) in gone]
             self.shards = [s for s in self.shards if stored_name(s) not in gone]
-        if op == "import":
+        if e.add and op is not Operation.IMPORT:
+            present = {stored_name(s) for s in self.shards}
+            for s in e.add:
+                if stored_name(s) in present:
+                    raise LogError(f"{self.root}/{e.name}: shard {stored_name(s)} is already in the dataset "
+                                   f"(version {self.version}); adding it again would read its rows twice")
+        if op is Operation.IMPORT:
             self.shards = list(e.add)
         elif e.add:
             self.shards = self.shards + list(e.add)
@@ -159,32 +184,48 @@ class Snapshot:
         if e.replaces:  # an overwrite ends every write still open on the data it replaces
             for w in self.writes.values():
                 if w.state == "open" and w.write_id != e.write_id:
-                    w.state = "replaced"
-        if op in ("write", "begin"):
-            state = "complete" if op == "write" else "open"
+                    w.state, w.removed, w.prior_schema = "replaced", [], None
+        if op in WRITES:
+            state = "open" if e.opens else "complete"
             self.writes[e.write_id] = WriteState(e.write_id, e.mode, state, [], _rows(e.add), e.version,
-                                                 e.rows if op == "write" else None)
-        elif op == "partition":
+                                                 None if e.opens else e.rows,
+                                                 removed if state == "open" else [],
+                                                 prior_schema if state == "open" else None)
+        elif op is Operation.PARTITION:
             w = self.writes.get(e.write_id)
             if w is not None:
                 w.partitions.append(int(e.partition))
                 w.rows += _rows(e.add)
-        elif op == "complete":
+        elif op is Operation.COMPLETE:
             w = self.writes.get(e.write_id)
             if w is not None:
-                w.state, w.expected_rows = "complete", e.rows
-        elif op in ("stream", "import"):
+                w.state, w.expected_rows, w.removed, w.prior_schema = "complete", e.rows, [], None
+        elif op in (Operation.STREAM, Operation.IMPORT):
             self.writes[e.write_id] = WriteState(e.write_id, "append", "complete", [], _rows(e.add), e.version)
             if e.txn is not None:
                 self.txns[e.txn["app_id"]] = max(self.txns.get(e.txn["app_id"], -1), int(e.txn["batch_id"]))
-        elif op == "vacuum":
+                if e.txn.get("query_id"):
+                    self.txn_queries[e.txn["app_id"]] = e.txn["query_id"]
+        elif op is Operation.VACUUM:
             self.fenced.update(e.fence)
             for wid in e.fence:
                 if wid in self.writes and self.writes[wid].state == "open":
-                    self.writes[wid].state = "fenced"
+                    self._roll_back(self.writes[wid])
             if e.retained_from is not None:
                 self.retained_from = max(self.retained_from, e.retained_from)
         self.version, self.commit_id, self.timestamp = e.version, e.commit_id, e.timestamp
+
+    def _roll_back(self, w: WriteState) -> None:
+        """A fenced open write is undone: its partitions leave the shard list (a write's shards
+        live under its own id, :mod:`sparkbridge.log.layout`), the shards its begin removed come
+        back in front (where they were), entries committed on top of it stay."""
+        prefix = w.write_id + "/"
+        self.shards = [_copy_json(s) for s in w.removed] + [
+            s for s in self.shards if not stored_name(s).startswith(prefix)]
+        if w.mode == "overwrite" or w.mode == "create":
+            # nobody else committed data on a schema an open write introduced (commit's checks)
+            self.schema = copy.deepcopy(w.prior_schema)
+        w.state, w.removed, w.prior_schema = "fenced", [], None
 
     def copy(self) -> "Snapshot":
         """A copy the caller may change. Shard entries are JSON (dicts, lists, scalars) and are
@@ -192,7 +233,7 @@ class Snapshot:
         return Snapshot(
             root=self.root, version=self.version, commit_id=self.commit_id, timestamp=self.timestamp,
             shards=[_copy_json(e) for e in self.shards], schema=copy.deepcopy(self.schema),
-            writes={k: copy.deepcopy(w) for k, w in self.writes.items()}, txns=dict(self.txns),
+            writes={k: copy.deepcopy(w) for k, w in self.writes.items()}, txns=dict(self.txns), txn_queries=dict(self.txn_queries),
             fenced=set(self.fenced), retained_from=self.retained_from, legacy_sha256=self.legacy_sha256,
             legacy_manifest=copy.deepcopy(self.legacy_manifest))
 
@@ -200,7 +241,7 @@ class Snapshot:
         return {
             "version": self.version, "commit_id": self.commit_id, "timestamp": self.timestamp,
             "shards": self.shards, "schema": self.schema,
-            "writes": {k: vars(w) for k, w in self.writes.items()}, "txns": self.txns,
+            "writes": {k: vars(w) for k, w in self.writes.items()}, "txns": self.txns, "txn_queries": self.txn_queries,
             "fenced": sorted(self.fenced), "retained_from": self.retained_from,
         }
 
@@ -213,12 +254,21 @@ class Snapshot:
             return cls(
                 root=root, version=int(state["version"]), commit_id=state["commit_id"],
                 timestamp=state["timestamp"], shards=shards, schema=state["schema"],
-                writes={k: WriteState(**w) for k, w in state["writes"].items()},
-                txns={k: int(v) for k, v in state["txns"].items()}, fenced=set(state["fenced"]),
+                writes={k: _write_state(w, where) for k, w in state["writes"].items()},
+                txns={k: int(v) for k, v in state["txns"].items()},
+                txn_queries={k: str(v) for k, v in state.get("txn_queries", {}).items()}, fenced=set(state["fenced"]),
                 retained_from=int(state["retained_from"]),
             )
-        except (KeyError, TypeError, ValueError, ShardFormatError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, ShardFormatError) as exc:
             raise LogError(f"{where}: damaged checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _write_state(w: dict, where: str) -> WriteState:
+    from sparkbridge.format.index import check_index_entry
+
+    state = WriteState(**w)  # a checkpoint of an older sparkbridge has no removed/prior_schema
+    state.removed = [check_index_entry(e, where=f"{where}, write {state.write_id}") for e in state.removed]
+    return state
 
 
 def _rows(entries: Iterable[dict]) -> int:
@@ -288,20 +338,42 @@ class LogReader:
             return [self._entries[v] if v in self._entries else got[v] for v in versions]
         return [self.read_entry(v, cache=cache) for v in versions]
 
-    def _load_checkpoint(self, version: int) -> Optional[Snapshot]:
+    def read_checkpoint(self, version: int) -> Snapshot:
+        """The checkpoint of ``version``, checked; LogError naming the file when it is damaged
+        (anything but the object :func:`checkpoint_bytes` writes, with a matching checksum)."""
         name = checkpoint_name(version)
         where = self.storage.url(name)
         try:
             obj = json.loads(self.storage.read_bytes(name))
-            if obj.get("format") != CHECKPOINT_FORMAT or obj.get("sha256") != _state_checksum(obj["state"]):
-                raise LogError(f"{where}: checkpoint checksum or format does not match")
-            snap = Snapshot.from_state(self.root, obj["state"], where=where)
-            if snap.version != version:
-                raise LogError(f"{where}: checkpoint of version {snap.version} under the name of {version}")
-            return snap
-        except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("ignoring checkpoint %s: %s", where, exc)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise LogError(f"{where}: damaged checkpoint (not valid JSON: {exc})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("state"), dict):
+            raise LogError(f"{where}: damaged checkpoint (a {type(obj).__name__} without a 'state' object)")
+        try:
+            checksum = _state_checksum(obj["state"])
+        except (TypeError, ValueError) as exc:
+            raise LogError(f"{where}: damaged checkpoint ({exc})") from None
+        if obj.get("format") != CHECKPOINT_FORMAT or obj.get("sha256") != checksum:
+            raise LogError(f"{where}: damaged checkpoint (checksum or format does not match)")
+        snap = Snapshot.from_state(self.root, obj["state"], where=where)
+        if snap.version != version:
+            raise LogError(f"{where}: damaged checkpoint (of version {snap.version} under the name of {version})")
+        return snap
+
+    def _load_checkpoint(self, version: int) -> Optional[Snapshot]:
+        """A checkpoint only shortens the replay: a damaged one is skipped (with a warning), never
+        trusted and never fatal (``sparkbridge validate`` reports it)."""
+        try:
+            return self.read_checkpoint(version)
+        except FileNotFoundError:
             return None
+        except LogError as exc:
+            logger.warning("ignoring checkpoint: %s", exc)
+            return None
+
+    def checkpoint_versions(self) -> list[int]:
+        """Versions that have a checkpoint file (damaged or not), oldest first."""
+        return sorted(self._list(None)[1])
 
     # ------------------------------------------------------------------ snapshots
 
@@ -336,11 +408,13 @@ class LogReader:
         """The latest state without copying (callers must not modify it)."""
         return self.refresh()
 
-    def complete_version(self) -> Optional[int]:
+    def complete_version(self, at: Optional[Snapshot] = None) -> Optional[int]:
         """The newest version with no write open (a partitioned write shows only once complete):
         what a loader that does not follow, and ``index.json``, present. None when the first write
-        is still open (or nothing is committed); -1 for a dataset without a log."""
-        latest = self.refresh()
+        is still open (or nothing is committed); -1 for a dataset without a log. ``at``: a state
+        to start from instead of the latest (a vacuum asks about the state its entry would make,
+        and about the oldest version it retains)."""
+        latest = self.refresh() if at is None else at
         if latest.legacy:
             return -1
         if latest.version < 0:
@@ -360,6 +434,12 @@ class LogReader:
         latest = self.refresh()
         return self._read_many(list(range(version + 1, latest.version + 1)))
 
+    def forget(self) -> None:
+        """Drop what this reader knows: the next call reads the store from scratch (after an
+        error left it unsure what it has applied)."""
+        self._latest, self._last_name = None, None
+        self._entries.clear()
+
     def refresh(self) -> Snapshot:
         if self._latest is None:
             self._latest = self._initial()
@@ -374,9 +454,22 @@ class LogReader:
 
     def _advance(self, snap: Snapshot, entries: dict[int, FileInfo], *, cache: bool = True) -> None:
         top = max(entries)
-        missing = [v for v in range(snap.version + 1, top + 1) if v not in entries and v not in self._entries]
-        if missing:
-            raise LogError(f"{self.root}: log versions {missing[:5]} are missing below version {top}: the log is damaged")
+        present = sum(1 for v in entries if v > snap.version) + sum(
+            1 for v in self._entries if snap.version < v <= top and v not in entries)
+        if present < top - snap.version:
+            # counted, not listed: a stray _log/99999999999999999999.json must not make a list of
+            # 10^20 missing versions (item 8 of issue 22); the newest file is the suspect
+            lacking = top - snap.version - present
+            first: list[int] = []
+            for v in range(snap.version + 1, top):  # stops after 5: bounded by the entries present
+                if v not in entries and v not in self._entries:
+                    first.append(v)
+                    if len(first) == 5:
+                        break
+            raise LogError(
+                f"{self.storage.url(entry_name(top))}: log versions {first} are missing below it ({lacking:,} in all, "
+                f"versions {first[0]} to {top - 1}): the log is damaged, or that file was put there by hand "
+                "(remove a stray file; restore missing entries)")
         for e in self._read_many(list(range(snap.version + 1, top + 1)), cache=cache):
             snap.apply(e)
         self._last_name = entry_name(top)

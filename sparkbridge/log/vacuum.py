@@ -8,7 +8,13 @@ What may be deleted (only files sparkbridge wrote, see :func:`sparkbridge.log.la
 * files of writes that can no longer commit them: a finished write's unaccepted attempts (failed,
   retried, speculative, zombie), and the files of a write that never committed (or left a
   partitioned write open) and whose newest file is older than the retention window — that write is
-  *fenced* first: the vacuum's own log entry names it, and any later commit by it is refused.
+  *fenced* first: the vacuum's own log entry names it, any later commit by it is refused, and the
+  log replays it as rolled back (its partitions leave the dataset, the shards an overwrite removed
+  come back): a fenced write is never served and never replaces data.
+
+Kept: every file of every version from ``retained_from`` to the latest, where ``retained_from`` is
+never above the complete version (:meth:`sparkbridge.log.snapshot.LogReader.complete_version`) a
+default reader was served inside the window, nor above the one it is served after this vacuum.
 
 Order, and why it is safe without trusting anybody's liveness: the vacuum commits its entry
 (fences, ``retained_from``) *before* deleting anything. A writer that commits before that entry
@@ -25,10 +31,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from sparkbridge.errors import CommitConflictError, DatasetNotFoundError
+from sparkbridge.errors import CommitConflictError, DatasetNotFoundError, LogError, SparkbridgeError
 from sparkbridge.log.commit import Draft, commit
 from sparkbridge.log.derived import sync_derived
-from sparkbridge.log.entry import parse_log_name
+from sparkbridge.log.entry import LogEntry, Operation, parse_log_name
 from sparkbridge.log.layout import LOG_DIR, STAGING, new_write_id, owner
 from sparkbridge.log.snapshot import LogReader
 from sparkbridge.storage import FileInfo, Storage, open_storage
@@ -65,21 +71,25 @@ class VacuumPlan:
         return "\n".join(lines)
 
 
-def _retained_from(reader: LogReader, listing: dict[int, FileInfo], latest_version: int, cutoff: float) -> int:
-    """Oldest version still retained: the latest, and every version whose successor was committed
-    after ``cutoff`` (store time)."""
+def _window_start(listing: dict[int, FileInfo], latest_version: int, cutoff: float) -> int:
+    """Oldest version a reader may have been handed inside the window: the latest, and every
+    version whose successor was committed after ``cutoff`` (store time)."""
     oldest = latest_version
     for v in range(latest_version - 1, -1, -1):
         successor = listing.get(v + 1)
         if successor is None or successor.mtime < cutoff:
             break
         oldest = v
-    return max(oldest, reader.latest().retained_from)
+    return oldest
 
 
 def plan_vacuum(storage: Storage, *, retention_seconds: float = DEFAULT_RETENTION_SECONDS,
                 reader: Optional[LogReader] = None) -> VacuumPlan:
-    """Decide what :func:`vacuum` would delete and fence, without changing anything."""
+    """Decide what :func:`vacuum` would delete and fence, without changing anything.
+
+    Raises :class:`LogError` (before anything is committed) when the version default readers
+    would be served after this vacuum is no longer retained: an earlier vacuum (sparkbridge before issue 22
+    was fixed) may have deleted its files, and committing on top would hide that."""
     if retention_seconds < 0:
         raise ValueError(f"retention_seconds must be >= 0, got {retention_seconds}")
     reader = reader or LogReader(storage)
@@ -94,45 +104,79 @@ def plan_vacuum(storage: Storage, *, retention_seconds: float = DEFAULT_RETENTIO
         parsed = parse_log_name(f.rel)
         if parsed and parsed[1] == "entry":
             log_listing[parsed[0]] = f
-    retained_from = _retained_from(reader, log_listing, latest.version, cutoff)
+
+    # 1. writes that may never commit again: not finished in the log and no sign of progress (a
+    #    file of theirs, their begin entry) inside the window. Every open write is judged, also one
+    #    whose files are all referenced (a failed partitioned write whose staging abort removed).
+    by_write: dict[str, list[FileInfo]] = {}
+    temp: list[FileInfo] = []
+    for f in files:
+        who = owner(f.rel)
+        if who == "":
+            temp.append(f)
+        elif who is not None:
+            by_write.setdefault(who, []).append(f)
+    plan = VacuumPlan(root=storage.root, version=latest.version, retained_from=latest.retained_from)
+    finished: set[str] = set(latest.fenced)
+    for write_id in sorted(set(by_write) | {w.write_id for w in latest.open_writes}):
+        state = latest.writes.get(write_id)
+        if write_id in finished or (state is not None and state.state != "open"):
+            finished.add(write_id)
+            continue
+        progress = [f.mtime for f in by_write.get(write_id, [])]
+        if state is not None and state.begun_at in log_listing:
+            progress.append(log_listing[state.begun_at].mtime)
+        if progress and max(progress) >= cutoff:
+            plan.kept_active.append(write_id)
+        else:
+            plan.fence.append(write_id)
+
+    # 2. the state this vacuum's entry makes: every fenced write rolled back
+    after = latest.copy()
+    if plan.fence:
+        after.apply(LogEntry(operation=Operation.VACUUM, write_id="vacuum", read_version=latest.version,
+                             version=latest.version + 1, fence=tuple(plan.fence)))
+    served_after = reader.complete_version(at=after)
+
+    # 3. retained versions: every version a reader may be reading (one handed out inside the window,
+    #    and the complete version a default reader was served then), pinned ones included
+    window = max(_window_start(log_listing, latest.version, cutoff), latest.retained_from)
+    served_then = reader.complete_version(at=reader.snapshot(window) if window < latest.version else None)
+    retained_from = window if served_then is None else max(min(window, served_then), latest.retained_from)
+    if served_after is not None and served_after < retained_from:
+        raise LogError(
+            f"{storage.root}: version {served_after}, which default readers and index.json are served, is no "
+            f"longer retained (an earlier vacuum recorded versions {latest.retained_from}.. only, and may have "
+            f"deleted its files); nothing was changed. Finish the open write(s) "
+            f"{', '.join(w.write_id for w in after.open_writes)} with resume=<write id>, or overwrite the dataset")
+    plan.retained_from = retained_from
     keep = reader.snapshot(retained_from).files() if retained_from < latest.version else set()
     for v in range(retained_from + 1, latest.version + 1):
         for e in reader.read_entry(v).add:
             keep.update([(e.get("zip_data") or {}).get("basename"), e["raw_data"]["basename"]])
-    keep |= latest.files()
+    keep |= latest.files() | after.files()
     keep.discard(None)
     # a reader unpacking a shard right now writes <raw>.tmp beside it
     keep |= {k + ".tmp" for k in list(keep)}
 
-    by_write: dict[str, list[FileInfo]] = {}
-    plan = VacuumPlan(root=storage.root, version=latest.version, retained_from=retained_from)
-    for f in files:
-        who = owner(f.rel)
-        if who is None or f.rel in keep:
-            continue
-        if who == "":
-            if f.mtime < cutoff:  # an abandoned temp file of a derived file or checkpoint
-                plan.delete.append(f.rel)
-                plan.reasons[f.rel] = "temporary file older than the retention window"
-            continue
-        by_write.setdefault(who, []).append(f)
-    for write_id, wfiles in sorted(by_write.items()):
-        state = latest.writes.get(write_id)
-        finished = state is not None and state.state in ("complete", "fenced")
-        finished = finished or write_id in latest.fenced
-        if not finished:
-            newest = max(f.mtime for f in wfiles)
-            if newest >= cutoff:
-                plan.kept_active.append(write_id)
-                continue
-            plan.fence.append(write_id)
-            reason = ("an open partitioned write idle for longer than the retention window" if state is not None
-                      else "a write that never committed, idle for longer than the retention window")
-        else:
-            reason = "not referenced by any retained version (an unaccepted attempt, or a replaced version)"
-        for f in wfiles:
+    for f in temp:
+        if f.rel not in keep and f.mtime < cutoff:  # an abandoned temp file of a derived file or checkpoint
             plan.delete.append(f.rel)
-            plan.reasons[f.rel] = reason
+            plan.reasons[f.rel] = "temporary file older than the retention window"
+    fenced = set(plan.fence)
+    for write_id, wfiles in sorted(by_write.items()):
+        if write_id in fenced:
+            reason = ("an open partitioned write idle for longer than the retention window (rolled back)"
+                      if write_id in latest.writes else
+                      "a write that never committed, idle for longer than the retention window")
+        elif write_id in finished:
+            reason = "not referenced by any retained version (an unaccepted attempt, or a replaced version)"
+        else:
+            continue  # active: its files are not touched
+        for f in wfiles:
+            if f.rel not in keep:
+                plan.delete.append(f.rel)
+                plan.reasons[f.rel] = reason
     plan.delete.sort()
     return plan
 
@@ -149,9 +193,9 @@ def vacuum(root_or_storage, *, retention_seconds: float = DEFAULT_RETENTION_SECO
         if dry_run:
             return plan
         if not plan.delete and not plan.fence and plan.retained_from <= reader.latest().retained_from:
-            sync_derived(storage, reader)
+            _sync_derived(storage, reader)
             return plan
-        draft = Draft(operation="vacuum", write_id=new_write_id(), read_version=plan.version,
+        draft = Draft(operation=Operation.VACUUM, write_id=new_write_id(), read_version=plan.version,
                       fence=tuple(plan.fence), retained_from=plan.retained_from,
                       info={"deleted": len(plan.delete), "retention_seconds": retention_seconds})
         try:
@@ -163,12 +207,22 @@ def vacuum(root_or_storage, *, retention_seconds: float = DEFAULT_RETENTION_SECO
         storage.delete(plan.delete)
         plan.deleted = len(plan.delete)
         _prune_empty_dirs(storage, plan)
-        sync_derived(storage, reader)
+        _sync_derived(storage, reader)
         if plan.deleted or plan.fence:
             logger.info("vacuum of %s (version %d): deleted %d file(s), fenced %s", storage.root, entry.version,
                         plan.deleted, plan.fence or "no write")
         return plan
     raise CommitConflictError(f"{storage.root}: vacuum kept losing to concurrent commits; try again later")
+
+
+def _sync_derived(storage: Storage, reader: LogReader) -> None:
+    """The derived files after a vacuum: a cache, so a failure is logged, never raised (the plan
+    checked before committing that the version they describe is retained)."""
+    try:
+        sync_derived(storage, reader)
+    except (SparkbridgeError, OSError) as exc:
+        logger.warning("%s: could not refresh index.json/manifest.json after the vacuum (%s: %s); the next "
+                       "commit or vacuum retries", storage.root, type(exc).__name__, exc)
 
 
 def _prune_empty_dirs(storage: Storage, plan: VacuumPlan) -> None:

@@ -85,3 +85,40 @@ def copy_with_a_flipped_byte(data: Path, out: Path, shard: int) -> tuple[Path, P
     raw[len(raw) // 2] ^= 0xFF
     victim.write_bytes(bytes(raw))
     return out, victim
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_start(script: Path, *args: str, nproc: int = 2, env: Optional[dict] = None):
+    """Start ``python -m torch.distributed.run --nproc_per_node=nproc script args`` on loopback (gloo
+    on CPU in the script); the running process (text pipes for stdout and stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(script), *map(str, args)]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo), **(env or {}))
+    return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(repo))
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 240, env: Optional[dict] = None):
+    """:func:`torchrun_start` and wait: the finished process (``returncode``, ``stdout``, ``stderr``)."""
+    import subprocess
+
+    proc = torchrun_start(script, *args, nproc=nproc, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun {script.name} ran past {timeout} s\n{err[-4000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

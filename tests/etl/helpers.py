@@ -34,7 +34,8 @@ def leftovers(root) -> list[str]:
 
 
 def log_versions(root) -> list[str]:
-    """``operation (mode)`` of each log entry of ``root``, oldest first."""
+    """The operation of each log entry of ``root``, oldest first (``create (per partition)`` for a
+    write that opens and commits a partition at a time)."""
     from sparkbridge.log.snapshot import LogReader
     from sparkbridge.storage import open_storage
 
@@ -43,7 +44,7 @@ def log_versions(root) -> list[str]:
     out = []
     for v in range(latest.version + 1):
         e = reader.read_entry(v)
-        out.append(e.operation if e.mode is None else f"{e.operation} ({e.mode})")
+        out.append(f"{e.operation} (per partition)" if e.opens else str(e.operation))
     return out
 
 

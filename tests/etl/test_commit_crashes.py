@@ -122,7 +122,7 @@ def test_s3_put_applied_while_the_client_saw_an_error_commits_exactly_once(s3_bu
     # the conditional PUT of the entry lands, then the client sees a timeout: it must read the
     # entry back, find its own commit id, and count the commit as done — once
     _drive(root, "append", 1000, 1150, faults="storage.put_if_absent.after_put=ambiguous")
-    assert log_versions(root)[:2] == ["write (create)", "write (append)"]
+    assert log_versions(root)[:2] == ["create", "append"]
     assert _loader_ids(root, local=str(tmp_path / "c")) == OLD + NEW
     assert leftovers(root) == []
 
@@ -158,5 +158,5 @@ def test_two_processes_racing_appends_lose_nothing(tmp_path):
     reader = LogReader(open_storage(root))
     ops = [reader.read_entry(v).operation for v in range(reader.refresh().version + 1)]
     # a writer's vacuum may land in between (removing another's finished staging): never a lost write
-    assert ops.count("write") == 9 and set(ops) <= {"write", "vacuum"}
-    assert [v for v, op in enumerate(ops) if op == "write"][1:] == versions
+    assert ops.count("append") == 8 and ops[0] == "create" and set(ops) <= {"create", "append", "vacuum"}
+    assert [v for v, op in enumerate(ops) if op == "append"] == versions

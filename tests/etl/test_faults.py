@@ -63,7 +63,7 @@ def test_task_failing_on_its_first_attempt(spark, tmp_path):
                 files = []
                 while not files and time.time() < deadline:  # wait for the writer's first shard
                     time.sleep(0.1)
-                    files = glob.glob(os.path.join(out, "_staging", "*", "p00001-a*", "shard.*"))
+                    files = glob.glob(os.path.join(out, "_staging", "*", "p00001-*", "shard.*"))
                 with open(marker, "w") as f:
                     json.dump(files, f)
                 raise RuntimeError("injected failure on the first attempt of partition 1")
@@ -185,7 +185,7 @@ def test_speculative_attempts_are_never_mixed_in(tmp_path):
         assert p1.endswith(f"-a{tid_of['1']}")  # the fast speculative copy won; the stalled one did not
         assert not os.path.exists(os.path.join(out, "_staging"))
         assert leftovers(out) == [], commit
-    assert log_versions(runs["partition"][0]) == ["begin (create)"] + ["partition"] * 4 + ["complete"]
+    assert log_versions(runs["partition"][0]) == ["create (per partition)"] + ["partition"] * 4 + ["complete"]
 
 
 # --------------------------------------------------------------------------- SIGKILL
@@ -252,5 +252,5 @@ def test_sigkill_mid_write_keeps_the_previous_version(spark, tmp_path):
     assert replaced and len({p.split("/")[0] for p in replaced}) == 1
     assert {p.split("/")[0] for p in replaced}.isdisjoint({result.job_id, plan.fence[0]})
     assert leftovers(out) == [] and not os.path.exists(os.path.join(out, "_staging"))
-    assert log_versions(out) == ["write (create)", "write (overwrite)", "vacuum"]
+    assert log_versions(out) == ["create", "overwrite", "vacuum"]
     assert sorted(stock_ids(out)) == list(range(7000, 7100))

@@ -55,7 +55,7 @@ def test_three_spark_applications_append_at_once(spark, tmp_path):
     loader = StreamingLoader(out, batch_size=128)
     assert sorted(int(i) for b in loader for i in b["id"]) == expected
     loader.close()
-    assert log_versions(out).count("write (append)") == 3 and leftovers(out) == []
+    assert log_versions(out).count("append") == 3 and leftovers(out) == []
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
@@ -137,6 +137,6 @@ def test_credentials_reach_tasks_without_leaking(spark, s3_bucket, tmp_path):
 
     storage.set_client_args({"aws_secret_access_key": secret})
     assert secret not in repr(cfg) and secret.encode() not in pickle.dumps(cfg)
-    assert spark.sparkContext.getLocalProperty("sparkbridge.s3.secret.access.key") is None  # cleared after the write
+    assert spark.sparkContext.getLocalProperty("spark.sparkbridge.s3.secret.access.key") is None  # cleared after the write
     with pytest.raises(DatasetNotFoundError):
         open_dataset(s3_bucket.url("nothing-here"))

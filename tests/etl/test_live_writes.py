@@ -42,7 +42,7 @@ def test_partition_commits_each_partition_once_even_when_a_task_fails_after_its_
     faults("etl.partition.after_log.p2.a0=raise")  # partition 2's first attempt dies after its commit landed
     result = etl.write_mds(_frame(spark, 0, 1000, 5), out, commit="partition")
     assert (result.rows, result.partitions) == (1000, 5)
-    assert log_versions(out) == ["begin (create)"] + ["partition"] * 5 + ["complete"]
+    assert log_versions(out) == ["create (per partition)"] + ["partition"] * 5 + ["complete"]
     snap = open_dataset(out)
     assert sorted(snap.writes[result.job_id].partitions) == [0, 1, 2, 3, 4] and snap.writes[result.job_id].state == "complete"
     assert sorted(stock_ids(out)) == list(range(1000))  # index.json written at the end
@@ -115,4 +115,48 @@ def test_structured_streaming_appends_every_micro_batch_once_across_a_crash(spar
     assert snap.txns == {str(q.id): 4}
     assert sorted(stock_ids(out)) == list(range(500))
     assert log_versions(out).count("stream") == 5  # the replay of batch 2 added nothing
+    assert leftovers(out) == []
+
+
+def test_a_fixed_app_id_with_a_fresh_checkpoint_is_refused_never_skipped(spark, tmp_path):
+    """Issue 22 item 7: a stream is its app_id *and* its checkpoint (Spark's query id, kept in the
+    checkpoint). A fresh checkpoint restarts batch ids at 0: with a reused app_id those batches
+    used to be skipped as already committed (rows silently dropped); now the batch is refused
+    with an error naming the app_id. A checkpoint moved with its files keeps its query id and is
+    the same stream: its next batches are appended."""
+    import shutil
+
+    src, out = tmp_path / "in", str(tmp_path / "ds")
+    src.mkdir()
+
+    def add_file(k):
+        (src / f"part-{k}.csv").write_text("id,x\n" + "".join(f"{k * 100 + i},{i / 2}\n" for i in range(100)))
+
+    def run(ckpt):
+        q = (spark.readStream.schema("id LONG, x DOUBLE").option("header", "true").option("maxFilesPerTrigger", 1)
+             .csv(str(src)).writeStream.foreachBatch(etl.mds_sink(out, app_id="events"))
+             .option("checkpointLocation", str(ckpt)).trigger(availableNow=True).start())
+        try:
+            q.awaitTermination()
+        finally:
+            q.stop()
+
+    for k in range(3):
+        add_file(k)
+    run(tmp_path / "ckpt1")
+    assert open_dataset(out).txns == {"events": 2}
+    assert sorted(stock_ids(out)) == list(range(300))
+
+    shutil.copytree(tmp_path / "ckpt1", tmp_path / "ckpt-moved")  # the same stream, moved
+    add_file(3)
+    run(tmp_path / "ckpt-moved")
+    assert open_dataset(out).txns == {"events": 3}
+    assert sorted(stock_ids(out)) == list(range(400))
+
+    add_file(4)  # a fresh checkpoint reads every file again, from batch 0, under the same app_id
+    with pytest.raises(Exception, match="app_id 'events'.*another checkpoint") as err:
+        run(tmp_path / "ckpt-fresh")
+    assert "new app_id" in str(err.value)
+    snap = open_dataset(out)
+    assert snap.txns == {"events": 3} and sorted(stock_ids(out)) == list(range(400))
     assert leftovers(out) == []

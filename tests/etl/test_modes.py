@@ -44,30 +44,30 @@ def _files(path: str) -> set[str]:
     return out
 
 
-def test_error_mode_and_append(spark, tmp_path):
+def test_error_mode_and_append(any_spark, tmp_path):
     out = str(tmp_path / "ds")
-    first = etl.write_mds(_frame(spark, 0, 100), out)
+    first = etl.write_mds(_frame(any_spark, 0, 100), out)
     assert (first.rows, first.mode) == (100, "error")
     before = _sha(out)
     with pytest.raises(DatasetExistsError, match="already holds a dataset"):
-        etl.write_mds(_frame(spark, 0, 10), out)
+        etl.write_mds(_frame(any_spark, 0, 10), out)
     assert _sha(out) == before
 
-    second = etl.write_mds(_frame(spark, 100, 250, parts=3), out, mode="append")
+    second = etl.write_mds(_frame(any_spark, 100, 250, parts=3), out, mode="append")
     assert second.rows == 150
     assert sorted(stock_ids(out)) == list(range(250))
     manifest = _manifest(out)
     assert manifest.rows == 250 and manifest.shards == first.shards + second.shards
     jobs = {name for name in os.listdir(out) if is_write_id(name)}
     assert jobs == {first.job_id, second.job_id}
-    assert leftovers(out) == [] and log_versions(out) == ["write (create)", "write (append)"]
+    assert leftovers(out) == [] and log_versions(out) == ["create", "append"]
 
 
-def test_append_with_a_different_schema_lists_the_differences(spark, tmp_path):
+def test_append_with_a_different_schema_lists_the_differences(any_spark, tmp_path):
     out = str(tmp_path / "ds")
-    etl.write_mds(_frame(spark, 0, 20), out)
+    etl.write_mds(_frame(any_spark, 0, 20), out)
     before, files = _sha(out), _files(out)
-    other = spark.range(5).selectExpr("cast(id as string) AS id", "cast(id as int) AS twice", "1.5 AS extra")
+    other = any_spark.range(5).selectExpr("cast(id as string) AS id", "cast(id as int) AS twice", "1.5 AS extra")
     with pytest.raises(SchemaMismatchError) as info:
         etl.write_mds(other, out, mode="append")
     message = str(info.value)
@@ -77,16 +77,16 @@ def test_append_with_a_different_schema_lists_the_differences(spark, tmp_path):
     assert _sha(out) == before and _files(out) == files
 
 
-def test_overwrite_keeps_old_shards_for_a_reader_mid_epoch(spark, tmp_path):
+def test_overwrite_keeps_old_shards_for_a_reader_mid_epoch(any_spark, tmp_path):
     from streaming import StreamingDataset
 
     out = str(tmp_path / "ds")
-    v1 = etl.write_mds(_frame(spark, 0, 300), out, shard_size="2KB")
+    v1 = etl.write_mds(_frame(any_spark, 0, 300), out, shard_size="2KB")
     assert v1.shards >= 4 and v1.version == 0
     reader = StreamingDataset(local=out, batch_size=1, shuffle=False)
     seen = [int(reader[i]["id"]) for i in range(10)]
 
-    v2 = etl.write_mds(_frame(spark, 1000, 1100), out, mode="overwrite")
+    v2 = etl.write_mds(_frame(any_spark, 1000, 1100), out, mode="overwrite")
     seen += [int(reader[i]["id"]) for i in range(10, len(reader))]  # old version, still readable
     del reader
     assert sorted(seen) == list(range(300))
@@ -96,17 +96,17 @@ def test_overwrite_keeps_old_shards_for_a_reader_mid_epoch(spark, tmp_path):
     top = {name for name in os.listdir(out) if is_write_id(name)}
     assert top == {v1.job_id, v2.job_id}
 
-    v3 = etl.write_mds(_frame(spark, 2000, 2050), out, mode="overwrite", retention_seconds=0)
+    v3 = etl.write_mds(_frame(any_spark, 2000, 2050), out, mode="overwrite", retention_seconds=0)
     top = {name for name in os.listdir(out) if is_write_id(name)}
     assert top == {v3.job_id}  # retention 0: the vacuum after v3 keeps only the latest version
     with pytest.raises(VersionNotFoundError, match="no longer retained"):
         open_dataset(out, version=0)
-    v4 = etl.write_mds(_frame(spark, 3000, 3010), out, mode="overwrite")
+    v4 = etl.write_mds(_frame(any_spark, 3000, 3010), out, mode="overwrite")
     top = {name for name in os.listdir(out) if is_write_id(name)}
     assert top == {v3.job_id, v4.job_id}
     assert sorted(stock_ids(out)) == list(range(3000, 3010))
-    assert log_versions(out) == ["write (create)", "write (overwrite)", "write (overwrite)", "vacuum",
-                                 "write (overwrite)"]
+    assert log_versions(out) == ["create", "overwrite", "overwrite", "vacuum",
+                                 "overwrite"]
     assert leftovers(out) == []
 
 
@@ -171,7 +171,7 @@ def test_concurrent_appends_both_commit(spark, tmp_path):
     reader = LogReader(open_storage(out))
     assert [reader.read_entry(v).read_version for v in (1, 2)] == [0, 0]
     assert sorted(stock_ids(out)) == list(range(10)) + list(range(100, 500)) + list(range(1000, 1020))
-    assert log_versions(out) == ["write (create)", "write (append)", "write (append)"]
+    assert log_versions(out) == ["create", "append", "append"]
     assert leftovers(out) == []
 
 
@@ -185,7 +185,7 @@ def test_append_landing_during_an_overwrite_fails_the_overwrite(spark, tmp_path)
     _open_gate(gate)
     thread.join(timeout=120)
     assert isinstance(result.get("error"), CommitConflictError), result
-    assert "version 1: write (append)" in str(result["error"]) and "rerun the overwrite" in str(result["error"])
+    assert "version 1: append by" in str(result["error"]) and "rerun the overwrite" in str(result["error"])
     assert sorted(stock_ids(out)) == list(range(10)) + list(range(1000, 1020))  # nothing lost, nothing half-done
     assert not os.path.exists(os.path.join(out, write_id)) and leftovers(out) == []
 

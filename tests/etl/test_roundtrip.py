@@ -117,9 +117,9 @@ def _normal(sample: dict) -> dict:
     return out
 
 
-def test_every_type_round_trips_exactly(spark, tmp_path):
+def test_every_type_round_trips_exactly(any_spark, tmp_path):
     rows = _rows()
-    df = spark.createDataFrame(rows, _schema()).repartition(3, "id").sortWithinPartitions("id")
+    df = any_spark.createDataFrame(rows, _schema()).repartition(3, "id").sortWithinPartitions("id")
     out = str(tmp_path / "ds")
     result = etl.write_mds(df, out, shard_size="2KB")
     assert result.rows == len(rows) and result.shards >= 3
@@ -174,8 +174,8 @@ def _null_frame(spark):
     return rows, spark.createDataFrame(rows, schema).coalesce(2)
 
 
-def test_nulls_error_names_each_column_and_count(spark, tmp_path):
-    _, df = _null_frame(spark)
+def test_nulls_error_names_each_column_and_count(any_spark, tmp_path):
+    _, df = _null_frame(any_spark)
     out = tmp_path / "ds"
     with pytest.raises(NullValuesError) as info:
         etl.write_mds(df, str(out))
@@ -187,8 +187,8 @@ def test_nulls_error_names_each_column_and_count(spark, tmp_path):
     assert not out.exists() or [p for p in out.rglob("*") if p.is_file()] == []
 
 
-def test_nulls_fill_writes_documented_values(spark, tmp_path):
-    rows, df = _null_frame(spark)
+def test_nulls_fill_writes_documented_values(any_spark, tmp_path):
+    rows, df = _null_frame(any_spark)
     out = str(tmp_path / "ds")
     etl.write_mds(df, out, nulls="fill")
     got = sorted((_normal(s) for s in _read(out)), key=lambda s: s["id"])
@@ -214,8 +214,8 @@ def test_nulls_fill_writes_documented_values(spark, tmp_path):
     assert manifest.column("id").fill is None  # not nullable
 
 
-def test_nulls_mask_adds_null_columns(spark, tmp_path):
-    rows, df = _null_frame(spark)
+def test_nulls_mask_adds_null_columns(any_spark, tmp_path):
+    rows, df = _null_frame(any_spark)
     out = str(tmp_path / "ds")
     etl.write_mds(df, out, nulls="mask", columns=["id", "s", "x", "n"])
     got = sorted((_normal(s) for s in _read(out)), key=lambda s: s["id"])

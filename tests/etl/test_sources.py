@@ -37,9 +37,9 @@ def rows(df):
     return sorted(tuple(r) for r in df.collect())
 
 
-def test_fail_names_file_lines_and_text(spark, csv_file):
+def test_fail_names_file_lines_and_text(any_spark, csv_file):
     with pytest.raises(MalformedRecordsError) as info:
-        etl.read_source(spark, csv_file, schema=SCHEMA)
+        etl.read_source(any_spark, csv_file, schema=SCHEMA)
     err = info.value
     assert err.count == 3
     message = str(err)
@@ -55,9 +55,9 @@ def test_fail_on_clean_file_returns_all_rows(spark, tmp_path):
     assert rows(df) == [(1, "a", 1.5), (2, "b", 2.5)]
 
 
-def test_drop_counts_and_is_independent_of_selected_columns(spark, csv_file, caplog):
+def test_drop_counts_and_is_independent_of_selected_columns(any_spark, csv_file, caplog):
     with caplog.at_level(logging.WARNING, logger="sparkbridge.etl.sources"):
-        df = etl.read_source(spark, csv_file, schema=SCHEMA, bad_records="drop")
+        df = etl.read_source(any_spark, csv_file, schema=SCHEMA, bad_records="drop")
     assert "dropped 3 malformed CSV row(s)" in caplog.text
     assert rows(df) == GOOD
     assert df.count() == 4
@@ -66,9 +66,9 @@ def test_drop_counts_and_is_independent_of_selected_columns(spark, csv_file, cap
     assert df.select("name").count() == 4
 
 
-def test_bad_rows_kept_in_folder(spark, csv_file, tmp_path):
+def test_bad_rows_kept_in_folder(any_spark, csv_file, tmp_path):
     bad_dir = tmp_path / "bad"
-    df = etl.read_source(spark, csv_file, schema=SCHEMA, bad_records=str(bad_dir))
+    df = etl.read_source(any_spark, csv_file, schema=SCHEMA, bad_records=str(bad_dir))
     assert rows(df) == GOOD
     kept = []
     for part in sorted(bad_dir.glob("part-*.json")):
@@ -89,62 +89,96 @@ def test_bad_records_typo_is_refused(spark, csv_file):
         etl.read_source(spark, csv_file, schema=SCHEMA, bad_records="skip")
 
 
-def test_missing_path(spark, tmp_path):
+def test_missing_path(any_spark, tmp_path):
     missing = tmp_path / "nope.csv"
     with pytest.raises(FileNotFoundError, match=f"input not found: {missing}"):
-        etl.read_source(spark, missing)
+        etl.read_source(any_spark, missing)
 
 
-def test_unknown_filesystem_and_globs(spark, tmp_path, csv_file):
+def test_unknown_filesystem_and_globs(any_spark, tmp_path, csv_file):
     with pytest.raises(ValueError, match="no Hadoop filesystem for scheme 's3'"):
-        etl.read_source(spark, "s3://bucket/rows.csv")
+        etl.read_source(any_spark, "s3://bucket/rows.csv")
     with pytest.raises(FileNotFoundError, match="input not found"):
-        etl.read_source(spark, str(tmp_path / "nothing-*.csv"))
-    df = etl.read_source(spark, str(tmp_path / "row*.csv"), schema=SCHEMA, bad_records="drop")
+        etl.read_source(any_spark, str(tmp_path / "nothing-*.csv"))
+    df = etl.read_source(any_spark, str(tmp_path / "row*.csv"), schema=SCHEMA, bad_records="drop")
     assert rows(df) == GOOD
 
 
-def test_invalid_ddl(spark, csv_file):
+def test_invalid_ddl(any_spark, csv_file):
     with pytest.raises(ValueError, match="invalid schema DDL"):
-        etl.read_source(spark, csv_file, schema="id INTEGR,")
+        etl.read_source(any_spark, csv_file, schema="id INTEGR,")
 
 
-def test_format_detection(spark, tmp_path):
+def test_format_detection(any_spark, tmp_path):
     gz = tmp_path / "g.csv.gz"
     with gzip.open(gz, "wt") as f:
         f.write("x,y\n1,2\n3,4\n")
-    df = etl.read_source(spark, gz, schema="x INT, y INT")
+    df = etl.read_source(any_spark, gz, schema="x INT, y INT")
     assert rows(df) == [(1, 2), (3, 4)]
 
     # A folder written by Spark (part files + _SUCCESS + .crc): detected as Parquet.
     pq = tmp_path / "pq"
-    spark.createDataFrame([(1, "u"), (2, "v"), (3, "w")], "k LONG, s STRING").repartition(2).write.parquet(str(pq))
-    df = etl.read_source(spark, pq)
+    any_spark.createDataFrame([(1, "u"), (2, "v"), (3, "w")], "k LONG, s STRING").repartition(2).write.parquet(str(pq))
+    df = etl.read_source(any_spark, pq)
     assert rows(df) == [(1, "u"), (2, "v"), (3, "w")]
-    assert rows(etl.read_source(spark, pq, schema="s STRING")) == [("u",), ("v",), ("w",)]
+    assert rows(etl.read_source(any_spark, pq, schema="s STRING")) == [("u",), ("v",), ("w",)]
     with pytest.raises(ValueError, match="column 'zz' is not in the Parquet files"):
-        etl.read_source(spark, pq, schema="zz INT")
+        etl.read_source(any_spark, pq, schema="zz INT")
 
     # A folder of CSV files.
     folder = tmp_path / "csvs"
     folder.mkdir()
     (folder / "a.csv").write_text("x,y\n1,2\n")
     (folder / "b.csv").write_text("x,y\n3,4\n")
-    assert rows(etl.read_source(spark, folder, schema="x INT, y INT")) == [(1, 2), (3, 4)]
+    assert rows(etl.read_source(any_spark, folder, schema="x INT, y INT")) == [(1, 2), (3, 4)]
 
     (folder / "c.parquet").write_bytes((next(pq.glob("part-*.parquet"))).read_bytes())
     with pytest.raises(ValueError, match="mixes formats"):
-        etl.read_source(spark, folder)
+        etl.read_source(any_spark, folder)
 
     txt = tmp_path / "data.txt"
     txt.write_text("x,y\n5,6\n")
-    with pytest.raises(ValueError, match="pass format='csv' or 'parquet'"):
-        etl.read_source(spark, txt)
-    assert rows(etl.read_source(spark, txt, format="csv", schema="x INT, y INT")) == [(5, 6)]
+    with pytest.raises(ValueError, match="pass format='csv', 'parquet' or 'json'"):
+        etl.read_source(any_spark, txt)
+    assert rows(etl.read_source(any_spark, txt, format="csv", schema="x INT, y INT")) == [(5, 6)]
 
     z = tmp_path / "f.csv.zip"
     z.write_bytes(b"PK\x05\x06" + b"\0" * 18)
     with pytest.raises(ValueError, match="cannot read zip archives"):
-        etl.read_source(spark, z)
+        etl.read_source(any_spark, z)
     with pytest.raises(ValueError, match="format must be one of"):
-        etl.read_source(spark, txt, format="json")
+        etl.read_source(any_spark, txt, format="orc")
+
+
+# JSON lines (1-based): 3 has a non-integer id, 5 is not JSON at all.
+JSONL = (
+    '{"id": 1, "name": "a", "score": 1.5}\n'
+    '{"id": 2, "name": "b", "score": 2.5}\n'
+    '{"id": "bad", "name": "c", "score": 3.5}\n'
+    '{"id": 6, "name": "f,g", "score": 6.5}\n'
+    '{"id": 7, "name": \n'
+    '{"id": 8, "name": "say \\"hi\\"", "score": 8.5}\n'
+)
+
+
+def test_json_lines_with_every_bad_record_policy(any_spark, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(JSONL)
+    with pytest.raises(MalformedRecordsError) as info:
+        etl.read_source(any_spark, path, schema=SCHEMA)
+    assert info.value.count == 2
+    for line, text in [(3, '{"id": "bad", "name": "c", "score": 3.5}'), (5, '{"id": 7, "name": ')]:
+        assert f"{path}:{line}: {text!r}" in str(info.value)
+    assert "malformed JSON record(s)" in str(info.value)
+    assert rows(etl.read_source(any_spark, path, schema=SCHEMA, bad_records="drop")) == GOOD
+    assert rows(etl.read_source(any_spark, path, schema=SCHEMA, bad_records="drop").select("name")) == sorted(
+        (g[1],) for g in GOOD)
+    bad_dir = tmp_path / "bad"
+    assert rows(etl.read_source(any_spark, path, schema=SCHEMA, bad_records=str(bad_dir))) == GOOD
+    kept = [json.loads(line) for part in sorted(bad_dir.glob("part-*.json")) for line in part.read_text().splitlines()]
+    assert sorted(k["record"] for k in kept) == ['{"id": "bad", "name": "c", "score": 3.5}', '{"id": 7, "name": ']
+    # inferred: no schema given, the malformed line is still found; the clean file reads as JSON by extension
+    assert etl.read_source(any_spark, path, bad_records="drop").count() == 5
+    clean = tmp_path / "clean.json"
+    clean.write_text('{"x": 1}\n{"x": 2}\n')
+    assert rows(etl.read_source(any_spark, clean, schema="x INT")) == [(1,), (2,)]

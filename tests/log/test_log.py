@@ -84,14 +84,14 @@ def test_conflict_rules(st):
     write(st, 1, "create", -1)
     write(st, 2, "append", 0)  # lands while the others below planned on version 0
     write(st, 3, "append", 0)  # two appends never conflict
-    with pytest.raises(CommitConflictError, match="version 1: write \\(append\\).*landed while this overwrite"):
+    with pytest.raises(CommitConflictError, match="version 1: append by .*landed while this overwrite"):
         write(st, 4, "overwrite", 0)
     with pytest.raises(DatasetExistsError, match="a dataset was committed while this write ran"):
         write(st, 5, "create", -1)
     with pytest.raises(SchemaMismatchError, match="schema .* differs"):
         write(st, 6, "append", 2, schema=OTHER)
     write(st, 7, "overwrite", 2, schema=OTHER)  # planned on the latest: fine, and changes the schema
-    with pytest.raises(CommitConflictError, match="the dataset was replaced .*version 3: write \\(overwrite\\)"):
+    with pytest.raises(CommitConflictError, match="the dataset was replaced .*version 3: overwrite by"):
         write(st, 8, "append", 2)  # planned before the overwrite
     assert open_dataset(st.root).rows == 10 and open_dataset(st.root).schema["fingerprint"] == "f2"
 
