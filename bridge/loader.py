@@ -287,12 +287,15 @@ class StreamingLoader:
         )
 
     def _follow_cache(self) -> str:
-        """Where a remote followed dataset's shards land when no ``local`` was given."""
+        """Where a remote followed dataset's shards land when no ``local`` was given: under this
+        user's private spill root (checked: not a symlink, not another user's, not writable by
+        others), never a predictable folder shared by every user of the machine."""
         import hashlib
-        import tempfile
+
+        from sparkbridge.bridge.spill import private_spill_root
 
         name = hashlib.sha256(self.source.name.encode()).hexdigest()[:16]
-        path = os.path.join(tempfile.gettempdir(), "sparkbridge-follow", name)
+        path = os.path.join(private_spill_root(), "follow", name)
         logger.info("follow cache for %s defaults to %s", self.source.name, path)
         mark_cache(path, self.source.name)
         return path

@@ -55,3 +55,15 @@ def test_a_planted_default_root_is_refused(temp_root, data, tmp_path, plant):
             os.chmod(temp_root, 0o777)
     with pytest.raises(UnsafePathError, match=rf"{temp_root}.*SPARKBRIDGE_CACHE_DIR"):
         StreamingLoader(data, batch_size=100)
+
+
+def test_the_follow_cache_of_a_remote_dataset_lives_under_the_private_root(temp_root, data):
+    # where follow=True lands a remote dataset's shards without local=: was <tmp>/sparkbridge-follow,
+    # one predictable folder shared by every user of the machine
+    loader = StreamingLoader(data, batch_size=100)
+    path = loader._follow_cache()
+    assert os.path.dirname(os.path.dirname(path)) == str(temp_root)
+    loader.close()
+    os.chmod(temp_root, 0o777)
+    with pytest.raises(UnsafePathError, match=str(temp_root)):
+        loader._follow_cache()
