@@ -1,8 +1,8 @@
 """Images through the transform stage: JPEG decode + resize + flip, ours vs Mosaic vs the decode bound.
 
-    python bench/media.py [--images 20000] [--batch 256] [--workers 0 2]
+    python bench/media.py [--rows 20000] [--batch 256] [--workers 0 2]
 
-``--images`` JPEGs of 96x96 (~3 KB each) are written as an MDS ``bytes`` column. Each reader takes
+``--rows`` JPEGs of 96x96 (~3 KB each) are written as an MDS ``bytes`` column. Each reader takes
 one epoch and produces ``[B, 3, 64, 64]`` uint8 tensors (``torchvision.io.decode_jpeg``, resize to
 64x64, a random horizontal flip), every image exactly once:
 
@@ -146,7 +146,7 @@ def time_mosaic_isolated(data: str, batch: int, workers: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=20_000)
+    ap.add_argument("--rows", "--images", dest="images", type=int, default=20_000, help="images (default 20,000)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     args = ap.parse_args(argv)

@@ -31,7 +31,8 @@ _CFG = shard_config(column_names=["id"], column_encodings=["int64"], compression
 
 
 def shard(name: str, rows: int) -> dict:
-    return dict(_CFG, samples=rows, raw_data={"basename": name, "bytes": 8 + 4 * rows, "hashes": {}}, zip_data=None)
+    """An entry as an int64-column shard of ``rows`` rows declares it: count, offsets, 8 bytes a row."""
+    return dict(_CFG, samples=rows, raw_data={"basename": name, "bytes": 8 + 12 * rows, "hashes": {}}, zip_data=None)
 
 
 def wid(k: int) -> str:

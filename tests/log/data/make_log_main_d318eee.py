@@ -1,5 +1,7 @@
 # Wrote tests/log/data/log_main_d318eee/ with the code at main d318eee (before the Operation type):
 # a saved log of today's format that every later sparkbridge must still read (tests/log/test_log_format.py).
+# The shard sizes were later raised to what an int64 shard of that many rows takes (8 + 12 x rows; the
+# index check added with issue 23 refuses a count its size cannot hold): a one-number edit per added shard.
 # Run from the repository root: .venv/bin/python tests/log/data/make_log_main_d318eee.py
 import sys, shutil, os
 sys.path.insert(0, ".")
