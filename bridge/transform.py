@@ -129,14 +129,23 @@ class TransformStage:
         while True:
             ready = wait([outbox._reader, proc.sentinel], timeout=_POLL_SECONDS)
             if outbox._reader in ready or not outbox.empty():
-                return outbox.get()
+                try:
+                    return outbox.get()
+                except (OSError, EOFError):
+                    # a result's tensors are fetched from the worker that sent them (torch shares
+                    # their file descriptors through it): it died between sending and our read
+                    proc.join(timeout=5.0)
+                    raise self._died(w, proc, where) from None
             if proc.sentinel in ready or not proc.is_alive():
-                code = proc.exitcode
-                how = (f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
-                       else f"exited with status {code}")
-                self.close()
-                raise TransformError(f"transform worker {w} (pid {proc.pid}) {how} while on {where()}; "
-                                     "the pass cannot continue (a worker killed for memory shows as SIGKILL)")
+                raise self._died(w, proc, where)
+
+    def _died(self, w: int, proc: Any, where: Callable[[], str]) -> TransformError:
+        code = proc.exitcode
+        how = (f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exited with status {code}" if code is not None else "stopped answering")
+        self.close()
+        return TransformError(f"transform worker {w} (pid {proc.pid}) {how} while on {where()}; "
+                              "the pass cannot continue (a worker killed for memory shows as SIGKILL)")
 
     def map(self, batches: Iterable[Any], *, epoch: int) -> Iterator[Any]:
         if not self._procs:

@@ -95,13 +95,29 @@ def test_an_exception_in_the_transform_names_the_batch_and_keeps_its_cause(data,
 
 
 def _dies_on_second(batch):
-    if int(batch["id"].numpy().min()) >= B:
+    if int(batch["id"].numpy().min()) == B:  # batch 1, the first one worker 1 takes
         os.kill(os.getpid(), signal.SIGKILL)
     return batch
 
 
+def _dies_after_sending(batch):
+    # worker 0 sends batch 0 (its tensors are fetched from it when read) and dies on batch 2
+    if int(batch["id"].numpy().min()) == 2 * B:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if int(batch["id"].numpy().min()) == B:
+        import time
+
+        time.sleep(1.0)  # batch 1 comes late, so batch 0 is still unread when worker 0 dies
+    return batch
+
+
+def torch_shm() -> set[str]:
+    """torch's named shared-memory files (other processes of the machine may own other names)."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith("torch_")}
+
+
 def test_a_killed_worker_is_named_not_waited_for(data):
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before = torch_shm()
     loader = StreamingLoader(data, batch_size=B, num_workers=2, transform=_dies_on_second)
     procs = [p.pid for p in loader._transform_stage._procs]
     with pytest.raises(TransformError, match=r"transform worker 1 \(pid \d+\) was killed by signal SIGKILL while on "
@@ -111,7 +127,14 @@ def test_a_killed_worker_is_named_not_waited_for(data):
     for pid in procs:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    assert set(os.listdir("/dev/shm")) - shm_before == set()
+    assert torch_shm() - shm_before == set()
+
+
+def test_a_worker_that_dies_after_sending_is_named(data):
+    loader = StreamingLoader(data, batch_size=B, num_workers=2, transform=_dies_after_sending)
+    with pytest.raises(TransformError, match=r"transform worker 0 \(pid \d+\) was killed by signal SIGKILL"):
+        list(loader)
+    loader.close()
 
 
 def test_transform_options_are_checked(data):
