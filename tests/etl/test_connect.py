@@ -76,7 +76,7 @@ def test_partition_commits_and_resume_after_a_failed_task(connect_mode, tmp_path
     assert again.job_id == w.write_id and again.rows == 500
     assert sorted(stock_ids(out)) == list(range(100)) + list(range(1000, 1500))
     assert open_dataset(out).open_writes == [] and leftovers(out) == []
-    assert log_versions(out)[0] == "write (create)" and log_versions(out)[-1] == "complete"
+    assert log_versions(out)[0] == "create" and log_versions(out)[-1] == "complete"
 
 
 # --------------------------------------------------------------------------- streaming sink
