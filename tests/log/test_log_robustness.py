@@ -287,3 +287,20 @@ def test_without_hard_links_an_entry_appears_whole_and_only_once(st, monkeypatch
     snap = open_dataset(st.root)
     assert (snap.version, read_ids(st, snap)) == (1, [1, 2, 3])
     assert not [n for n in os.listdir(st.local_path("_log")) if n.endswith(".tmp")]
+
+
+def test_the_store_clock_of_a_local_root_is_its_file_times(two_versions):
+    st = two_versions
+    before = sorted(os.listdir(st.local_path("_log")))
+    assert abs(st.now() - time.time()) < 5
+    assert sorted(os.listdir(st.local_path("_log"))) == before  # its probe file is gone
+
+
+def test_validate_reports_a_symlink_planted_in_the_root(two_versions, tmp_path, capsys):
+    st = two_versions
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    os.makedirs(st.local_path("_staging"), exist_ok=True)
+    os.symlink(outside, st.local_path("_staging/j20260101T000000-0000abcd"))
+    code, out = validate(capsys, st.root)
+    assert code == 1 and "symbolic link" in out and "_staging/j20260101T000000-0000abcd" in out
