@@ -304,3 +304,18 @@ def test_validate_reports_a_symlink_planted_in_the_root(two_versions, tmp_path, 
     os.symlink(outside, st.local_path("_staging/j20260101T000000-0000abcd"))
     code, out = validate(capsys, st.root)
     assert code == 1 and "symbolic link" in out and "_staging/j20260101T000000-0000abcd" in out
+
+
+def test_a_job_write_fenced_by_a_vacuum_fails_with_a_clear_error(st):
+    """Found by the model test: the vacuum deleted the fenced write's staged files, and its commit
+    failed with a bare FileNotFoundError from a rename instead of saying it was fenced."""
+    from sparkbridge.errors import CommitConflictError
+    from sparkbridge.log import vacuum
+
+    write_ids(st, "error", [[1, 2]])
+    w = Write(st, "append")
+    w.task(0, [3])
+    vacuum(st, retention_seconds=0)
+    with pytest.raises(CommitConflictError, match="fenced by a vacuum"):
+        w.finish(partitions=1)
+    assert read_ids(st, open_dataset(st.root)) == [1, 2]
