@@ -56,8 +56,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commit", choices=("job", "partition"), default="job",
                         help="commit the whole job at its end (default), or each partition as soon as it is "
                              "written, so `StreamingLoader(..., follow=True)` trains while the job runs")
-    parser.add_argument("--resume", action="store_true",
-                        help="with --commit partition: finish the open write a failed run left (same input)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="WRITE_ID",
+                        help="with --commit partition: finish the open write a failed run left (same input): the "
+                             "one named (its error says which), or without WRITE_ID the only open write")
     parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="extra Spark setting")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (last line of stdout)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

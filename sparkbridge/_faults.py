@@ -10,7 +10,8 @@ workers and child processes): a comma-separated list of ``point=action``, where 
 * ``kill``      — ``os._exit(137)`` at once, as SIGKILL would (no cleanup, no ``finally``);
 * ``raise``     — raise :class:`InjectedFault` (the caller's error handling runs);
 * ``ambiguous`` — raise :class:`AmbiguousWrite` *after* the step took effect (an S3 PUT the server
-  applied while the client saw a timeout).
+  applied while the client saw a timeout);
+* ``sleepS``    — stall for ``S`` seconds (a live writer that others judge idle), then go on.
 
 A point name may end with ``@N`` to fire only at its N-th passage (1-based) in this process.
 """
@@ -63,6 +64,11 @@ def point(name: str) -> None:
         return
     if action == "kill":
         os._exit(137)
+    if action.startswith("sleep"):
+        import time
+
+        time.sleep(float(action[5:] or 1))
+        return
     if action == "ambiguous":
         raise AmbiguousWrite(f"injected ambiguous outcome at {name}")
     raise InjectedFault(f"injected fault at {name}")

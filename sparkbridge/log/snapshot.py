@@ -184,7 +184,7 @@ class Snapshot:
         if e.replaces:  # an overwrite ends every write still open on the data it replaces
             for w in self.writes.values():
                 if w.state == "open" and w.write_id != e.write_id:
-                    w.state = "replaced"
+                    w.state, w.removed, w.prior_schema = "replaced", [], None
         if op in WRITES:
             state = "open" if e.opens else "complete"
             self.writes[e.write_id] = WriteState(e.write_id, e.mode, state, [], _rows(e.add), e.version,

@@ -89,6 +89,39 @@ def test_another_jobs_append_with_zero_retention_rolls_back_the_stalled_overwrit
     assert served(out) == (OLD + list(range(5000, 5010)),) * 2
 
 
+def test_a_live_partitioned_overwrite_fenced_by_another_jobs_append_is_refused_and_rolled_back(
+        spark, tmp_path, faults):
+    out = str(tmp_path / "ds")
+    etl.write_mds(_frame(spark, 0, 1000, 2), out)
+    faults("etl.partition.before_log.p3.a0=sleep10")  # partition 3 is still being written ...
+    failure: list[BaseException] = []
+
+    def overwrite() -> None:
+        try:
+            etl.write_mds(_frame(spark, 1000, 1400, 4), out, mode="overwrite", commit="partition")
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            failure.append(exc)
+
+    writer = threading.Thread(target=overwrite)
+    writer.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # ... when partitions 0-2 have landed
+        w = open_dataset(out).writes
+        if any(s.state == "open" and len(s.partitions) == 3 for s in w.values()):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the partitioned overwrite did not commit 3 partitions in time")
+    # another job appends and vacuums with no retention: the live overwrite looks idle and is fenced
+    etl.write_mds(_frame(spark, 5000, 5010, 1), out, mode="append", retention_seconds=0)
+    writer.join(timeout=120)
+    faults("")
+    assert len(failure) == 1 and isinstance(failure[0], CommitConflictError) and "fenced" in str(failure[0])
+    expected = OLD + list(range(5000, 5010))
+    assert served(out) == (expected, expected)
+    assert open_dataset(out).rows == 1010
+
+
 # ---------------------------------------------------------------- item 2: staging removed, still fenced
 
 

@@ -25,7 +25,7 @@ def test_vacuum_refuses_before_committing_when_the_served_version_is_gone(st):
     """A log as an older vacuum left it: retained_from above the version default readers are
     served (a partitioned write still open and active). Vacuum must fail before committing."""
     write(st, 1, "create", -1)
-    commit(st, Draft(operation="begin", mode="append", write_id=wid(2), read_version=0, schema=SCHEMA))
+    commit(st, Draft(operation="append", commit="partition", write_id=wid(2), read_version=0, schema=SCHEMA))
     commit(st, Draft(operation="partition", write_id=wid(2), read_version=1, partition=0,
                      add=(shard(f"{wid(2)}/p00000-a0/shard.00000.mds", 4),)))
     commit(st, Draft(operation="vacuum", write_id=wid(3), read_version=2, retained_from=2))
@@ -38,7 +38,7 @@ def test_vacuum_refuses_before_committing_when_the_served_version_is_gone(st):
 def test_a_fence_rolls_back_an_overwrite_and_restores_its_schema(st):
     write(st, 1, "create", -1, rows=5)
     other = dict(SCHEMA, fingerprint="f2")
-    commit(st, Draft(operation="begin", mode="overwrite", write_id=wid(2), read_version=0, schema=other,
+    commit(st, Draft(operation="overwrite", commit="partition", write_id=wid(2), read_version=0, schema=other,
                      remove=(f"{wid(1)}/p00000-a0/shard.00000.mds",)))
     commit(st, Draft(operation="partition", write_id=wid(2), read_version=1, partition=0,
                      add=(shard(f"{wid(2)}/p00000-a0/shard.00000.mds", 3),)))
