@@ -320,3 +320,26 @@ def test_a_job_write_fenced_by_a_vacuum_fails_with_a_clear_error(st):
     with pytest.raises(CommitConflictError, match="fenced by a vacuum"):
         w.finish(partitions=1)
     assert read_ids(st, open_dataset(st.root)) == [1, 2]
+
+
+@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
+                   reason="issue 22 items 1/3 (log-semantics): found by the model test, not fixed here")
+def test_vacuum_keeps_shards_a_rollback_brought_back(st):
+    """A partitioned append commits a partition; a partitioned overwrite replaces it; a vacuum
+    fences the overwrite and rolls it back, so the append's shard is served again. Once another
+    overwrite begins, a vacuum with a long retention deletes that shard (it is in no ``add`` after
+    ``retained_from``) and the version a default reader is served can no longer be read."""
+    from sparkbridge.log import vacuum
+
+    w1 = Write(st, "append", commit="partition")
+    w1.task(0, [0])
+    Write(st, "append", commit="partition", resume=w1.job.write_id)  # a second driver, as in the model
+    w2 = Write(st, "overwrite", commit="partition")
+    time.sleep(0.05)
+    vacuum(st, retention_seconds=0)
+    w2.abort()
+    w1.abort()
+    Write(st, "overwrite", commit="partition")
+    vacuum(st, retention_seconds=3600)
+    reader = LogReader(st)
+    assert read_ids(st, reader.snapshot(reader.complete_version())) == [0]
