@@ -12,6 +12,7 @@ roots, and on datasets written by stock ``MDSWriter`` (``index.json`` alone).
 from __future__ import annotations
 
 import argparse
+import os
 import hashlib
 import json
 import logging
@@ -341,6 +342,16 @@ def validate_dataset(root: str, *, workers: int = 4, progress: bool = True,
         if not (_stored(entry).get("hashes")):
             report.notes.append(f"shard {i} ({name}): index lists no hash; checked size and sample count only")
 
+    if storage.is_local:  # links are never followed by sparkbridge: one planted here is reported
+        real_root = os.path.realpath(storage.root)
+        for folder, dirs, files in os.walk(storage.root):
+            for name in dirs + files:
+                path = os.path.join(folder, name)
+                if os.path.islink(path):
+                    target = os.path.realpath(path)
+                    if not (target + os.sep).startswith(real_root + os.sep):
+                        report.problems.append(f"symbolic link {path} points outside the dataset root (to {target}); "
+                                               "sparkbridge never follows it: remove it")
     listing = storage.list_files("")
     present = dict(listing)
     from tqdm import tqdm

@@ -222,6 +222,22 @@ class LocalStorage(Storage):
         _fsync_dir(os.path.dirname(path))
         return True
 
+    def now(self) -> float:
+        """The file system's clock: the time stamp a new file gets, so ages compare with the
+        files' own times even on NFS, where the server stamps them and this machine's clock may
+        be off (a temp file under ``_log/``, named like sparkbridge's own temp files). The local
+        clock when there is no ``_log/`` to write in."""
+        folder = self.local_path("_log")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".00000000000000000000.json.clock-", suffix=".tmp", dir=folder)
+        except OSError:
+            return time.time()
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+
     def list_info(self, prefix: str = "", *, start_after: Optional[str] = None) -> list[FileInfo]:
         base = self.local_path(prefix)
         out = []
