@@ -152,8 +152,13 @@ def plan_vacuum(storage: Storage, *, retention_seconds: float = DEFAULT_RETENTIO
     plan.retained_from = retained_from
     keep = reader.snapshot(retained_from).files() if retained_from < latest.version else set()
     for v in range(retained_from + 1, latest.version + 1):
-        for e in reader.read_entry(v).add:
+        entry = reader.read_entry(v)
+        for e in entry.add:
             keep.update([(e.get("zip_data") or {}).get("basename"), e["raw_data"]["basename"]])
+        if entry.fence:
+            # a fence rolls writes back: shards an overwrite had removed are served again without
+            # any ``add`` naming them (rare: only vacuum entries fence, so this replay is cheap)
+            keep |= reader.snapshot(v).files()
     keep |= latest.files() | after.files()
     keep.discard(None)
     # a reader unpacking a shard right now writes <raw>.tmp beside it

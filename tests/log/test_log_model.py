@@ -113,13 +113,6 @@ class LogModel(RuleBasedStateMachine):
         self.removed: dict[str, tuple] = {}  # partitioned overwrite -> the rows its begin removed
         self.schema_set = False  # every write here has the same schema: only "is there one" matters
         self.introduced: set = set()  # open overwrites begun on a dataset without a schema
-        # KNOWN BUG, issue 22 items 1/3 (log-semantics: rollback + vacuum keep-set), found by this
-        # model: a fence rolls back a partitioned overwrite that had replaced an open partitioned
-        # write W, so W's committed shards are served again; once another overwrite begins, a vacuum
-        # (any retention) deletes them — they are in no ``add`` after retained_from — and the served
-        # version cannot be read (FileNotFoundError). Vacuums are skipped for the rest of such an
-        # interleaving; remove this flag once log-semantics keeps restored shards.
-        self.rollback_restored_replaced = False
 
     # ------------------------------------------------------------------ storage
 
@@ -392,7 +385,7 @@ class LogModel(RuleBasedStateMachine):
             if s != "open":
                 self.staging_alive[w] = False
 
-    @precondition(lambda self: self.latest >= 0 and not self.rollback_restored_replaced)
+    @precondition(lambda self: self.latest >= 0)
     @rule()
     def vacuum_large(self):
         vacuum(self.storage, retention_seconds=LARGE_RETENTION)
@@ -402,7 +395,7 @@ class LogModel(RuleBasedStateMachine):
     # Retention 0 runs only while no pin is held (keeping a pinned version past the retention is
     # not promised). Every open partitioned write is then idle past the retention: fenced, and
     # rolled back in the log (its partitions leave, an overwrite's removed rows come back).
-    @precondition(lambda self: self.latest >= 0 and not self.held and not self.rollback_restored_replaced)
+    @precondition(lambda self: self.latest >= 0 and not self.held)
     @rule()
     def vacuum_zero(self):
         import time
@@ -415,11 +408,7 @@ class LogModel(RuleBasedStateMachine):
             if d.commit == "job":
                 d.fenced = True
         ids = list(self.ids_now())
-        replaced_rows = {i for w, st_ in self.states.items() if st_ == "replaced"
-                         for p in self.claimed[w] for i in self.plans[w].parts[p]}
         for w in fenced:
-            if replaced_rows & set(self.removed[w]):
-                self.rollback_restored_replaced = True
             gone = {i for p in self.claimed[w] for i in self.plans[w].parts[p]}
             ids = [i for i in ids if i not in gone] + list(self.removed[w])
             self.states[w] = "fenced"

@@ -322,13 +322,12 @@ def test_a_job_write_fenced_by_a_vacuum_fails_with_a_clear_error(st):
     assert read_ids(st, open_dataset(st.root)) == [1, 2]
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="issue 22 items 1/3 (log-semantics): found by the model test, not fixed here")
 def test_vacuum_keeps_shards_a_rollback_brought_back(st):
     """A partitioned append commits a partition; a partitioned overwrite replaces it; a vacuum
     fences the overwrite and rolls it back, so the append's shard is served again. Once another
     overwrite begins, a vacuum with a long retention deletes that shard (it is in no ``add`` after
-    ``retained_from``) and the version a default reader is served can no longer be read."""
+    ``retained_from``) and the version a default reader is served can no longer be read. Found by
+    the model test; the vacuum now keeps the files of every retained version a fence rolled back."""
     from sparkbridge.log import vacuum
 
     w1 = Write(st, "append", commit="partition")
