@@ -307,6 +307,18 @@ class LogModel(RuleBasedStateMachine):
             d.write.write_shards(p, d.plan.parts[p])
         row = d.write.write_shards(p, d.plan.parts[p])
         state = self.states[wid]
+        if state in ("replaced", "fenced") and p in self.claimed[wid]:
+            # claimed before the write ended: superseded (partition-claimed) or refused, either way
+            # nothing is added
+            try:
+                got = d.write.commit_task(row)
+            except CommitConflictError:
+                got = {"superseded": True}
+            assert got.get("superseded") is True, (wid, p, state)
+            d.write.abort()
+            self.live.remove(d)
+            self.staging_alive[wid] = False
+            return
         if state in ("replaced", "fenced"):
             with pytest.raises(CommitConflictError):
                 d.write.commit_task(row)
