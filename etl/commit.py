@@ -135,7 +135,9 @@ class WriteJob:
             raise DatasetExistsError(
                 f"{self.storage.root} already holds a dataset (version {self.base.version}); pass "
                 "mode='overwrite' to replace it or mode='append' to add to it")
-        if self.mode == "append" and self.columns is None:
+        if self.mode == "append" and self.columns is None and (self.base.shards or self.base.legacy):
+            # (a log whose every write was rolled back holds no rows and no schema: an append there
+            # writes the first rows and records their schema, as on an empty root)
             raise SchemaMismatchError(
                 f"{self.storage.root} has no recorded schema (it was not written by sparkbridge), so its "
                 "logical schema is unknown and append cannot check it; use mode='overwrite' or a new output")

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition, rule,
                                  run_state_machine_as_test)
 
-from sparkbridge.errors import CommitConflictError, DatasetExistsError, SchemaMismatchError
+from sparkbridge.errors import CommitConflictError, DatasetExistsError
 from sparkbridge.etl.task import TaskFailure
 from sparkbridge.log import LogReader, Superseded, vacuum
 from sparkbridge.storage import open_storage
@@ -166,14 +166,6 @@ class LogModel(RuleBasedStateMachine):
         while self.latest < latest:
             self.push(self.ids_now())
 
-    def append_refused_without_schema(self, mode: str) -> bool:
-        """KNOWN, issue 22 items 1/2 (log-semantics' rollback): when every write of a dataset was
-        fenced and rolled back, the log exists but holds no schema, and an append is refused with
-        SchemaMismatchError ("no recorded schema (it was not written by sparkbridge)") instead of
-        writing the first rows. The model expects that refusal so the run goes on; reported to
-        log-semantics, remove this once an append there creates the dataset."""
-        return mode == "append" and self.latest >= 0 and not self.schema_set
-
     def open_schema(self) -> bool:
         """An append (or create) is refused while an open overwrite introduced the schema it would
         commit on (the check ``no-data-on-an-open-schema``: a fence would roll that schema back)."""
@@ -191,10 +183,6 @@ class LogModel(RuleBasedStateMachine):
     def job_write(self, mode, sizes):
         if mode == "error" and self.latest >= 0:
             with pytest.raises(DatasetExistsError):
-                Write(self.storage, mode)
-            return
-        if self.append_refused_without_schema(mode):
-            with pytest.raises(SchemaMismatchError, match="no recorded schema"):
                 Write(self.storage, mode)
             return
         w = Write(self.storage, mode)
@@ -222,10 +210,6 @@ class LogModel(RuleBasedStateMachine):
           sizes=st.lists(st.integers(1, 3), min_size=1, max_size=2))
     def start_job_write(self, mode, sizes):
         """A job write whose tasks are done; it commits in a later step (others may land first)."""
-        if self.append_refused_without_schema(mode):
-            with pytest.raises(SchemaMismatchError, match="no recorded schema"):
-                Write(self.storage, mode)
-            return multiple()
         w = Write(self.storage, mode)
         plan = self.plan(mode, sizes, w.job.write_id)
         for p, ids in enumerate(plan.parts):
@@ -262,10 +246,6 @@ class LogModel(RuleBasedStateMachine):
     @rule(target=drivers, mode=st.sampled_from(["append", "overwrite"]),
           sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3))
     def begin(self, mode, sizes):
-        if self.append_refused_without_schema(mode):
-            with pytest.raises(SchemaMismatchError, match="no recorded schema"):
-                Write(self.storage, mode, commit="partition")
-            return multiple()
         if mode != "overwrite" and self.open_schema():
             with pytest.raises(CommitConflictError, match="set the schema"):
                 Write(self.storage, mode, commit="partition")

@@ -342,3 +342,19 @@ def test_vacuum_keeps_shards_a_rollback_brought_back(st):
     vacuum(st, retention_seconds=3600)
     reader = LogReader(st)
     assert read_ids(st, reader.snapshot(reader.complete_version())) == [0]
+
+
+def test_an_append_after_every_write_was_rolled_back_writes_the_first_rows(st):
+    """The model test's second finding: once every write of a root was fenced and rolled back, the
+    log holds no rows and no schema; an append there was refused ("no recorded schema") instead of
+    writing the first rows, as it does on an empty root."""
+    from sparkbridge.log import vacuum
+
+    w = Write(st, "append", commit="partition")
+    w.task(0, [0, 1])
+    time.sleep(0.05)
+    vacuum(st, retention_seconds=0)  # fenced and rolled back: no rows, no schema
+    assert read_ids(st, open_dataset(st.root)) == []
+    write_ids(st, "append", [[5, 6, 7]])
+    assert read_ids(st, open_dataset(st.root)) == [5, 6, 7]
+    assert open_dataset(st.root).schema is not None
