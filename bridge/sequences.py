@@ -279,9 +279,9 @@ class SequencePacker:
                 "pending": pending, "column": self.column, "length": self.length, "rows": self.rows}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if not isinstance(state, Mapping) or state.get("format") != PACKER_STATE_FORMAT:
-            raise StateError(f"not a SequencePacker state (format={getattr(state, 'get', lambda k: None)('format')!r}, "
-                             f"expected {PACKER_STATE_FORMAT!r})")
+        fmt = state.get("format") if isinstance(state, Mapping) else None
+        if fmt != PACKER_STATE_FORMAT:
+            raise StateError(f"not a SequencePacker state (format={fmt!r}, expected {PACKER_STATE_FORMAT!r})")
         for name in ("column", "length", "rows"):
             if state.get(name) != getattr(self, name):
                 raise StateError(f"the packer state was saved with {name}={state.get(name)!r} but this packer has "
