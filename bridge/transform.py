@@ -49,9 +49,8 @@ def _describe(epoch: int, index: int) -> str:
 
 
 def _failure(where: str, exc: BaseException) -> TransformError:
-    err = TransformError(f"the transform failed on {where}: {type(exc).__name__}: {exc}")
-    err.__cause__ = exc
-    return err
+    """Raised ``from exc`` by the callers: the user's exception is the cause."""
+    return TransformError(f"the transform failed on {where}: {type(exc).__name__}: {exc}")
 
 
 def apply_inline(fn: Callable[[Any], Any], batches: Iterable[Any], *, epoch: int) -> Iterator[Any]:
@@ -134,12 +133,13 @@ class TransformStage:
                 except (OSError, EOFError):
                     # a result's tensors are fetched from the worker that sent them (torch shares
                     # their file descriptors through it): it died between sending and our read
-                    proc.join(timeout=5.0)
                     raise self._died(w, proc, where) from None
             if proc.sentinel in ready or not proc.is_alive():
                 raise self._died(w, proc, where)
 
     def _died(self, w: int, proc: Any, where: Callable[[], str]) -> TransformError:
+        # its sentinel fires when its pipes close, a moment before the exit status can be read
+        proc.join(timeout=5.0)
         code = proc.exitcode
         how = (f"was killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
                else f"exited with status {code}" if code is not None else "stopped answering")
