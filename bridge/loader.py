@@ -28,16 +28,16 @@ import numpy as np
 
 from sparkbridge.bridge.device import outputs_to_device, resolve_device, to_batches
 from sparkbridge.bridge.orders import OrderProcess, OrderProcessDied
+from sparkbridge.bridge.options import LoaderOptions
 from sparkbridge.bridge.passes import PassBoard
 from sparkbridge.bridge.source import Source, claim_cache, mark_cache, open_version, resolve_source
 from sparkbridge.bridge.state import LoaderState, StateError
 from sparkbridge.bridge.transform import TransformStage, apply_inline
 
-__all__ = ["StreamingLoader", "StateError"]
+__all__ = ["StreamingLoader", "LoaderOptions", "StateError"]
 
 logger = logging.getLogger(__name__)
 
-_SHUFFLE_ALGOS = ("py1br", "py1e", "py1s", "py2s", "naive")  # streaming.base.shuffle.algos
 _MAX_SLOT_BYTES = 512 << 20
 
 
@@ -133,28 +133,30 @@ class StreamingLoader:
         transform: Optional[Callable[[Any], Any]] = None,
         transform_workers: Optional[int] = None,
     ) -> None:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
-        if not isinstance(download_retry, int) or download_retry < 1:
-            raise ValueError(f"download_retry is the number of download attempts (>= 1), got {download_retry!r}")
-        if not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
-        if shuffle_algo not in _SHUFFLE_ALGOS:
-            raise ValueError(f"shuffle_algo must be one of {_SHUFFLE_ALGOS}, got {shuffle_algo!r}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        if isinstance(validate_hash, str) and not validate_hash:
-            raise ValueError("validate_hash must be a hash name such as 'xxh64', True/None (auto) or False")
-        if validate_hash is True:
-            validate_hash = None
-        if transform is not None and not callable(transform):
-            raise ValueError(f"transform must be a callable taking a batch, got {type(transform).__name__}")
-        if transform_workers is None:
-            transform_workers = num_workers if transform is not None else 0
-        if not isinstance(transform_workers, int) or isinstance(transform_workers, bool) or transform_workers < 0:
-            raise ValueError(f"transform_workers must be an int >= 0, got {transform_workers!r}")
+        options = LoaderOptions(
+            remote_or_local=remote_or_local, local=local, batch_size=batch_size, shuffle=shuffle, seed=seed,
+            columns=columns, features=features, label=label, device=device, drop_last=drop_last,
+            pad_ranks=pad_ranks, num_workers=num_workers, shuffle_algo=shuffle_algo,
+            shuffle_block_size=shuffle_block_size, num_canonical_nodes=num_canonical_nodes,
+            partition_algo=partition_algo, cache_limit=cache_limit, predownload=predownload,
+            validate_hash=validate_hash, pin_memory=pin_memory, prefetch=prefetch,
+            decoded_cache_bytes=decoded_cache_bytes, download_retry=download_retry,
+            download_timeout=download_timeout, clean_stale_shm=clean_stale_shm, version=version, follow=follow,
+            follow_timeout=follow_timeout, follow_idle_timeout=follow_idle_timeout, follow_poll=follow_poll,
+            transform=transform, transform_workers=transform_workers,
+        )
+        self._init(options)
+
+    @classmethod
+    def from_options(cls, options: LoaderOptions) -> "StreamingLoader":
+        """A loader built from a :class:`~sparkbridge.bridge.options.LoaderOptions`."""
+        loader = cls.__new__(cls)
+        loader._init(options)
+        return loader
+
+    def _init(self, options: LoaderOptions) -> None:
+        self.options = options
+        transform, transform_workers = options.transform, options.transform_workers
         self._transform = transform
         self._transform_stage: Optional[TransformStage] = None
         self._closed = True  # until construction completes (close() then stops only the transform stage)
@@ -163,25 +165,18 @@ class StreamingLoader:
             # process): the workers only ever run the transform, on batches handed to them
             self._transform_stage = TransformStage(transform, workers=transform_workers)
             self._transform_stage.start()
-        self.source = resolve_source(remote_or_local, local, must_exist=not follow)
+        self.source = resolve_source(options.remote_or_local, options.local, must_exist=not options.follow)
         if self.source.remote is not None and self.source.local is not None:
             mark_cache(self.source.local, self.source.remote)  # claimed for one version in _build_dataset
         # stale Mosaic segments are removed before the first dataset allocates its own (_build_dataset)
-        self._clean_stale_shm = bool(clean_stale_shm)
-        device = resolve_device(device)  # before Mosaic allocates shared memory: fail cheaply
+        self._clean_stale_shm = bool(options.clean_stale_shm)
+        device = resolve_device(options.device)  # before Mosaic allocates shared memory: fail cheaply
 
-        if decoded_cache_bytes is None:
+        if options.decoded_cache_bytes is None:
             logger.debug("decoded shard cache defaults to 1 GiB per process")
         # everything the dataset is built from but the version: load_state_dict may rebuild it on
         # the version a saved run read
-        self._dataset_options = dict(
-            remote=self.source.remote, local=self.source.local, batch_size=batch_size, shuffle=shuffle,
-            shuffle_seed=seed, shuffle_algo=shuffle_algo, shuffle_block_size=shuffle_block_size,
-            num_canonical_nodes=num_canonical_nodes, partition_algo=partition_algo, cache_limit=cache_limit,
-            predownload=predownload, download_retry=download_retry, download_timeout=download_timeout,
-            validate_hash=validate_hash, drop_last=drop_last, decoded_cache_bytes=decoded_cache_bytes,
-            columns=columns, features=features, label=label,
-        )
+        self._dataset_options = options.dataset_options(remote=self.source.remote, local=self.source.local)
         self._board = PassBoard()
         self._spill_folders: list[str] = []
         self._follow: Optional[dict] = None  # the followed epoch's settings while it is not finished
@@ -190,19 +185,19 @@ class StreamingLoader:
         self._padding = 0  # see the padding property
         # what a followed epoch waits with; kept when nothing is followed now, for a state that
         # resumes one (load_state_dict)
-        self._follow_settings = {"timeout": follow_timeout, "idle_timeout": follow_idle_timeout, "poll": follow_poll}
-        if follow:
-            self._follow = self._follow_target(version=version, timeout=follow_timeout,
-                                               idle_timeout=follow_idle_timeout, poll=follow_poll)
+        self._follow_settings = options.follow_settings
+        if options.follow:
+            self._follow = self._follow_target()
         # None while the first epoch follows a write that is still running (built when it completes)
-        self.dataset = None if self._follow is not None else self._build_dataset(version, early=True)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.drop_last = bool(drop_last)
-        self.pad_ranks = bool(pad_ranks)
-        self.prefetch = prefetch
+        self.dataset = None if self._follow is not None else self._build_dataset(options.version, early=True)
+        self.batch_size = options.batch_size
+        self.num_workers = options.num_workers
+        self.drop_last = bool(options.drop_last)
+        self.pad_ranks = bool(options.pad_ranks)
+        self.prefetch = options.prefetch
         self.device = device
         is_cuda = self.device is not None and self.device.type == "cuda"
+        pin_memory = options.pin_memory
         if pin_memory is None:
             pin_memory = is_cuda
             if is_cuda:
@@ -232,20 +227,16 @@ class StreamingLoader:
                 self._start_orders(idle=True)  # no thread loads shards (many small local ones): fork now
             self._submit(0, 0)
 
-    def _follow_target(self, *, version, timeout: float, idle_timeout: Optional[float], poll: float) -> Optional[dict]:
+    def _follow_target(self) -> Optional[dict]:
         """What the first epoch follows (rank 0 decides), or None when there is nothing to follow."""
         from sparkbridge.bridge.distributed import broadcast_from_rank0
         from sparkbridge.bridge.follow import find_target
         from sparkbridge.errors import UsageError
         from sparkbridge.log.snapshot import LogReader
 
-        if version is not None:
-            raise UsageError("follow=True reads commits as they land; it cannot be combined with version=")
         if self.source.storage is None:
             raise UsageError(f"follow=True needs a dataset log: a local folder or s3:// root, not {self.source.name}")
-        for name, value in (("follow_timeout", timeout), ("follow_poll", poll)):
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise UsageError(f"{name} must be a positive number of seconds, got {value!r}")
+        timeout, poll = self.options.follow_timeout, self.options.follow_poll
         reader = LogReader(self.source.storage)
         target = broadcast_from_rank0(lambda: find_target(reader, timeout=timeout, poll=poll))
         if target is None:
@@ -254,7 +245,7 @@ class StreamingLoader:
             return None
         logger.info("%s: following %s from version %d", self.source.name,
                     f"write {target.write_id}" if target.write_id else "a stream", target.start_version)
-        return {"target": target, "timeout": timeout, "idle_timeout": idle_timeout, "poll": poll}
+        return {"target": target, **self.options.follow_settings}
 
     def _following(self) -> bool:
         return self._follow is not None and self._epoch == 0
