@@ -28,7 +28,7 @@ from sparkbridge.bridge.iterate import iter_batches
 from sparkbridge.bridge.order import GlobalOrder, ShuffleAlgo
 from sparkbridge.bridge.passes import PassBoard
 from sparkbridge.bridge.prefill import Prefill, start_prefill
-from sparkbridge.bridge.resident import EMPTY, ResidentRows, fits
+from sparkbridge.bridge.resident import EMPTY, ResidentRows, fits, mappable
 from sparkbridge.bridge.shards import ShardTable
 from sparkbridge.errors import DatasetNotFoundError
 from sparkbridge.log.snapshot import Snapshot
@@ -141,12 +141,27 @@ class BatchDataset(mosaic.StreamingDataset):
     # ------------------------------------------------------------------ shards
 
     def _resident_fits(self) -> bool:
-        return fits(self.table, self.decoded_cache_bytes)
+        return fits(self.table, self.decoded_cache_bytes) or self._resident_mapped()
+
+    def _resident_mapped(self) -> bool:
+        """A global order over rows that do not fit ``decoded_cache_bytes``: the row table is
+        backed by a file (page cache), since each batch touches up to ``batch_size`` shards
+        (:mod:`sparkbridge.bridge.resident`)."""
+        return self.lazy_order and not fits(self.table, self.decoded_cache_bytes) and mappable(self.table)
 
     def _prepare_resident(self) -> None:
         """The resident table, when the rows fit it (made once, by the first reader)."""
         if self._resident is None and self._resident_fits():
-            self._resident = ResidentRows.for_table(self.table)
+            folder = None
+            if self._resident_mapped():
+                from sparkbridge.bridge.spill import private_spill_root
+
+                folder = private_spill_root()
+                logger.info("%s: %d MB of rows, more than decoded_cache_bytes=%d MB, read in a global shuffle: "
+                            "the row table is a file mapped from %s (page cache, not anonymous memory)", self.source,
+                            (self.table.total_samples * self.table.layouts[0].row_dtype().itemsize) >> 20,
+                            self.decoded_cache_bytes >> 20, folder)
+            self._resident = ResidentRows.for_table(self.table, folder=folder)
 
     def reader(self) -> ShardReader:
         """This process's shard reader (built on first use; a forked worker builds its own)."""

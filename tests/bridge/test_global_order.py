@@ -14,11 +14,11 @@ import pytest
 from sparkbridge.bridge import ShuffleAlgo, StreamingLoader
 from sparkbridge.bridge.order import GlobalOrder
 from sparkbridge.bridge.state import StateError
-from tests.bridge.util import torchrun, write_numeric
+from tests.bridge.util import torchrun, write_every_encoding, write_numeric
 
 N, B = 1003, 32
 BATCHES = -(-N // B)  # 32: 31 full batches and one of 11
-# decoded_cache_bytes: None = the resident row table; 4 KiB = per-shard reads from mapped files
+# decoded_cache_bytes: None = the resident row table in memory; 4 KiB = the row table mapped from a file
 PATHS = [(0, None), (2, None), (0, 4096), (2, 4096)]
 
 
@@ -68,13 +68,37 @@ def test_reference_is_a_global_shuffle(reference):
 @pytest.mark.parametrize("workers,budget", PATHS)
 def test_every_path_gives_the_same_epochs(data, reference, workers, budget):
     loader = make(data, workers, budget)
-    if budget is not None:
-        assert not loader.dataset.resident()
     for expected in reference:
         batches = take(loader)
         assert len(batches) == BATCHES == len(loader) and [len(b) for b in batches] == [B] * 31 + [11]
         assert np.array_equal(np.concatenate(batches), expected)
+    table = loader.dataset.reader().resident
+    assert (table.folder is not None) == (budget is not None)
+    if budget is not None:  # its pages are a file's (page cache), not anonymous memory
+        maps = open("/proc/self/maps").read()
+        assert any(".sparkbridge-rows-" in line and "(deleted)" in line for line in maps.splitlines())
     loader.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_variable_width_columns_read_per_shard(tmp_path_factory, workers):
+    """A str column: no row table; each batch is gathered from up to batch_size shards, read
+    from decompressed files, memory-mapped, when they do not fit decoded_cache_bytes."""
+    rows = 301
+    data = tmp_path_factory.getbasetemp() / "global-every"
+    if not (data / "index.json").exists():
+        write_every_encoding(data, rows, compression="zstd", size_limit=2048)
+    order = GlobalOrder(rows=rows, shuffle=True, seed=11, epoch=0, start=0, ranks=1, workers=1, batch_size=B)
+    loader = make(data, workers, 1 << 12)
+    assert not loader.dataset.resident()
+    batches = take(loader, 4)
+    state = loader.state_dict()
+    loader.close()
+    resumed = make(data, 2 - workers, 1 << 12)
+    resumed.load_state_dict(state)
+    ids = np.concatenate(batches + take(resumed))
+    resumed.close()
+    assert np.array_equal(ids, order.samples(np.arange(rows)))  # every row once, the global order
 
 
 def test_drop_last_and_unshuffled(data, reference):
