@@ -133,6 +133,7 @@ class StreamingLoader:
         follow_timeout: float = 600.0,
         follow_idle_timeout: Optional[float] = 60.0,
         follow_poll: float = 0.2,
+        follow_shuffle_rows: Optional[int] = None,
         transform: Optional[Callable[[Any], Any]] = None,
         transform_workers: Optional[int] = None,
     ) -> None:
@@ -157,6 +158,11 @@ class StreamingLoader:
             transform_workers = num_workers if transform is not None else 0
         if not isinstance(transform_workers, int) or isinstance(transform_workers, bool) or transform_workers < 0:
             raise ValueError(f"transform_workers must be an int >= 0, got {transform_workers!r}")
+        follow_rows = None  # unset: a resumed followed epoch keeps the pool it was saved with
+        if follow_shuffle_rows is not None:
+            from sparkbridge.bridge.follow import check_shuffle_rows
+
+            follow_rows = check_shuffle_rows(follow_shuffle_rows, shuffle=shuffle)
         self._transform = transform
         self._transform_stage: Optional[TransformStage] = None
         self._closed = True  # until construction completes (close() then stops only the transform stage)
@@ -192,7 +198,8 @@ class StreamingLoader:
         self._padding = 0  # see the padding property
         # what a followed epoch waits with; kept when nothing is followed now, for a state that
         # resumes one (load_state_dict)
-        self._follow_settings = {"timeout": follow_timeout, "idle_timeout": follow_idle_timeout, "poll": follow_poll}
+        self._follow_settings = {"timeout": follow_timeout, "idle_timeout": follow_idle_timeout, "poll": follow_poll,
+                                 "shuffle_rows": follow_rows}
         if follow:
             self._follow = self._follow_target(version=version, timeout=follow_timeout,
                                                idle_timeout=follow_idle_timeout, poll=follow_poll)
@@ -286,6 +293,8 @@ class StreamingLoader:
             poll=self._follow["poll"], timeout=self._follow["timeout"], idle_timeout=self._follow["idle_timeout"],
             history=resume.get("history", ()), skip_batches=int(resume.get("batches", 0)),
             exchange=all_gather_objects if world > 1 else None,
+            shuffle_rows=resume.get("shuffle_rows", 0) if self._follow_settings["shuffle_rows"] is None
+            else self._follow_settings["shuffle_rows"],
         )
 
     def _follow_cache(self) -> str:
@@ -721,7 +730,7 @@ class StreamingLoader:
         target = self._follow["target"]
         follow = (self._follower.state(self._consumed) if self._follower is not None else
                   {"start_version": target.start_version, "write_id": target.write_id, "stream": target.stream,
-                   "history": [], "batches": 0})
+                   "history": [], "batches": 0, "shuffle_rows": self._follow_settings["shuffle_rows"] or 0})
         opts = self._dataset_options
         return LoaderState(
             dataset=f"follow:{target.write_id or 'stream'}@v{target.start_version}", version=target.start_version,
