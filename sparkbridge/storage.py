@@ -27,13 +27,14 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 from urllib.parse import urlparse
 
 from sparkbridge import _faults
 from sparkbridge.errors import UnsafePathError
 
-__all__ = ["Storage", "LocalStorage", "S3Storage", "FileInfo", "open_storage", "is_remote", "fsync_tree"]
+__all__ = ["Storage", "LocalStorage", "S3Storage", "FileInfo", "open_storage", "is_remote", "fsync_tree",
+           "publish_folders"]
 
 log = logging.getLogger(__name__)
 
@@ -245,15 +246,20 @@ class LocalStorage(Storage):
             st = os.stat(base)
             out = [FileInfo(_clean_rel(prefix), st.st_size, st.st_mtime)]
         else:
+            # names are compared before any stat: a reader's refresh lists ``_log/`` after the last
+            # entry it read, and stat'ing every older entry made each commit O(entries)
             for folder, _, files in os.walk(base):
+                rel_folder = os.path.relpath(folder, self.root).replace(os.sep, "/")
+                head = "" if rel_folder == "." else rel_folder + "/"
                 for name in files:
-                    path = os.path.join(folder, name)
+                    rel = head + name
+                    if start_after is not None and rel <= start_after:
+                        continue
                     try:
-                        st = os.stat(path)
+                        st = os.stat(os.path.join(folder, name))
                     except FileNotFoundError:  # removed while listing
                         continue
-                    out.append(FileInfo(os.path.relpath(path, self.root).replace(os.sep, "/"), st.st_size,
-                                        st.st_mtime))
+                    out.append(FileInfo(rel, st.st_size, st.st_mtime))
         out.sort(key=lambda f: f.rel)
         if start_after is not None:
             out = [f for f in out if f.rel > start_after]
@@ -355,6 +361,22 @@ def fsync_tree(folder: str) -> None:
                 os.close(fd)
         _fsync_dir(dirpath)
     _fsync_dir(os.path.dirname(folder))
+
+
+def publish_folders(src_root: str, names: Sequence[str], dest_root: str) -> None:
+    """Make the files under ``src_root/<name>`` durable and move each folder to
+    ``dest_root/<name>`` (before a commit names them): every file is fsynced once, then the
+    renames are made durable by fsyncing ``dest_root`` and its parent.
+
+    Why not ``fsync_tree(dest_root)`` after the renames: that walks every folder already in
+    ``dest_root``, so each partition a task committed re-synced the files of every partition
+    published before it (quadratic in partitions), and a job commit synced every file twice."""
+    os.makedirs(dest_root, exist_ok=True)
+    for name in names:
+        fsync_tree(os.path.join(src_root, name))
+        os.rename(os.path.join(src_root, name), os.path.join(dest_root, name))
+    _fsync_dir(dest_root)
+    _fsync_dir(os.path.dirname(dest_root))
 
 
 def _fsync_dir(folder: str) -> None:

@@ -304,8 +304,10 @@ class LogEntry:
         fence = obj.get("fence") or []
         if not isinstance(add, list) or not isinstance(remove, list) or not isinstance(fence, list):
             raise LogError(f"{where}: add, remove and fence must be lists")
+        layouts: dict = {}  # the entry's shards share their column lists, as an index's do
         try:
-            add = tuple(check_index_entry(e, where=f"{where}, added shard {i}") for i, e in enumerate(add))
+            add = tuple(check_index_entry(e, where=f"{where}, added shard {i}", layouts=layouts)
+                        for i, e in enumerate(add))
         except ShardFormatError as exc:
             raise LogError(str(exc)) from None
         _check_added(add, where)

@@ -91,6 +91,8 @@ class Snapshot:
     retained_from: int = 0
     legacy_sha256: Optional[str] = None  # set when read from index.json alone (no log)
     legacy_manifest: Optional[Manifest] = None
+    #: (stored names of ``shards``, the list they were taken from): see :meth:`_present`
+    _names: tuple = field(default=(frozenset(), None), repr=False, compare=False)
 
     # ------------------------------------------------------------------ facts
 
@@ -170,15 +172,18 @@ class Snapshot:
             removed = [s for s in self.shards if stored_name(s) in gone]
             self.shards = [s for s in self.shards if stored_name(s) not in gone]
         if e.add and op is not Operation.IMPORT:
-            present = {stored_name(s) for s in self.shards}
-            for s in e.add:
-                if stored_name(s) in present:
-                    raise LogError(f"{self.root}/{e.name}: shard {stored_name(s)} is already in the dataset "
+            present = self._present()
+            added = [stored_name(s) for s in e.add]
+            for name in added:
+                if name in present:
+                    raise LogError(f"{self.root}/{e.name}: shard {name} is already in the dataset "
                                    f"(version {self.version}); adding it again would read its rows twice")
-        if op is Operation.IMPORT:
+            # in place, with the name set kept up to date: a new list and a new set for every
+            # entry made a replay O(entries x shards) (bench/metadata.py)
+            self.shards.extend(e.add)
+            present.update(added)
+        elif op is Operation.IMPORT:
             self.shards = list(e.add)
-        elif e.add:
-            self.shards = self.shards + list(e.add)
         if e.schema is not None:
             self.schema = e.schema
         if e.replaces:  # an overwrite ends every write still open on the data it replaces
@@ -215,6 +220,15 @@ class Snapshot:
                 self.retained_from = max(self.retained_from, e.retained_from)
         self.version, self.commit_id, self.timestamp = e.version, e.commit_id, e.timestamp
 
+    def _present(self) -> set[str]:
+        """The stored names of :attr:`shards`, kept between entries of a replay. Rebuilt when
+        ``shards`` was replaced (a remove, an import, a rollback) or changed from outside."""
+        names, of = self._names
+        if of is not self.shards or len(names) != len(self.shards):
+            names = {stored_name(s) for s in self.shards}
+            self._names = (names, self.shards)
+        return names
+
     def _roll_back(self, w: WriteState) -> None:
         """A fenced open write is undone: its partitions leave the shard list (a write's shards
         live under its own id, :mod:`sparkbridge.log.layout`), the shards its begin removed come
@@ -249,8 +263,10 @@ class Snapshot:
     def from_state(cls, root: str, state: dict[str, Any], *, where: str) -> "Snapshot":
         from sparkbridge.format.index import check_index_entry
 
+        layouts: dict = {}  # shards share their column lists, as an index's do (check_index)
         try:
-            shards = [check_index_entry(e, where=f"{where}, shard {i}") for i, e in enumerate(state["shards"])]
+            shards = [check_index_entry(e, where=f"{where}, shard {i}", layouts=layouts)
+                      for i, e in enumerate(state["shards"])]
             return cls(
                 root=root, version=int(state["version"]), commit_id=state["commit_id"],
                 timestamp=state["timestamp"], shards=shards, schema=state["schema"],
