@@ -2,7 +2,7 @@
 computed per batch, through ``StreamingLoader`` on real written datasets: every row once per
 epoch on every read path, the same order for any ``num_workers``, exact resume at three
 midpoints, disjoint and complete rank shares under a real torchrun, and an elastic resume (saved
-by 2 ranks, resumed by 1). Mosaic's algorithms keep Mosaic's exact order."""
+by 2 ranks, resumed by 1). (Mosaic's algorithms keep Mosaic's exact order: tests/bridge/test_values.py.)"""
 
 from __future__ import annotations
 
@@ -144,18 +144,6 @@ def test_a_state_of_another_order_is_refused(data):
 def test_an_unknown_algo_is_named(data):
     with pytest.raises(ValueError, match=r"shuffle_algo must be one of \['py1e'.*'global'\], got 'globl'"):
         StreamingLoader(data, batch_size=B, shuffle_algo="globl")
-
-
-@pytest.mark.parametrize("algo", [ShuffleAlgo.PY1E, ShuffleAlgo.PY1S, ShuffleAlgo.PY1BR, ShuffleAlgo.PY2S,
-                                  ShuffleAlgo.NAIVE])
-def test_mosaic_algos_keep_mosaic_order(data, algo):
-    from streaming import StreamingDataset
-
-    stock = StreamingDataset(local=str(data), batch_size=B, shuffle=True, shuffle_seed=11, shuffle_algo=algo.value)
-    expected = [int(s["id"]) for s in stock]
-    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=11, shuffle_algo=algo, num_workers=0)
-    assert np.concatenate(take(loader)).tolist() == expected
-    loader.close()
 
 
 def test_rank_shares_of_every_world_size_and_an_elastic_resume():
