@@ -203,3 +203,20 @@ def test_torchrun_two_ranks_then_resume_alone(tmp_path):
     rest = np.concatenate(take(alone)).tolist()
     alone.close()
     assert sorted(a["ids"] + b["ids"] + rest) == list(range(rows))  # none lost, none repeated
+
+
+def test_lazy_spanner_maps_as_mosaics():
+    """bridge/mosaic.py replaces Mosaic's Spanner (an int64 per sample at build) by a binary
+    search: the same (shard, index) for every sample, empty shards included."""
+    from streaming.base.spanner import Spanner
+
+    from sparkbridge.bridge.mosaic import LazySpanner
+
+    sizes = np.array([5, 0, 7, 1, 0, 0, 3000, 2, 1024], dtype=np.int64)
+    mosaic, lazy = Spanner(sizes.copy()), LazySpanner(sizes.copy())
+    for i in range(int(sizes.sum())):
+        shard, row = mosaic[i]
+        assert lazy[i] == (int(shard), int(row))
+    for bad in (-1, int(sizes.sum())):
+        with pytest.raises(IndexError, match="Invalid sample index"):
+            lazy[bad]
