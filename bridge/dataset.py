@@ -82,6 +82,7 @@ class BatchDataset(mosaic.StreamingDataset):
         stream = mosaic.SnapshotStream(remote=remote, local=local, shards=snapshot.shards, name=str(source),
                                        check=self._decompress_for_mosaic)
         algo = ShuffleAlgo.parse(shuffle_algo)
+        mosaic.serialize_prefix_registration()
         super().__init__(
             streams=[stream], batch_size=batch_size, shuffle=shuffle, shuffle_seed=shuffle_seed,
             # Mosaic never computes a GLOBAL order: its settings are only recorded in the state
