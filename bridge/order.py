@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
-from typing import Iterator, Optional
+from typing import ClassVar, Iterator, Optional
 
 import numpy as np
 
@@ -90,7 +90,7 @@ class GlobalOrder:
     batch_size: int
     pad_ranks: bool = True
 
-    _FIELDS = 9
+    INTS: ClassVar[int] = 9  #: how many ints :meth:`to_ints` gives
 
     def __post_init__(self) -> None:
         if self.rows < 0 or self.start < 0 or self.ranks < 1 or self.workers < 1 or self.batch_size < 1:
@@ -182,6 +182,6 @@ class GlobalOrder:
 
     @classmethod
     def from_ints(cls, values: list[int]) -> "GlobalOrder":
-        r, sh, seed, epoch, start, ranks, workers, b, pad = (int(v) for v in values[:cls._FIELDS])
+        r, sh, seed, epoch, start, ranks, workers, b, pad = (int(v) for v in values[:cls.INTS])
         return cls(rows=r, shuffle=bool(sh), seed=seed, epoch=epoch, start=start, ranks=ranks, workers=workers,
                    batch_size=b, pad_ranks=bool(pad))

@@ -68,7 +68,7 @@ class PassBoard:
         were made (not when they would exceed ``max_slot_bytes`` in all)."""
         import torch
 
-        self.control = torch.zeros(_LAZY_AT + GlobalOrder._FIELDS, dtype=torch.int64).share_memory_()
+        self.control = torch.zeros(_LAZY_AT + GlobalOrder.INTS, dtype=torch.int64).share_memory_()
         self.work_shared = torch.empty(max(1, capacity), dtype=torch.int32).share_memory_()
         if workers * slots * slot_bytes <= max_slot_bytes:
             self.slots = torch.empty((workers, slots, slot_bytes), dtype=torch.uint8).share_memory_()

@@ -2,7 +2,7 @@
 computed per batch, through ``StreamingLoader`` on real written datasets: every row once per
 epoch on every read path, the same order for any ``num_workers``, exact resume at three
 midpoints, disjoint and complete rank shares under a real torchrun, and an elastic resume (saved
-by 2 ranks, resumed by 1). Mosaic's algorithms keep Mosaic's exact order."""
+by 2 ranks, resumed by 1). (Mosaic's algorithms keep Mosaic's exact order: tests/bridge/test_values.py.)"""
 
 from __future__ import annotations
 
@@ -146,18 +146,6 @@ def test_an_unknown_algo_is_named(data):
         StreamingLoader(data, batch_size=B, shuffle_algo="globl")
 
 
-@pytest.mark.parametrize("algo", [ShuffleAlgo.PY1E, ShuffleAlgo.PY1S, ShuffleAlgo.PY1BR, ShuffleAlgo.PY2S,
-                                  ShuffleAlgo.NAIVE])
-def test_mosaic_algos_keep_mosaic_order(data, algo):
-    from streaming import StreamingDataset
-
-    stock = StreamingDataset(local=str(data), batch_size=B, shuffle=True, shuffle_seed=11, shuffle_algo=algo.value)
-    expected = [int(s["id"]) for s in stock]
-    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=11, shuffle_algo=algo, num_workers=0)
-    assert np.concatenate(take(loader)).tolist() == expected
-    loader.close()
-
-
 def test_rank_shares_of_every_world_size_and_an_elastic_resume():
     """GlobalOrder alone: for 1..5 ranks x 1..3 workers, the ranks' batches are disjoint and
     cover every row (padding: up to ranks - 1 repeats, equal batch counts); resuming a pass
@@ -215,3 +203,20 @@ def test_torchrun_two_ranks_then_resume_alone(tmp_path):
     rest = np.concatenate(take(alone)).tolist()
     alone.close()
     assert sorted(a["ids"] + b["ids"] + rest) == list(range(rows))  # none lost, none repeated
+
+
+def test_lazy_spanner_maps_as_mosaics():
+    """bridge/mosaic.py replaces Mosaic's Spanner (an int64 per sample at build) by a binary
+    search: the same (shard, index) for every sample, empty shards included."""
+    from streaming.base.spanner import Spanner
+
+    from sparkbridge.bridge.mosaic import LazySpanner
+
+    sizes = np.array([5, 0, 7, 1, 0, 0, 3000, 2, 1024], dtype=np.int64)
+    mosaic, lazy = Spanner(sizes.copy()), LazySpanner(sizes.copy())
+    for i in range(int(sizes.sum())):
+        shard, row = mosaic[i]
+        assert lazy[i] == (int(shard), int(row))
+    for bad in (-1, int(sizes.sum())):
+        with pytest.raises(IndexError, match="Invalid sample index"):
+            lazy[bad]
