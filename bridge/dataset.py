@@ -80,6 +80,7 @@ class BatchDataset(mosaic.StreamingDataset):
         self._reader_pid = -1
         stream = mosaic.SnapshotStream(remote=remote, local=local, shards=snapshot.shards, name=str(source),
                                        check=self._decompress_for_mosaic)
+        mosaic.serialize_prefix_registration()
         super().__init__(
             streams=[stream], batch_size=batch_size, shuffle=shuffle, shuffle_seed=shuffle_seed,
             shuffle_algo=shuffle_algo, shuffle_block_size=shuffle_block_size,

@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.bridge.fol
 def _init():
     import torch.distributed as dist
 
+    # a fatal signal (SIGABRT from a C++ std::terminate, SIGSEGV) dumps every thread's Python stack
+    faulthandler.enable(all_threads=True)
+
     dist.init_process_group("gloo", timeout=timedelta(seconds=float(os.environ.get("FOLLOW_PG_TIMEOUT", 60))))
     return dist.get_rank(), dist.get_world_size()
 
@@ -163,6 +166,8 @@ def cases(out: str, seed: str, count: str, first: str = "0") -> None:
         case = _case(c, int(seed) * 100_003 + c, world)
         root = os.path.join(out, f"case{c}")
         faulthandler.dump_traceback_later(timeout, exit=True)  # a hang ends the job loudly
+        # the case each rank is in: a rank that dies (a signal, no Python traceback) is placed by it
+        Path(out, f"case{rank}.txt").write_text(f"{c} {json.dumps(case)}")
         writer = None
         if rank == 0:
             w = PartitionedWrite(root, compression=case["compression"], size_limit=case["size_limit"])
