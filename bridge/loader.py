@@ -728,9 +728,14 @@ class StreamingLoader:
 
     def _follow_state(self) -> dict[str, Any]:
         target = self._follow["target"]
-        follow = (self._follower.state(self._consumed) if self._follower is not None else
-                  {"start_version": target.start_version, "write_id": target.write_id, "stream": target.stream,
-                   "history": [], "batches": 0, "shuffle_rows": self._follow_settings["shuffle_rows"] or 0})
+        rows = self._follow_settings["shuffle_rows"]
+        if self._follower is not None:
+            follow = self._follower.state(self._consumed)
+        elif self._follow_resume is not None:  # resumed, not iterated yet: the progress it resumes from
+            follow = {**self._follow_resume, **({"shuffle_rows": rows} if rows is not None else {})}
+        else:
+            follow = {"start_version": target.start_version, "write_id": target.write_id, "stream": target.stream,
+                      "history": [], "batches": 0, "shuffle_rows": rows or 0}
         opts = self._dataset_options
         return LoaderState(
             dataset=f"follow:{target.write_id or 'stream'}@v{target.start_version}", version=target.start_version,

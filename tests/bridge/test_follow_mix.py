@@ -158,3 +158,32 @@ def test_follow_shuffle_rows_needs_a_shuffle(tmp_path):
     """Unshuffled, a followed epoch reads its rows in log order: a pool would change nothing."""
     with pytest.raises(UsageError, match=r"follow_shuffle_rows=100 .*shuffle=True"):
         StreamingLoader(str(tmp_path / "none"), batch_size=4, follow=True, follow_shuffle_rows=100)
+
+
+def test_a_state_saved_right_after_resuming_a_followed_epoch_keeps_its_progress(tmp_path):
+    """A job resumes a followed epoch and checkpoints again before its first step (a restart
+    loop, a checkpoint on start): that state must still skip the rows the first run read. It used
+    to say 0 batches and no adoptions, so the third run read the first run's rows again."""
+    root = str(tmp_path / "ds")
+    w = PartitionedWrite(root)
+    w.partition(40)
+    a = StreamingLoader(root, batch_size=8, shuffle=True, seed=4, follow=True, follow_poll=0.01,
+                        follow_shuffle_rows=16)
+    seen, _ = _read(a, _Landing([]), stop=2)
+    first = json.loads(json.dumps(a.state_dict()))
+    a.close()
+    b = StreamingLoader(root, batch_size=8, shuffle=True, seed=4, follow=True, follow_poll=0.01)
+    b.load_state_dict(first)
+    second = json.loads(json.dumps(b.state_dict()))  # no batch taken in between
+    b.close()
+    assert second["follow"] == first["follow"]
+    c = StreamingLoader(root, batch_size=8, shuffle=True, seed=4, follow=True, follow_poll=0.01)
+    c.load_state_dict(second)
+    landing = _Landing([(2, w.complete)])  # 24 unread, hold 16: two batches (24, 16 unread), then it waits
+    rest, stages = _read(c, landing)
+    landing.thread.join(timeout=30)
+    assert landing.error is None, landing.error
+    c.close()
+    assert stages == [0, 0, 1]
+    assert not set(_flat(seen)) & set(_flat(rest))
+    assert sorted(_flat(seen) + _flat(rest)) == list(range(40))
