@@ -173,3 +173,44 @@ def test_replay_keeps_refusing_a_shard_added_twice_across_removes_copies_and_rol
         snap.apply(_entry(9, ["w/a.mds"]))
     snap.apply(_entry(9, ["w/h.mds"]))
     assert _names(snap) == ["v/f.mds", "w/a.mds", "w/g.mds", "w/h.mds"] and snap.rows == 4
+
+
+def test_the_vacuum_after_an_append_reads_no_entry_of_the_retention_window(tmp_path, monkeypatch):
+    """Every ``write_mds`` ends with a vacuum, which opened the dataset again and read every entry
+    of the retention window (an hour by default) to learn which files retained versions name:
+    O(entries) a write on a busy log. On an append-only log every file is in the latest version,
+    so nothing of the window needs reading; after an overwrite the old version's files are still
+    kept inside the window and deleted once it has passed."""
+    from tests.log.writes import write_ids
+
+    storage = open_storage(str(tmp_path / "ds"))
+    for k in range(CHECKPOINT_INTERVAL + 3):  # versions 0..34: a checkpoint at 32
+        write_ids(storage, "error" if k == 0 else "append", [[k]])
+    read: list[str] = []
+    real = LocalStorage.read_bytes
+
+    def counting(self, rel):
+        if rel.startswith("_log/"):
+            read.append(rel)
+        return real(self, rel)
+
+    monkeypatch.setattr(LocalStorage, "read_bytes", counting)
+    w = Write(storage, "append")
+    w.task(0, [1000])
+    w.finish(partitions=1)  # version 35 (no vacuum in the helper's finish)
+    read.clear()
+    w.job.after_commit(retention_seconds=3600)  # what write_mds runs: derived files, then vacuum
+    # the write's reader had the log replayed: the vacuum reads no entry and no checkpoint again,
+    # but the replay of the window's first version (0: every version is inside the hour)
+    assert read == [entry_name(0)]
+    snap = LogReader(storage).snapshot()
+    assert snap.version == 35 and sorted(read_ids(storage, snap)) == list(range(35)) + [1000]
+
+    write_ids(storage, "overwrite", [[7]])  # version 36 replaces every shard
+    old = {s["raw_data"]["basename"] for s in snap.shards}
+    from sparkbridge.log.vacuum import plan_vacuum, vacuum
+
+    assert plan_vacuum(storage, retention_seconds=3600).delete == []  # inside the window: kept
+    plan = vacuum(storage, retention_seconds=0)
+    assert set(plan.delete) == old and len(plan.delete) == 36
+    assert read_ids(storage, LogReader(storage).snapshot()) == [7]
