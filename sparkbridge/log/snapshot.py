@@ -141,8 +141,10 @@ class Snapshot:
             return list(self.legacy_manifest.columns)
         return []
 
-    def manifest(self) -> Optional[Manifest]:
-        """The ``manifest.json`` this version implies (None for a stock dataset with no schema)."""
+    def manifest(self, *, index_digest: Optional[str] = None) -> Optional[Manifest]:
+        """The ``manifest.json`` this version implies (None for a stock dataset with no schema).
+        ``index_digest``: the sha256 of :meth:`index_bytes` when the caller has it (serializing
+        100,000 shard entries again to hash them costs a second)."""
         if self.legacy:
             return self.legacy_manifest
         if self.schema is None:
@@ -152,7 +154,8 @@ class Snapshot:
         s = self.schema
         return Manifest(
             rows=self.rows, shards=len(self.shards), columns=self.columns(),
-            index_sha256=index_sha256(self.shards), schema_fingerprint=s["fingerprint"], nulls=s.get("nulls", "error"),
+            index_sha256=index_digest or index_sha256(self.shards), schema_fingerprint=s["fingerprint"],
+            nulls=s.get("nulls", "error"),
             compression=s.get("compression"), hashes=list(s.get("hashes", [])),
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.timestamp or 0)),
             extra={"log_version": self.version, "commit_id": self.commit_id,

@@ -258,3 +258,35 @@ def test_a_checkpoint_is_hashed_as_stored_and_format_1_is_still_read(tmp_path):
     assert again.to_state() == expected.to_state()
     assert write_checkpoint(storage, LogReader(storage), CHECKPOINT_INTERVAL)  # rewritten: read again
     assert LogReader(storage).read_checkpoint(CHECKPOINT_INTERVAL).to_state() == obj["state"]
+
+
+def test_derived_files_and_vacuum_read_the_writers_state_without_copying_or_changing_it(tmp_path):
+    """``sync_derived`` copied the whole state to derive two files and hashed the index three
+    times; the vacuum after every write copied it once more (``after``) with no fence to apply.
+    They now read the write's own reader state: it must come out unchanged, and the files exact."""
+    import hashlib
+
+    from sparkbridge.log.derived import sync_derived
+    from sparkbridge.log.vacuum import vacuum
+    from tests.log.writes import write_ids
+
+    storage = open_storage(str(tmp_path / "ds"))
+    write_ids(storage, "error", [[1, 2], [3]])
+    w = Write(storage, "append")
+    w.task(0, [4, 5, 6])
+    entry = w.finish(partitions=1)
+    reader = w.job.reader
+    latest = reader.latest()
+    before = json.dumps(latest.to_state(), sort_keys=True)
+    os.remove(storage.local_path("index.json"))
+    os.remove(storage.local_path("manifest.json"))
+    assert sync_derived(storage, reader) == entry.version == 1
+    plan = vacuum(storage, retention_seconds=3600, reader=reader)
+    assert plan.delete == [] and plan.fence == [] and plan.committed_version is None
+    assert reader.latest() is latest and json.dumps(latest.to_state(), sort_keys=True) == before
+    index = open(storage.local_path("index.json"), "rb").read()
+    assert index == latest.index_bytes()
+    manifest = json.loads(open(storage.local_path("manifest.json"), "rb").read())
+    assert manifest["index_sha256"] == hashlib.sha256(index).hexdigest()
+    assert (manifest["rows"], manifest["shards"], manifest["extra"]["log_version"]) == (6, 3, 1)
+    assert sorted(read_ids(storage, LogReader(storage).snapshot())) == [1, 2, 3, 4, 5, 6]
