@@ -340,7 +340,7 @@ class WriteJob:
             _faults.point("etl.commit.after_derived")
             self._remove_staging()
             if run_vacuum:
-                vacuum(self.storage, retention_seconds=retention_seconds)
+                vacuum(self.storage, retention_seconds=retention_seconds, reader=self.reader)
         except Exception as exc:
             log.warning("after committing to %s: %s: %s (run `sparkbridge vacuum %s`)", self.storage.root,
                         type(exc).__name__, exc, self.storage.root)

@@ -26,6 +26,7 @@ from sparkbridge.format.manifest import MANIFEST_BASENAME, ColumnSpec, Manifest
 from sparkbridge.format.mds import INDEX_BASENAME
 from sparkbridge.log.entry import (
     CHECKPOINT_FORMAT,
+    CHECKPOINT_FORMAT_1,
     WRITES,
     LogEntry,
     Operation,
@@ -140,8 +141,10 @@ class Snapshot:
             return list(self.legacy_manifest.columns)
         return []
 
-    def manifest(self) -> Optional[Manifest]:
-        """The ``manifest.json`` this version implies (None for a stock dataset with no schema)."""
+    def manifest(self, *, index_digest: Optional[str] = None) -> Optional[Manifest]:
+        """The ``manifest.json`` this version implies (None for a stock dataset with no schema).
+        ``index_digest``: the sha256 of :meth:`index_bytes` when the caller has it (serializing
+        100,000 shard entries again to hash them costs a second)."""
         if self.legacy:
             return self.legacy_manifest
         if self.schema is None:
@@ -151,7 +154,8 @@ class Snapshot:
         s = self.schema
         return Manifest(
             rows=self.rows, shards=len(self.shards), columns=self.columns(),
-            index_sha256=index_sha256(self.shards), schema_fingerprint=s["fingerprint"], nulls=s.get("nulls", "error"),
+            index_sha256=index_digest or index_sha256(self.shards), schema_fingerprint=s["fingerprint"],
+            nulls=s.get("nulls", "error"),
             compression=s.get("compression"), hashes=list(s.get("hashes", [])),
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.timestamp or 0)),
             extra={"log_version": self.version, "commit_id": self.commit_id,
@@ -295,10 +299,46 @@ def _state_checksum(state: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+#: A format-2 checkpoint is this head, the sha256 (hex) of the state's bytes, ``","state":``, the
+#: state's compact JSON, ``}``: one JSON object with sorted keys, whose state is hashed as stored.
+_CKPT_HEAD = ('{"format":"' + CHECKPOINT_FORMAT + '","sha256":"').encode("ascii")
+_CKPT_MID = b'","state":'
+
+
 def checkpoint_bytes(snapshot: Snapshot) -> bytes:
-    state = snapshot.to_state()
-    return json.dumps({"format": CHECKPOINT_FORMAT, "state": state, "sha256": _state_checksum(state)},
-                      sort_keys=True, separators=(",", ":")).encode("utf-8")
+    state = json.dumps(snapshot.to_state(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return b"".join((_CKPT_HEAD, hashlib.sha256(state).hexdigest().encode("ascii"), _CKPT_MID, state, b"}"))
+
+
+def _checkpoint_state(data: bytes, where: str) -> dict[str, Any]:
+    """The state object of a checkpoint file, its checksum verified; LogError when damaged.
+    Format 2 is checked on its bytes and parsed once; format 1 (and anything that is not format
+    2 byte for byte) is parsed whole, then format 1's checksum is recomputed."""
+    mid = len(_CKPT_HEAD) + 64
+    if data.startswith(_CKPT_HEAD) and data[mid:mid + len(_CKPT_MID)] == _CKPT_MID and data.endswith(b"}"):
+        raw = data[mid + len(_CKPT_MID):-1]
+        if hashlib.sha256(raw).hexdigest().encode("ascii") != data[len(_CKPT_HEAD):mid]:
+            raise LogError(f"{where}: damaged checkpoint (checksum or format does not match)")
+        try:
+            state = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise LogError(f"{where}: damaged checkpoint (not valid JSON: {exc})") from None
+        if not isinstance(state, dict):
+            raise LogError(f"{where}: damaged checkpoint (a {type(state).__name__} without a 'state' object)")
+        return state
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LogError(f"{where}: damaged checkpoint (not valid JSON: {exc})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("state"), dict):
+        raise LogError(f"{where}: damaged checkpoint (a {type(obj).__name__} without a 'state' object)")
+    try:
+        checksum = _state_checksum(obj["state"])
+    except (TypeError, ValueError) as exc:
+        raise LogError(f"{where}: damaged checkpoint ({exc})") from None
+    if obj.get("format") != CHECKPOINT_FORMAT_1 or obj.get("sha256") != checksum:
+        raise LogError(f"{where}: damaged checkpoint (checksum or format does not match)")
+    return obj["state"]
 
 
 class LogReader:
@@ -359,19 +399,7 @@ class LogReader:
         (anything but the object :func:`checkpoint_bytes` writes, with a matching checksum)."""
         name = checkpoint_name(version)
         where = self.storage.url(name)
-        try:
-            obj = json.loads(self.storage.read_bytes(name))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise LogError(f"{where}: damaged checkpoint (not valid JSON: {exc})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("state"), dict):
-            raise LogError(f"{where}: damaged checkpoint (a {type(obj).__name__} without a 'state' object)")
-        try:
-            checksum = _state_checksum(obj["state"])
-        except (TypeError, ValueError) as exc:
-            raise LogError(f"{where}: damaged checkpoint ({exc})") from None
-        if obj.get("format") != CHECKPOINT_FORMAT or obj.get("sha256") != checksum:
-            raise LogError(f"{where}: damaged checkpoint (checksum or format does not match)")
-        snap = Snapshot.from_state(self.root, obj["state"], where=where)
+        snap = Snapshot.from_state(self.root, _checkpoint_state(self.storage.read_bytes(name), where), where=where)
         if snap.version != version:
             raise LogError(f"{where}: damaged checkpoint (of version {snap.version} under the name of {version})")
         return snap

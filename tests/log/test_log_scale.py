@@ -173,3 +173,120 @@ def test_replay_keeps_refusing_a_shard_added_twice_across_removes_copies_and_rol
         snap.apply(_entry(9, ["w/a.mds"]))
     snap.apply(_entry(9, ["w/h.mds"]))
     assert _names(snap) == ["v/f.mds", "w/a.mds", "w/g.mds", "w/h.mds"] and snap.rows == 4
+
+
+def test_the_vacuum_after_an_append_reads_no_entry_of_the_retention_window(tmp_path, monkeypatch):
+    """Every ``write_mds`` ends with a vacuum, which opened the dataset again and read every entry
+    of the retention window (an hour by default) to learn which files retained versions name:
+    O(entries) a write on a busy log. On an append-only log every file is in the latest version,
+    so nothing of the window needs reading; after an overwrite the old version's files are still
+    kept inside the window and deleted once it has passed."""
+    from tests.log.writes import write_ids
+
+    storage = open_storage(str(tmp_path / "ds"))
+    for k in range(CHECKPOINT_INTERVAL + 3):  # versions 0..34: a checkpoint at 32
+        write_ids(storage, "error" if k == 0 else "append", [[k]])
+    read: list[str] = []
+    real = LocalStorage.read_bytes
+
+    def counting(self, rel):
+        if rel.startswith("_log/"):
+            read.append(rel)
+        return real(self, rel)
+
+    monkeypatch.setattr(LocalStorage, "read_bytes", counting)
+    w = Write(storage, "append")
+    w.task(0, [1000])
+    w.finish(partitions=1)  # version 35 (no vacuum in the helper's finish)
+    read.clear()
+    w.job.after_commit(retention_seconds=3600)  # what write_mds runs: derived files, then vacuum
+    # the write's reader had the log replayed: the vacuum reads no entry and no checkpoint again,
+    # but the replay of the window's first version (0: every version is inside the hour)
+    assert read == [entry_name(0)]
+    snap = LogReader(storage).snapshot()
+    assert snap.version == 35 and sorted(read_ids(storage, snap)) == list(range(35)) + [1000]
+
+    write_ids(storage, "overwrite", [[7]])  # version 36 replaces every shard
+    old = {s["raw_data"]["basename"] for s in snap.shards}
+    from sparkbridge.log.vacuum import plan_vacuum, vacuum
+
+    assert plan_vacuum(storage, retention_seconds=3600).delete == []  # inside the window: kept
+    plan = vacuum(storage, retention_seconds=0)
+    assert set(plan.delete) == old and len(plan.delete) == 36
+    assert read_ids(storage, LogReader(storage).snapshot()) == [7]
+
+
+def test_a_checkpoint_is_hashed_as_stored_and_format_1_is_still_read(tmp_path):
+    """Format 1 hashed another serialization of the state (sorted keys, spaced separators): a
+    writer serialized the state twice and every reader serialized the parsed state again to check
+    it (~0.5 s an open at 100,000 shards). Format 2 stores the sha256 of the stored bytes."""
+    import hashlib
+
+    from sparkbridge.log.commit import write_checkpoint
+    from tests.log.writes import write_ids
+
+    storage = open_storage(str(tmp_path / "ds"))
+    for k in range(CHECKPOINT_INTERVAL + 2):  # the commit of version 32 writes its checkpoint
+        write_ids(storage, "error" if k == 0 else "append", [[k]])
+    path = storage.local_path(checkpoint_name(CHECKPOINT_INTERVAL))
+    data = open(path, "rb").read()
+    obj = json.loads(data)
+    assert sorted(obj) == ["format", "sha256", "state"] and obj["format"] == "sparkbridge.log.checkpoint/2"
+    state = json.dumps(obj["state"], sort_keys=True, separators=(",", ":")).encode()
+    assert data == b'{"format":"sparkbridge.log.checkpoint/2","sha256":"' + hashlib.sha256(state).hexdigest().encode() \
+        + b'","state":' + state + b"}"
+    reader = LogReader(storage)
+    assert reader.read_checkpoint(CHECKPOINT_INTERVAL).to_state() == obj["state"]
+    expected = reader.snapshot()
+    assert (expected.version, sorted(read_ids(storage, expected))) == (33, list(range(34)))
+
+    # the same state written as sparkbridge before this format did: read as it was
+    old = {"format": "sparkbridge.log.checkpoint/1", "state": obj["state"],
+           "sha256": hashlib.sha256(json.dumps(obj["state"], sort_keys=True).encode()).hexdigest()}
+    with open(path, "wb") as f:
+        f.write(json.dumps(old, sort_keys=True, separators=(",", ":")).encode())
+    assert LogReader(storage).read_checkpoint(CHECKPOINT_INTERVAL).to_state() == obj["state"]
+
+    # one byte changed inside the stored state: refused (and a reader replays the entries)
+    damaged = data.replace(b'"samples":1', b'"samples":2', 1)
+    assert damaged != data
+    with open(path, "wb") as f:
+        f.write(damaged)
+    with pytest.raises(LogError, match="damaged checkpoint"):
+        LogReader(storage).read_checkpoint(CHECKPOINT_INTERVAL)
+    again = LogReader(storage).snapshot()
+    assert again.to_state() == expected.to_state()
+    assert write_checkpoint(storage, LogReader(storage), CHECKPOINT_INTERVAL)  # rewritten: read again
+    assert LogReader(storage).read_checkpoint(CHECKPOINT_INTERVAL).to_state() == obj["state"]
+
+
+def test_derived_files_and_vacuum_read_the_writers_state_without_copying_or_changing_it(tmp_path):
+    """``sync_derived`` copied the whole state to derive two files and hashed the index three
+    times; the vacuum after every write copied it once more (``after``) with no fence to apply.
+    They now read the write's own reader state: it must come out unchanged, and the files exact."""
+    import hashlib
+
+    from sparkbridge.log.derived import sync_derived
+    from sparkbridge.log.vacuum import vacuum
+    from tests.log.writes import write_ids
+
+    storage = open_storage(str(tmp_path / "ds"))
+    write_ids(storage, "error", [[1, 2], [3]])
+    w = Write(storage, "append")
+    w.task(0, [4, 5, 6])
+    entry = w.finish(partitions=1)
+    reader = w.job.reader
+    latest = reader.latest()
+    before = json.dumps(latest.to_state(), sort_keys=True)
+    os.remove(storage.local_path("index.json"))
+    os.remove(storage.local_path("manifest.json"))
+    assert sync_derived(storage, reader) == entry.version == 1
+    plan = vacuum(storage, retention_seconds=3600, reader=reader)
+    assert plan.delete == [] and plan.fence == [] and plan.committed_version is None
+    assert reader.latest() is latest and json.dumps(latest.to_state(), sort_keys=True) == before
+    index = open(storage.local_path("index.json"), "rb").read()
+    assert index == latest.index_bytes()
+    manifest = json.loads(open(storage.local_path("manifest.json"), "rb").read())
+    assert manifest["index_sha256"] == hashlib.sha256(index).hexdigest()
+    assert (manifest["rows"], manifest["shards"], manifest["extra"]["log_version"]) == (6, 3, 1)
+    assert sorted(read_ids(storage, LogReader(storage).snapshot())) == [1, 2, 3, 4, 5, 6]
