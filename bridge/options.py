@@ -11,32 +11,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from enum import Enum
 from typing import Any, Callable, Optional, Sequence, Union
 
+from sparkbridge.bridge.order import ShuffleAlgo
 from sparkbridge.errors import UsageError
 
-__all__ = ["LoaderOptions", "ShuffleAlgo", "PartitionAlgo"]
-
-
-class ShuffleAlgo(str, Enum):
-    """Mosaic's shuffle algorithms (``streaming.base.shuffle.algos``)."""
-
-    PY1BR = "py1br"
-    PY1E = "py1e"
-    PY1S = "py1s"
-    PY2S = "py2s"
-    NAIVE = "naive"
-
-
-class PartitionAlgo(str, Enum):
-    """Mosaic's partitioning of samples over nodes, ranks and workers."""
-
-    ORIG = "orig"
-    RELAXED = "relaxed"
-
-
-_SHUFFLE_ALGOS = tuple(a.value for a in ShuffleAlgo)
+__all__ = ["LoaderOptions"]
 
 
 def _is_int(value: Any) -> bool:
@@ -48,7 +28,8 @@ class LoaderOptions:
     """The loader's settings (see :class:`~sparkbridge.bridge.loader.StreamingLoader` for each).
 
     Normalized on construction: ``validate_hash=True`` becomes None (pick what the index has) and
-    ``transform_workers=None`` becomes ``num_workers`` with a transform, else 0. The device is kept
+    ``transform_workers=None`` becomes ``num_workers`` with a transform, else 0; ``shuffle_algo``
+    becomes a :class:`~sparkbridge.bridge.order.ShuffleAlgo`. The device is kept
     as given; :func:`sparkbridge.bridge.device.resolve_device` checks it where torch is imported."""
 
     remote_or_local: Union[str, os.PathLike]
@@ -63,7 +44,7 @@ class LoaderOptions:
     drop_last: bool = False
     pad_ranks: bool = True
     num_workers: int = 0
-    shuffle_algo: str = "py1e"
+    shuffle_algo: Union[ShuffleAlgo, str] = ShuffleAlgo.PY1E
     shuffle_block_size: Optional[int] = None
     num_canonical_nodes: Optional[int] = None
     partition_algo: str = "relaxed"
@@ -81,6 +62,7 @@ class LoaderOptions:
     follow_timeout: float = 600.0
     follow_idle_timeout: Optional[float] = 60.0
     follow_poll: float = 0.2
+    follow_shuffle_rows: Optional[int] = None
     transform: Optional[Callable[[Any], Any]] = None
     transform_workers: Optional[int] = None
 
@@ -93,8 +75,7 @@ class LoaderOptions:
             raise ValueError(f"download_retry is the number of download attempts (>= 1), got {self.download_retry!r}")
         if not isinstance(self.prefetch, int) or self.prefetch < 1:
             raise ValueError(f"prefetch must be an int >= 1, got {self.prefetch!r}")
-        if self.shuffle_algo not in _SHUFFLE_ALGOS:
-            raise ValueError(f"shuffle_algo must be one of {_SHUFFLE_ALGOS}, got {self.shuffle_algo!r}")
+        object.__setattr__(self, "shuffle_algo", ShuffleAlgo.parse(self.shuffle_algo))
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if isinstance(self.validate_hash, str) and not self.validate_hash:
@@ -108,6 +89,11 @@ class LoaderOptions:
         tw = self.transform_workers
         if not _is_int(tw) or tw < 0:
             raise ValueError(f"transform_workers must be an int >= 0, got {tw!r}")
+        if self.follow_shuffle_rows is not None:  # None: a resumed followed epoch keeps the pool it was saved with
+            from sparkbridge.bridge.follow import check_shuffle_rows
+
+            object.__setattr__(self, "follow_shuffle_rows",
+                               check_shuffle_rows(self.follow_shuffle_rows, shuffle=self.shuffle))
         if self.follow:
             self.check_follow()
 
@@ -139,7 +125,8 @@ class LoaderOptions:
     @property
     def follow_settings(self) -> dict[str, Any]:
         """What a followed epoch waits with."""
-        return {"timeout": self.follow_timeout, "idle_timeout": self.follow_idle_timeout, "poll": self.follow_poll}
+        return {"timeout": self.follow_timeout, "idle_timeout": self.follow_idle_timeout, "poll": self.follow_poll,
+                "shuffle_rows": self.follow_shuffle_rows}
 
     def but(self, **changes: Any) -> "LoaderOptions":
         """A copy with ``changes``, validated again."""

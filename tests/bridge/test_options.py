@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from sparkbridge.bridge import LoaderOptions, StreamingLoader
+from sparkbridge.bridge import LoaderOptions, ShuffleAlgo, StreamingLoader
 from sparkbridge.errors import UsageError
 from tests.bridge.util import write_numeric
 
@@ -26,7 +26,7 @@ BAD = [
     ({"download_retry": 0}, ValueError, r"^download_retry is the number of download attempts \(>= 1\), got 0$"),
     ({"prefetch": 0}, ValueError, r"^prefetch must be an int >= 1, got 0$"),
     ({"shuffle_algo": "fast"}, ValueError,
-     r"^shuffle_algo must be one of \('py1br', 'py1e', 'py1s', 'py2s', 'naive'\), got 'fast'$"),
+     r"^shuffle_algo must be one of \['py1e', 'py1br', 'py1s', 'py2s', 'naive', 'global'\], got 'fast'$"),
     ({"seed": -3}, ValueError, r"^seed must be an int >= 0, got -3$"),
     ({"validate_hash": ""}, ValueError,
      r"^validate_hash must be a hash name such as 'xxh64', True/None \(auto\) or False$"),
@@ -66,7 +66,7 @@ def test_options_are_frozen_keyword_only_and_normalized(data):
 def test_loader_exposes_and_can_be_built_from_its_options(data):
     loader = StreamingLoader(data, batch_size=32, shuffle=True, seed=5)
     opts = loader.options
-    assert (opts.batch_size, opts.shuffle, opts.seed, opts.shuffle_algo) == (32, True, 5, "py1e")
+    assert (opts.batch_size, opts.shuffle, opts.seed, opts.shuffle_algo) == (32, True, 5, ShuffleAlgo.PY1E)
     ids = [b["id"].tolist() for b in loader]
     loader.close()
     again = StreamingLoader.from_options(opts)
