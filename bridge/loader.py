@@ -598,12 +598,17 @@ class StreamingLoader:
             shutdown_workers(self._dl)
             self._dl = None
 
-    def _owned(self, source: Iterator[Any]) -> Iterator[Any]:
+    def _owned(self, source: Iterator[Any], *, copy: bool = True) -> Iterator[Any]:
         """Copy each batch out of its worker's shared slot as soon as it arrives (before the
-        DataLoader can hand that slot out again); pinned staging for a GPU is bridge.device's."""
+        DataLoader can hand that slot out again); pinned staging for a GPU is bridge.device's.
+        ``copy=False``: a view of the slot, for a consumer that copies it before asking for the
+        next batch (the transform stage hands it to its workers through its own slots)."""
         slots = self._board.slots.numpy() if self._board.slots is not None else None
         for batch in source:
-            if batch.slot is not None:
+            if batch.slot is not None and not copy:
+                w, k = batch.slot
+                batch.buf, batch.slot = slots[w, k, :batch.nbytes], None
+            elif batch.slot is not None:
                 w, k = batch.slot
                 total = batch.nbytes
                 buf = np.empty(total, dtype=np.uint8)  # pinned staging happens in bridge.device
@@ -636,7 +641,8 @@ class StreamingLoader:
             source = self._gathered_here(epoch)
         else:
             work = self._board.work_for(epoch, self._board.start, self.num_workers)
-            source = self._owned(self._workers(epoch, self._board.start, work))
+            source = self._owned(self._workers(epoch, self._board.start, work),
+                                 copy=self._transform_stage is None)
         ahead = False
         for k, out in enumerate(self._outputs(source, self.dataset.plan, epoch=epoch)):
             if k == 1:
