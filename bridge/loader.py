@@ -32,7 +32,7 @@ from sparkbridge.bridge.orders import OrderProcess, OrderProcessDied
 from sparkbridge.bridge.passes import PassBoard
 from sparkbridge.bridge.source import Source, claim_cache, mark_cache, open_version, resolve_source
 from sparkbridge.bridge.state import LoaderState, StateError
-from sparkbridge.bridge.transform import TransformStage, apply_inline
+from sparkbridge.bridge.transform import TransformStage, apply_inline, transform_inputs
 
 __all__ = ["StreamingLoader", "StateError"]
 
@@ -323,8 +323,8 @@ class StreamingLoader:
         self._token = token
 
         class _Plan:  # the follower learns its columns from the first shard that lands
-            def to_tensors(self, batch, buf_tensor=None):
-                return follower.plan.to_tensors(batch, buf_tensor)
+            def to_tensors(self, batch, buf_tensor=None, **kw):
+                return follower.plan.to_tensors(batch, buf_tensor, **kw)
 
         k = follower.skip_batches
         for out in self._outputs(iter(follower), _Plan(), epoch=0):
@@ -600,7 +600,7 @@ class StreamingLoader:
             # one worker once the others are done: that many slots plus two are never overwritten
             # before this process has copied them out
             slots = self.prefetch * self.num_workers + 2
-            slot_bytes = ds.plan.layout(self.batch_size)[1]
+            slot_bytes = ds.plan.slot_bytes(self.batch_size, ds.table)
             if not board.share(capacity=size, workers=self.num_workers, slots=slots, slot_bytes=slot_bytes,
                                max_slot_bytes=_MAX_SLOT_BYTES):
                 logger.info("batches of %d bytes are too large for shared slots; using torch's IPC", slot_bytes)
@@ -616,15 +616,19 @@ class StreamingLoader:
             shutdown_workers(self._dl)
             self._dl = None
 
-    def _owned(self, source: Iterator[Any]) -> Iterator[Any]:
+    def _owned(self, source: Iterator[Any], *, copy: bool = True) -> Iterator[Any]:
         """Copy each batch out of its worker's shared slot as soon as it arrives (before the
-        DataLoader can hand that slot out again); pinned staging for a GPU is bridge.device's."""
+        DataLoader can hand that slot out again); pinned staging for a GPU is bridge.device's.
+        ``copy=False``: a view of the slot, for a consumer that copies it before asking for the
+        next batch (the transform stage hands it to its workers through its own slots)."""
         slots = self._board.slots.numpy() if self._board.slots is not None else None
-        layout = self.dataset.plan.layout
         for batch in source:
-            if batch.slot is not None:
+            if batch.slot is not None and not copy:
                 w, k = batch.slot
-                total = layout(batch.rows)[1]
+                batch.buf, batch.slot = slots[w, k, :batch.nbytes], None
+            elif batch.slot is not None:
+                w, k = batch.slot
+                total = batch.nbytes
                 buf = np.empty(total, dtype=np.uint8)  # pinned staging happens in bridge.device
                 np.copyto(buf, slots[w, k, :total])
                 batch.buf, batch.slot = buf, None
@@ -657,7 +661,8 @@ class StreamingLoader:
             source = self._gathered_here(epoch)
         else:
             work = self._board.work_for(epoch, self._board.start, self.num_workers)
-            source = self._owned(self._workers(epoch, self._board.start, work))
+            source = self._owned(self._workers(epoch, self._board.start, work),
+                                 copy=self._transform_stage is None)
         ahead = False
         for k, out in enumerate(self._outputs(source, self.dataset.plan, epoch=epoch)):
             if k == 1:
@@ -680,7 +685,7 @@ class StreamingLoader:
         batch as consumed when it leaves here, so batches in the transform stage are not."""
         if self._transform is None:
             return to_batches(packed, plan, device=self.device, pin_memory=self.pin_memory, prefetch=self.prefetch)
-        batches = to_batches(packed, plan, device=None, pin_memory=False, prefetch=self.prefetch)
+        batches = transform_inputs(packed, plan)
         if self._transform_stage is None:
             out = apply_inline(self._transform, batches, epoch=epoch)
         else:
