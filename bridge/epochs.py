@@ -380,7 +380,7 @@ class SnapshotEpochs(_OnPosition):
             # one worker once the others are done: that many slots plus two are never overwritten
             # before this process has copied them out
             slots = self.prefetch * self.num_workers + 2
-            slot_bytes = ds.plan.layout(self.batch_size)[1]
+            slot_bytes = ds.plan.slot_bytes(self.batch_size, ds.table)
             if not board.share(capacity=size, workers=self.num_workers, slots=slots, slot_bytes=slot_bytes,
                                max_slot_bytes=_MAX_SLOT_BYTES):
                 logger.info("batches of %d bytes are too large for shared slots; using torch's IPC", slot_bytes)
@@ -396,15 +396,19 @@ class SnapshotEpochs(_OnPosition):
             shutdown_workers(self._dl)
             self._dl = None
 
-    def _owned(self, source: Iterator[Any]) -> Iterator[Any]:
+    def _owned(self, source: Iterator[Any], *, copy: bool = True) -> Iterator[Any]:
         """Copy each batch out of its worker's shared slot as soon as it arrives (before the
-        DataLoader can hand that slot out again); pinned staging for a GPU is bridge.device's."""
+        DataLoader can hand that slot out again); pinned staging for a GPU is bridge.device's.
+        ``copy=False``: a view of the slot, for a consumer that copies it before asking for the
+        next batch (the transform stage hands it to its workers through its own slots)."""
         slots = self._board.slots.numpy() if self._board.slots is not None else None
-        layout = self.dataset.plan.layout
         for batch in source:
-            if batch.slot is not None:
+            if batch.slot is not None and not copy:
                 w, k = batch.slot
-                total = layout(batch.rows)[1]
+                batch.buf, batch.slot = slots[w, k, :batch.nbytes], None
+            elif batch.slot is not None:
+                w, k = batch.slot
+                total = batch.nbytes
                 buf = np.empty(total, dtype=np.uint8)  # pinned staging happens in bridge.device
                 np.copyto(buf, slots[w, k, :total])
                 batch.buf, batch.slot = buf, None
@@ -429,15 +433,15 @@ class SnapshotEpochs(_OnPosition):
         ids = round_robin_ids(work[p.node, p.rank_of_node], drop_last=self.drop_last)
         return iter_batches(self.dataset, ids)
 
-    def packed(self, epoch: int) -> Iterator[Any]:
-        """The packed batches of the pass :meth:`begin` started."""
+    def packed(self, epoch: int, *, copy: bool = True) -> Iterator[Any]:
+        """The packed batches of the pass :meth:`begin` started (``copy``: see :meth:`_owned`)."""
         if self.num_workers == 0:
             source: Any = iter(self.dataset)
         elif self.dataset.resident():
             source = self._gathered_here(epoch)
         else:
             work = self._board.work_for(epoch, self._board.start, self.num_workers)
-            source = self._owned(self._workers(epoch, self._board.start, work))
+            source = self._owned(self._workers(epoch, self._board.start, work), copy=copy)
         return source
 
     def ahead(self, epoch: int) -> None:

@@ -34,7 +34,7 @@ from sparkbridge.bridge.order import ShuffleAlgo
 from sparkbridge.bridge.passes import PassBoard
 from sparkbridge.bridge.source import mark_cache, resolve_source
 from sparkbridge.bridge.state import LoaderState, StateError
-from sparkbridge.bridge.transform import TransformStage, apply_inline
+from sparkbridge.bridge.transform import TransformStage, apply_inline, transform_inputs
 
 __all__ = ["StreamingLoader", "LoaderOptions", "StateError", "without_repeats"]
 
@@ -313,8 +313,8 @@ class StreamingLoader:
         """The followed first epoch; when it ends, the finished version is opened for the next."""
 
         class _Plan:  # the follower learns its columns from the first shard that lands
-            def to_tensors(self, batch, buf_tensor=None):
-                return follower.plan.to_tensors(batch, buf_tensor)
+            def to_tensors(self, batch, buf_tensor=None, **kw):
+                return follower.plan.to_tensors(batch, buf_tensor, **kw)
 
         k = follower.skip_batches
         for out in self._outputs(iter(follower), _Plan(), epoch=0):
@@ -335,7 +335,7 @@ class StreamingLoader:
         snapshot = self._snapshot
         self._padding = 0
         ahead = False
-        for k, out in enumerate(self._outputs(snapshot.packed(epoch), snapshot.dataset.plan, epoch=epoch)):
+        for k, out in enumerate(self._outputs(snapshot.packed(epoch, copy=self._transform_stage is None), snapshot.dataset.plan, epoch=epoch)):
             if k == 1:
                 snapshot.ahead(epoch)
                 ahead = True
@@ -351,7 +351,7 @@ class StreamingLoader:
         batch as consumed when it leaves here, so batches in the transform stage are not."""
         if self._transform is None:
             return to_batches(packed, plan, device=self.device, pin_memory=self.pin_memory, prefetch=self.prefetch)
-        batches = to_batches(packed, plan, device=None, pin_memory=False, prefetch=self.prefetch)
+        batches = transform_inputs(packed, plan)
         if self._transform_stage is None:
             out = apply_inline(self._transform, batches, epoch=epoch)
         else:
