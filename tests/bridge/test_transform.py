@@ -85,12 +85,33 @@ def _fails_on_third(batch):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_exception_in_the_transform_names_the_batch_and_keeps_its_cause(data, workers):
     loader = StreamingLoader(data, batch_size=B, num_workers=workers, transform=_fails_on_third)
-    with pytest.raises(TransformError, match=r"epoch 0, batch 2: ValueError: bad record in my decode") as info:
+    with pytest.raises(TransformError, match=r"epoch 0, batch 2 \(sample ids 128, 129, 130, 131, 132, \.\.\. "
+                                             r"\(64 samples\)\): ValueError: bad record in my decode") as info:
         list(loader)
     cause = info.value.__cause__
     assert isinstance(cause, ValueError)
     if workers:  # the worker's traceback is kept, naming the user's function
         assert "_fails_on_third" in str(cause.__cause__)
+    loader.close()
+
+
+def _fails_on_row_7(batch):
+    if 7 in batch["id"].tolist():
+        raise KeyError("row 7")
+    return batch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_transform_error_names_the_first_sample_ids_of_a_shuffled_batch(data, workers):
+    plain = ids_of(StreamingLoader(data, batch_size=B, shuffle=True, seed=21))
+    k = next(i for i, b in enumerate(plain) if 7 in b.tolist())
+    shown = ", ".join(str(i) for i in plain[k][:5].tolist())
+    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=21, num_workers=workers,
+                             transform=_fails_on_row_7)
+    with pytest.raises(TransformError) as info:
+        list(loader)
+    assert str(info.value) == (f"the transform failed on epoch 0, batch {k} (sample ids {shown}, ... "
+                               f"({len(plain[k])} samples)): KeyError: 'row 7'")
     loader.close()
 
 
