@@ -115,11 +115,13 @@ def pad_sequences(seqs: Sequence[Any], *, length: Optional[int] = None, pad_valu
         lens = np.minimum(lens, length)
     b = len(lens)
     flat = np.full(b * width, pad_value, dtype=dtype)
-    if b and width:
-        # one row of [B, L] per sequence: the first lens[i] slots of row i take its tokens
-        mask = np.arange(width)[None, :] < lens[:, None]
-        src = (starts[:, None] + np.arange(width)[None, :])[mask]
-        flat.reshape(b, width)[mask] = tokens[src]
+    total = int(lens.sum())
+    if b and width and total:
+        # token j of row i goes to slot i * width + j: one index per token, not per slot
+        kept = np.cumsum(lens) - lens  # each row's first token among the kept ones
+        within = np.arange(total, dtype=np.int64) - np.repeat(kept, lens)
+        dest = np.repeat(np.arange(b, dtype=np.int64) * width, lens) + within
+        flat[dest] = tokens if total == tokens.size else tokens[np.repeat(starts, lens) + within]
     mask = np.arange(width)[None, :] < lens[:, None]
     return {"input_ids": _torch_ints(flat.reshape(b, width)), "attention_mask": torch.from_numpy(mask),
             "lengths": torch.from_numpy(lens)}
