@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["StreamingLoader", "StateError", "CorruptShardError", "SequencePacker", "pad_sequences"]
+__all__ = ["StreamingLoader", "ShuffleAlgo", "StateError", "CorruptShardError", "SequencePacker", "pad_sequences"]
 
 _LAZY = {
     "StreamingLoader": "sparkbridge.bridge.loader",
+    "ShuffleAlgo": "sparkbridge.bridge.order",
     "StateError": "sparkbridge.bridge.state",
     "CorruptShardError": "sparkbridge.bridge.decode",
     "SequencePacker": "sparkbridge.bridge.sequences",
@@ -20,6 +21,7 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from sparkbridge.bridge.decode import CorruptShardError
     from sparkbridge.bridge.loader import StreamingLoader
+    from sparkbridge.bridge.order import ShuffleAlgo
     from sparkbridge.bridge.sequences import SequencePacker, pad_sequences
     from sparkbridge.bridge.state import StateError
 

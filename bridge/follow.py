@@ -18,6 +18,17 @@ read — a shuffle over what is available so far, not over the whole dataset: ea
 only mix the first partitions. ``bench/shuffle.py`` measures how close it gets to a global
 shuffle (the shuffle score).
 
+Mixing pool (``follow_shuffle_rows=N``, with ``shuffle=True``). A loader that keeps pace with the
+writer drains each partition as it lands, so the epoch follows landing order (score 0.15 in
+``bench/shuffle.py``). With ``N`` > 0 a step is taken only while every rank holds at least
+``max(batch_size, ceil(N / world))`` landed, unread rows: each batch is drawn uniformly from all
+of them, and the loader waits (reading the log every ``follow_poll``) while fewer have landed.
+Once the write has ended the hold is lifted: the rest, however many rows that is (a write that
+completes with fewer than ``N`` rows included), is drawn as at the end of any followed epoch.
+``N`` trades mixing for time to first batch: the first batch comes once about ``N`` rows have
+landed. The hold is rank 0's value, sent with every step's facts (ranks cannot disagree), and it
+is recorded in ``state()``; ``N`` = 0 is the loader without a pool.
+
 Lockstep by construction (torchrun). At every batch boundary — a step, a wait for commits, the
 end — every rank takes part in one exchange: rank 0 contributes the facts (the version to adopt,
 whether the write has ended), every rank its failure if it has one. Each rank adopts exactly that
@@ -32,9 +43,12 @@ shards are decompressed once into a spill folder on local disk and memory-mapped
 
 Determinism and resumption. New commits are adopted only at batch boundaries and each adoption
 is recorded (batch index → version); the draws depend only on the seed, the rank, the batch
-index and that record. ``state()`` is that record plus the number of batches consumed: a resumed
-loader replays the draws without reading a byte and continues with exactly the rows the run had
-not seen.
+index and that record (not on when commits landed, nor on the pool's hold, which only decides
+*when* a step is taken). ``state()`` is that record plus the number of batches consumed and the
+hold: a resumed loader replays the draws without reading a byte and continues with exactly the
+rows the run had not seen. The record holds one pair per adoption, and an adoption needs a new
+log version, so it is bounded by the commits of the followed write (a partition each), not by
+the rows or the batches.
 """
 
 from __future__ import annotations
@@ -60,7 +74,7 @@ from sparkbridge.format.mds import ShardLayout
 from sparkbridge.format.paths import confined_path
 from sparkbridge.log.snapshot import LogReader, Snapshot
 
-__all__ = ["FollowTarget", "Follower", "find_target"]
+__all__ = ["FollowTarget", "Follower", "check_shuffle_rows", "find_target"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +189,7 @@ class _Facts:
 
     version: int
     ended: bool
+    hold: int = 0  # rank 0's follow_shuffle_rows: the landed, unread rows a step needs (all ranks)
 
 
 _WAIT, _DONE = "wait", "done"
@@ -216,6 +231,7 @@ class Follower:
         history: Sequence[Sequence[int]] = (),
         skip_batches: int = 0,
         exchange: Optional[Callable[[Any], list]] = None,
+        shuffle_rows: int = 0,
     ) -> None:
         if target.stream and idle_timeout is None:
             raise UsageError("following a stream needs follow_idle_timeout (seconds without a commit that end the epoch)")
@@ -230,6 +246,8 @@ class Follower:
         self.cache = ShardCache(decoded_cache_bytes)
         self.poll, self.timeout, self.idle_timeout = poll, timeout, idle_timeout
         self.exchange = exchange  # callable(obj) -> [obj of rank 0, obj of rank 1, ...]; None with one rank
+        self.shuffle_rows = int(shuffle_rows)  # this rank's (check_shuffle_rows); rank 0's is used
+        self.hold = self.shuffle_rows  # the hold in effect: rank 0's, from the facts
         self.history: list[list[int]] = [list(h) for h in history]  # [batch index, version adopted]
         self.skip_batches = skip_batches
         self.emitted = 0
@@ -247,6 +265,7 @@ class Follower:
         self._mapped_files: dict[int, tuple] = {}  # shard -> (raw file checked, its identity then)
         self._ended = False
         self._in_end = False
+        self._said_hold = False
         self._wait_since: Optional[float] = None
         self._last_commit_at = time.monotonic()
 
@@ -312,6 +331,13 @@ class Follower:
         """Rows rank ``rank`` owns among those landed: the same figure on every rank."""
         return max(0, -(-(self.total - rank) // self.world))
 
+    def _need(self, hold: int) -> int:
+        """Unread rows every rank must hold for a step of the main phase: a batch, and with a
+        mixing pool (``hold`` rows of the write) its share, until the write has ended."""
+        if self._ended or not hold:
+            return self.batch_size
+        return max(self.batch_size, -(-hold // self.world))
+
     def _smallest(self, k: int) -> int:
         """Unread rows of the rank with the fewest before step ``k`` of the main phase (every step
         took ``batch_size`` rows of each rank): whether every rank can fill a batch."""
@@ -329,9 +355,9 @@ class Follower:
     def _decide(self, k: int) -> _Facts:
         """Rank 0's facts for step ``k``. The log is read when a rank could not fill the step, and
         every 8 steps (new commits widen the shuffle); never once the write has ended."""
-        can_step = self._smallest(k) >= self.batch_size and not self._in_end
+        can_step = self._smallest(k) >= self._need(self.shuffle_rows) and not self._in_end
         if self._ended or (can_step and k % 8):
-            return _Facts(self.version, self._ended)
+            return _Facts(self.version, self._ended, self.shuffle_rows)
         snap = self.reader.refresh()
         ended = self._write_ended(snap)
         if snap.version > self.version:
@@ -345,7 +371,7 @@ class Follower:
             elif now - self._wait_since > self.timeout:
                 raise FollowTimeoutError(f"follow=True: no commit to {self.reader.root} for {self.timeout:.0f} s while "
                                          f"write {self.target.write_id} is still open; is the writer stuck?")
-        return _Facts(snap.version, ended)
+        return _Facts(snap.version, ended, self.shuffle_rows)
 
     def _agree(self, k: int, failure: Optional[BaseException]) -> _Facts:
         """The one exchange of a batch boundary (see the class doc): rank 0's facts for step ``k``,
@@ -404,9 +430,14 @@ class Follower:
             self._adopt(facts.version)
             self.history.append([k, self.version])
         self._ended = self._ended or facts.ended
-        if not self._in_end and self._smallest(k) >= self.batch_size:
+        self.hold = facts.hold
+        if not self._in_end and self._smallest(k) >= self._need(facts.hold):
             return self._draw(k, self.batch_size)
         if not self._ended:
+            if not self._said_hold and self._smallest(k) >= self.batch_size:
+                self._said_hold = True
+                logger.info("%s: follow_shuffle_rows=%d: waiting until that many landed rows are unread (or the write "
+                            "ends) before step %d", self.reader.root, facts.hold, k)
             return _WAIT
         self._in_end = True
         steps, last = self._end_shape()
@@ -587,5 +618,20 @@ class Follower:
         """What resumes this followed epoch after ``consumed`` batches were trained on."""
         return {"start_version": self.target.start_version, "write_id": self.target.write_id,
                 "stream": self.target.stream, "history": [h for h in self.history if h[0] <= consumed],
-                "batches": consumed}
+                "batches": consumed, "shuffle_rows": self.hold}
+
+
+def check_shuffle_rows(value: Any, *, shuffle: bool) -> int:
+    """``follow_shuffle_rows`` as a row count (None: 0, no pool), validated once. Why an error
+    without ``shuffle=True``: an unshuffled followed epoch reads rows in log order, so a pool
+    would only delay the first batch."""
+    if value is None:
+        return 0
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise UsageError(f"follow_shuffle_rows must be a number of rows >= 0 (the landed, unread rows each batch of a "
+                         f"followed epoch is drawn from), got {value!r}")
+    if value and not shuffle:
+        raise UsageError(f"follow_shuffle_rows={value} mixes the rows of a followed epoch; it needs shuffle=True "
+                         "(unshuffled, a followed epoch reads its rows in log order)")
+    return int(value)
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from sparkbridge.bridge.device import outputs_to_device, resolve_device, to_batches
+from sparkbridge.bridge.order import GlobalOrder, ShuffleAlgo
 from sparkbridge.bridge.orders import OrderProcess, OrderProcessDied
 from sparkbridge.bridge.passes import PassBoard
 from sparkbridge.bridge.source import Source, claim_cache, mark_cache, open_version, resolve_source
@@ -37,7 +38,6 @@ __all__ = ["StreamingLoader", "StateError"]
 
 logger = logging.getLogger(__name__)
 
-_SHUFFLE_ALGOS = ("py1br", "py1e", "py1s", "py2s", "naive")  # streaming.base.shuffle.algos
 _MAX_SLOT_BYTES = 512 << 20
 
 
@@ -63,7 +63,10 @@ class StreamingLoader:
     ndarrays as lists of tensors), or ``(features float32 [B, F], label)`` with ``features=`` and
     ``label=``. ``len(loader)`` is the number of batches one epoch gives this rank.
 
-    * Order: Mosaic's, for every ``shuffle_algo`` and ``seed``; a new shuffle each epoch. Calling
+    * Order: Mosaic's, for every Mosaic ``shuffle_algo`` and ``seed`` (its exact sample order); or
+      ``shuffle_algo=ShuffleAlgo.GLOBAL`` ("global"): a uniform global shuffle computed per batch,
+      O(1) order memory whatever the dataset size (:mod:`sparkbridge.bridge.order`). A new shuffle
+      each epoch. Calling
       ``iter()`` again before a pass is finished starts the next epoch (as Mosaic does).
     * Distributed (torchrun): each rank reads a disjoint share; when the sample count does not
       divide by the world size Mosaic repeats up to ``world_size - 1`` samples so that every rank
@@ -112,7 +115,7 @@ class StreamingLoader:
         drop_last: bool = False,
         pad_ranks: bool = True,
         num_workers: int = 0,
-        shuffle_algo: str = "py1e",
+        shuffle_algo: Union[ShuffleAlgo, str] = ShuffleAlgo.PY1E,
         shuffle_block_size: Optional[int] = None,
         num_canonical_nodes: Optional[int] = None,
         partition_algo: str = "relaxed",
@@ -130,6 +133,7 @@ class StreamingLoader:
         follow_timeout: float = 600.0,
         follow_idle_timeout: Optional[float] = 60.0,
         follow_poll: float = 0.2,
+        follow_shuffle_rows: Optional[int] = None,
         transform: Optional[Callable[[Any], Any]] = None,
         transform_workers: Optional[int] = None,
     ) -> None:
@@ -141,8 +145,7 @@ class StreamingLoader:
             raise ValueError(f"download_retry is the number of download attempts (>= 1), got {download_retry!r}")
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
-        if shuffle_algo not in _SHUFFLE_ALGOS:
-            raise ValueError(f"shuffle_algo must be one of {_SHUFFLE_ALGOS}, got {shuffle_algo!r}")
+        shuffle_algo = ShuffleAlgo.parse(shuffle_algo)
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if isinstance(validate_hash, str) and not validate_hash:
@@ -155,6 +158,11 @@ class StreamingLoader:
             transform_workers = num_workers if transform is not None else 0
         if not isinstance(transform_workers, int) or isinstance(transform_workers, bool) or transform_workers < 0:
             raise ValueError(f"transform_workers must be an int >= 0, got {transform_workers!r}")
+        follow_rows = None  # unset: a resumed followed epoch keeps the pool it was saved with
+        if follow_shuffle_rows is not None:
+            from sparkbridge.bridge.follow import check_shuffle_rows
+
+            follow_rows = check_shuffle_rows(follow_shuffle_rows, shuffle=shuffle)
         self._transform = transform
         self._transform_stage: Optional[TransformStage] = None
         self._closed = True  # until construction completes (close() then stops only the transform stage)
@@ -190,7 +198,8 @@ class StreamingLoader:
         self._padding = 0  # see the padding property
         # what a followed epoch waits with; kept when nothing is followed now, for a state that
         # resumes one (load_state_dict)
-        self._follow_settings = {"timeout": follow_timeout, "idle_timeout": follow_idle_timeout, "poll": follow_poll}
+        self._follow_settings = {"timeout": follow_timeout, "idle_timeout": follow_idle_timeout, "poll": follow_poll,
+                                 "shuffle_rows": follow_rows}
         if follow:
             self._follow = self._follow_target(version=version, timeout=follow_timeout,
                                                idle_timeout=follow_idle_timeout, poll=follow_poll)
@@ -284,6 +293,8 @@ class StreamingLoader:
             poll=self._follow["poll"], timeout=self._follow["timeout"], idle_timeout=self._follow["idle_timeout"],
             history=resume.get("history", ()), skip_batches=int(resume.get("batches", 0)),
             exchange=all_gather_objects if world > 1 else None,
+            shuffle_rows=resume.get("shuffle_rows", 0) if self._follow_settings["shuffle_rows"] is None
+            else self._follow_settings["shuffle_rows"],
         )
 
     def _follow_cache(self) -> str:
@@ -452,6 +463,10 @@ class StreamingLoader:
             from sparkbridge.bridge import mosaic
 
             ds = self.dataset
+            if ds.lazy_order:
+                order = ds.compute_work(self._epoch, 0, max(1, self.num_workers))
+                self._len = self._count_batches(order if self.pad_ranks else order.without_padding())
+                return self._len
             world = ds.work_world(max(1, self.num_workers))
             mosaic.apply_order_defaults(ds, world)
             ids = mosaic.get_partitions(ds.partition_algo, ds.epoch_size, ds.num_canonical_nodes, world.num_nodes,
@@ -466,6 +481,8 @@ class StreamingLoader:
         from sparkbridge.bridge import mosaic
 
         p = mosaic.rank_world(self.dataset)
+        if isinstance(work, GlobalOrder):
+            return work.batch_count(p.rank, drop_last=self.drop_last)
         mine = work[p.node, p.rank_of_node]  # (workers, batches per worker, batch size)
         seq = np.ascontiguousarray(mine.transpose(1, 0, 2)).reshape(-1, self.batch_size) >= 0
         return int(seq.all(axis=1).sum()) if self.drop_last else int(seq.any(axis=1).sum())
@@ -505,7 +522,7 @@ class StreamingLoader:
         instead of 0.17 s (1M rows, 4 shards, 2 cores; the shard loads then first copied every
         page they wrote)."""
         ds = self.dataset
-        if self._orders_for is ds or not ds.resident():
+        if self._orders_for is ds or not ds.resident() or ds.lazy_order:  # a GlobalOrder costs nothing to compute
             return
         res = ds.reader().resident
         with self._lock:
@@ -520,7 +537,7 @@ class StreamingLoader:
     def _compute_order(self, ds: Any, epoch: int, start: int, workers: int) -> np.ndarray:
         """Mosaic's order of a pass: from the order process when it serves ``ds``, else here."""
         orders = self._orders
-        if orders is not None and orders.dataset is ds:
+        if orders is not None and orders.dataset is ds and not ds.lazy_order:
             try:  # the defaults are settled here too: state_dict and the workers read them
                 return orders.compute(epoch, start, workers, ds.settle_order(workers))
             except OrderProcessDied as exc:
@@ -559,7 +576,7 @@ class StreamingLoader:
             self.dataset.fill_until(order.done)
         work = order.result()
         if not self.pad_ranks:
-            work = without_repeats(work)
+            work = work.without_padding() if isinstance(work, GlobalOrder) else without_repeats(work)
         with self._lock:
             self._futures.pop((epoch, start, max(1, self.num_workers)), None)
         self._board.set(epoch, start, max(1, self.num_workers), work)
@@ -576,14 +593,15 @@ class StreamingLoader:
         from torch.utils.data import DataLoader
 
         ds, board = self.dataset, self._board
-        if self._dl is None or work.size > board.capacity():
+        size = work.size if isinstance(work, np.ndarray) else 1  # a GlobalOrder travels in the control block
+        if self._dl is None or size > board.capacity():
             self._shutdown_workers()
             # a DataLoader keeps at most prefetch * workers batches outstanding, all possibly at
             # one worker once the others are done: that many slots plus two are never overwritten
             # before this process has copied them out
             slots = self.prefetch * self.num_workers + 2
             slot_bytes = ds.plan.slot_bytes(self.batch_size, ds.table)
-            if not board.share(capacity=work.size, workers=self.num_workers, slots=slots, slot_bytes=slot_bytes,
+            if not board.share(capacity=size, workers=self.num_workers, slots=slots, slot_bytes=slot_bytes,
                                max_slot_bytes=_MAX_SLOT_BYTES):
                 logger.info("batches of %d bytes are too large for shared slots; using torch's IPC", slot_bytes)
             self._dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
@@ -630,6 +648,8 @@ class StreamingLoader:
             self._said_gathered = True
         work = self._board.work_for(epoch, self._board.start, self.num_workers)
         p = mosaic.rank_world(self.dataset)
+        if isinstance(work, GlobalOrder):  # its batches are the rank's, in turn, for any num_workers
+            return iter_batches(self.dataset, work.batches(p.rank, drop_last=self.drop_last))
         ids = round_robin_ids(work[p.node, p.rank_of_node], drop_last=self.drop_last)
         return iter_batches(self.dataset, ids)
 
@@ -713,9 +733,14 @@ class StreamingLoader:
 
     def _follow_state(self) -> dict[str, Any]:
         target = self._follow["target"]
-        follow = (self._follower.state(self._consumed) if self._follower is not None else
-                  {"start_version": target.start_version, "write_id": target.write_id, "stream": target.stream,
-                   "history": [], "batches": 0})
+        rows = self._follow_settings["shuffle_rows"]
+        if self._follower is not None:
+            follow = self._follower.state(self._consumed)
+        elif self._follow_resume is not None:  # resumed, not iterated yet: the progress it resumes from
+            follow = {**self._follow_resume, **({"shuffle_rows": rows} if rows is not None else {})}
+        else:
+            follow = {"start_version": target.start_version, "write_id": target.write_id, "stream": target.stream,
+                      "history": [], "batches": 0, "shuffle_rows": rows or 0}
         opts = self._dataset_options
         return LoaderState(
             dataset=f"follow:{target.write_id or 'stream'}@v{target.start_version}", version=target.start_version,

@@ -19,7 +19,7 @@ Mosaic object.
 * Order: :func:`apply_order_defaults`, ``generate_work``, ``get_partitions``; worlds:
   :func:`rank_world`, :func:`detect_worker_worlds`; the shard cache: :func:`shard_states`,
   :func:`touch_shard`, :func:`prepare_shard`; shared memory: :func:`release_shared_memory`,
-  :data:`SHM_NAME`.
+  :func:`serialize_prefix_registration`, :data:`SHM_NAME`.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ import re
 from time import time_ns
 from typing import Any, Callable, Optional, Sequence
 
+from sparkbridge import _faults
 from sparkbridge.bridge.mosaic_import import load_streaming_base
 from sparkbridge.errors import ShardFormatError, SparkbridgeError
 
 __all__ = ["SUPPORTED", "MOSAIC_VERSION", "check_version", "StreamingDataset", "SnapshotStream", "ShardState",
            "World", "generate_work", "get_partitions", "maybe_init_dist", "download_file", "apply_order_defaults",
            "rank_world", "detect_worker_worlds", "shard_states", "touch_shard", "prepare_shard",
-           "release_shared_memory", "SHM_NAME"]
+           "release_shared_memory", "serialize_prefix_registration", "SHM_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,41 @@ from streaming.base.partition import get_partitions  # noqa: E402
 from streaming.base.storage import CloudDownloader  # noqa: E402
 from streaming.base.stream import Stream  # noqa: E402
 from streaming.base.world import World  # noqa: E402
+
+class LazySpanner:
+    """Mosaic's ``Spanner`` (global sample index -> (shard, index in shard)) without its tables.
+
+    Why: Mosaic's builds, in every ``StreamingDataset.__init__``, an int64 array of every
+    sample's shard (``np.repeat``: 8 B a row, 256 MB at 32M rows, 8 GB at 1B) to make a list of
+    one small array per 1,024 samples (a million arrays at 1B rows). At 32M rows that took 5.5 of
+    the loader's 6 s of build here. A binary search over the shard boundaries answers the same
+    question in O(log shards) with O(shards) memory; sparkbridge only maps ids that way in bulk
+    (:meth:`sparkbridge.bridge.shards.ShardTable.shard_of`), Mosaic's per-sample path keeps working."""
+
+    def __init__(self, shard_sizes: Any, span_size: int = 1 << 10) -> None:
+        import numpy as np
+
+        self.shard_sizes = shard_sizes
+        self.span_size = span_size
+        self.num_samples = sum(shard_sizes)
+        self.shard_bounds = np.concatenate([np.zeros(1, np.int64), np.asarray(shard_sizes, np.int64).cumsum()])
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        import numpy as np
+
+        if not (0 <= index < self.num_samples):
+            raise IndexError(f"Invalid sample index `{index}`: 0 <= {index} < {self.num_samples}")
+        shard = int(np.searchsorted(self.shard_bounds, index, side="right")) - 1
+        return shard, int(index - self.shard_bounds[shard])
+
+
+def _install_lazy_spanner() -> None:
+    import streaming.base.dataset as mosaic_dataset
+
+    mosaic_dataset.Spanner = LazySpanner
+
+
+_install_lazy_spanner()
 
 #: Names of the shared-memory segments Mosaic creates (``<6-digit prefix>_<kind>``).
 SHM_NAME = re.compile(
@@ -259,3 +295,100 @@ def release_shared_memory(dataset: Any) -> int:
         atexit.unregister(shm.cleanup)
         released += 1
     return released
+
+
+#: Taken (``flock``) around Mosaic's shared-memory prefix registration by every sparkbridge
+#: loader on the host; in ``/dev/shm`` because the names it guards live there.
+PREFIX_LOCK = "/dev/shm/sparkbridge-shm-prefix.lock"
+
+
+def serialize_prefix_registration() -> None:
+    """Make Mosaic's shared-memory prefix registration safe between processes (installed once).
+
+    Why: each rank of a ``StreamingDataset`` picks the first prefix ``N`` whose segments do not
+    exist yet, then the node's leader creates ``/N_locals`` and the other ranks open it. Two
+    loaders in unrelated processes on one host (two jobs, an evaluation beside a training run)
+    that start together pick the same ``N``: the second leader failed with ``FileExistsError:
+    '/000920_locals'`` from inside Mosaic (1 of 2 randomized follow runs while other loaders
+    started on the machine), and a rank could pick ``N`` while its leader picked ``N + 1``.
+
+    Here (:func:`_register_prefix`) the leader picks ``N`` and creates ``/N_locals`` under a
+    host-wide ``flock``, so the next loader finds ``N`` taken; the other ranks of the job take
+    ``N`` from their leader (one all-gather, where Mosaic had two barriers) and check it as Mosaic
+    does. A stock Mosaic dataset elsewhere on the host takes no lock: when it takes ``N`` first,
+    the leader picks again."""
+    from streaming.base import dataset as mosaic_dataset
+
+    if getattr(mosaic_dataset.get_shm_prefix, "__sparkbridge_serialized__", False):
+        return
+    _register_prefix.__sparkbridge_serialized__ = True  # type: ignore[attr-defined]
+    mosaic_dataset.get_shm_prefix = _register_prefix
+
+
+def _register_prefix(streams_local: list, streams_remote: list, world: Any, retry: int = 100) -> tuple:
+    """Mosaic's ``get_shm_prefix`` (same arguments, same result), race-free between processes."""
+    import torch.distributed as dist
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared import prefix as mosaic_prefix
+
+    mosaic_prefix._check_self(streams_local)
+    prefix_int, shm = -1, None
+    if world.is_local_leader:
+        for _ in range(1 + retry):
+            with _prefix_lock():
+                prefix_int = max(mosaic_prefix._check_and_find_retrying(streams_local, streams_remote,
+                                                                        shm_name=name, retry=retry)
+                                 for name in mosaic_prefix.SHM_TO_CLEAN)
+                _faults.point("shm-prefix-chosen")
+                data = mosaic_prefix._pack_locals(streams_local, prefix_int)
+                try:
+                    shm = SharedMemory(mosaic_prefix._get_path(prefix_int, mosaic_prefix.LOCALS), True, len(data))
+                except FileExistsError:  # taken meanwhile by a Mosaic dataset that takes no lock
+                    logger.debug("shared-memory prefix %d was taken meanwhile; choosing again", prefix_int)
+                    continue
+                shm.buf[:len(data)] = data
+                break
+        else:
+            raise SparkbridgeError(f"no free shared-memory prefix for {streams_remote[0] or streams_local[0]} "
+                                   f"after {1 + retry} tries: other Mosaic datasets on this host took each one")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        prefixes: list = [None] * dist.get_world_size()
+        dist.all_gather_object(prefixes, prefix_int)
+        leader = world.node * world.ranks_per_node  # ranks are numbered node by node (Mosaic's World)
+        prefix_int = prefixes[leader]
+    if not world.is_local_leader:
+        name = mosaic_prefix._get_path(prefix_int, mosaic_prefix.LOCALS)
+        try:
+            shm = SharedMemory(name, False)
+        except FileNotFoundError:
+            raise SparkbridgeError(f"rank {world.rank}: shared memory {name} of its node's first rank is missing: "
+                                   "give every rank the same remote= and local=") from None
+        their_locals, their_prefix = mosaic_prefix._unpack_locals(bytes(shm.buf))
+        if their_locals != streams_local or their_prefix != prefix_int:
+            raise SparkbridgeError(f"rank {world.rank} reads {streams_local} but its node's first rank registered "
+                                   f"{their_locals}: give every rank the same remote= and local=")
+    return prefix_int, shm
+
+
+class _prefix_lock:
+    """A host-wide exclusive ``flock`` on :data:`PREFIX_LOCK`; nothing where ``/dev/shm`` is absent
+    or the lock file cannot be opened (another user's, read-only: a shared lock file is opened
+    read-only, which ``flock`` allows)."""
+
+    def __enter__(self) -> "_prefix_lock":
+        import fcntl
+
+        self._fd = None
+        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+            try:
+                self._fd = os.open(PREFIX_LOCK, flags, 0o644)
+                break
+            except OSError:
+                continue
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock

@@ -93,6 +93,7 @@ def test_randomized_followed_epochs_keep_ranks_in_lockstep_and_read_every_row_on
     failure = tmp_path / "failure.json"
     detail = failure.read_text()[:3000] if failure.exists() else ""
     detail += "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("crash*.txt")))
+    detail += "".join(f"\n{p.stem}: case {p.read_text()}" for p in sorted(tmp_path.glob("case[0-9].txt")))
     assert proc.returncode == 0, detail + proc.stderr[-4000:]
     assert [r["cases"] for r in _ranks(tmp_path, world)] == [count] * world
     print(f"{count} randomized followed epochs on {world} ranks: lockstep, every row once")

@@ -1,0 +1,110 @@
+"""What sparkbridge relies on in Mosaic's internals (see sparkbridge.bridge.mosaic), tested
+through real loaders in real processes.
+
+Shared-memory prefixes: every ``StreamingDataset`` registers ``/dev/shm/<N>_locals`` for the first
+free ``N``; loaders that start together in separate processes on one host used to pick the same
+``N`` (``FileExistsError: '/000920_locals'`` from inside Mosaic)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.bridge.util import write_numeric
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: One process: wait for the start time, build a loader over argv[1], read one epoch, print
+#: its ids' count and sum and the shared-memory prefix it registered.
+READER = """
+import json, logging, sys, time
+start = float(sys.argv[2])
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("sparkbridge.bridge.mosaic").setLevel(logging.DEBUG)
+from sparkbridge.bridge import StreamingLoader
+time.sleep(max(0.0, start - time.time()))
+loader = StreamingLoader(sys.argv[1], batch_size=64)
+ids = [i for b in loader for i in b["id"].tolist()]
+prefix = loader.dataset._shm_prefix_int
+loader.close()
+print(json.dumps({"rows": len(ids), "sum": sum(ids), "distinct": len(set(ids)), "prefix": prefix}))
+"""
+
+#: A stock Mosaic StreamingDataset (takes no lock) registering while it is told to.
+STOCK = """
+import json, sys, time
+start = float(sys.argv[2])
+from streaming import StreamingDataset
+time.sleep(max(0.0, start - time.time()))
+ds = StreamingDataset(local=sys.argv[1], batch_size=64)
+print(json.dumps({"rows": sum(1 for _ in ds), "prefix": ds._shm_prefix_int}), flush=True)
+time.sleep(float(sys.argv[3]))  # keeps its prefix registered meanwhile
+"""
+
+
+def _start(script: str, *args, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+
+
+def _result(proc: subprocess.Popen) -> tuple[dict, str]:
+    """The process's result and its log."""
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefix")
+    return [write_numeric(root / f"ds{k}", 500 + k) for k in range(6)]
+
+
+def _expect(result: dict, rows: int) -> None:
+    assert (result["rows"], result["distinct"], result["sum"]) == (rows, rows, rows * (rows - 1) // 2)
+
+
+def test_loaders_that_start_together_in_separate_processes_each_register_their_own_prefix(datasets):
+    """Six processes build their loaders at the same instant, twice over: each reads its
+    own dataset exactly, and the live ones never share a prefix."""
+    for _ in range(2):
+        start = time.time() + 8.0  # after every process has imported torch and Mosaic
+        procs = [_start(READER, ds, start) for ds in datasets]
+        results = [_result(p)[0] for p in procs]
+        for k, r in enumerate(results):
+            _expect(r, 500 + k)
+
+
+def test_a_loader_that_starts_while_another_registers_waits_and_takes_the_next_prefix(datasets):
+    """Loader A stalls between choosing prefix N and creating it (fault point
+    ``shm-prefix-chosen``); loader B starts meanwhile: B waits for A's registration and takes a
+    different prefix; both read their rows."""
+    start = time.time() + 6.0
+    a = _start(READER, datasets[0], start, env={"SPARKBRIDGE_FAULTS": "shm-prefix-chosen@1=sleep3"})
+    b = _start(READER, datasets[1], start + 1.0)
+    (ra, _), (rb, _) = _result(a), _result(b)
+    _expect(ra, 500)
+    _expect(rb, 501)
+    assert ra["prefix"] != rb["prefix"]
+
+
+def test_a_stock_mosaic_dataset_that_takes_the_chosen_prefix_first_makes_the_loader_choose_again(datasets):
+    """A stock Mosaic dataset takes no lock: it registers prefix N while our loader stalls
+    between choosing N and creating it; the loader registers another prefix instead of failing
+    with FileExistsError."""
+    start = time.time() + 6.0
+    ours = _start(READER, datasets[0], start, env={"SPARKBRIDGE_FAULTS": "shm-prefix-chosen@1=sleep4"})
+    stock = _start(STOCK, datasets[2], start + 1.0, 8)
+    stock_out = json.loads(stock.stdout.readline())
+    result, log = _result(ours)
+    stock.communicate(timeout=60)
+    _expect(result, 500)
+    assert f"prefix {stock_out['prefix']} was taken meanwhile; choosing again" in log  # the race happened
+    assert stock_out["rows"] == 502
+    assert result["prefix"] != stock_out["prefix"]
