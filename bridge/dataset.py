@@ -25,9 +25,10 @@ from sparkbridge.bridge.cache import DEFAULT_DECODED_CACHE
 from sparkbridge.bridge.early import EarlyFill
 from sparkbridge.bridge.fetch import ShardReader, check_hash_names
 from sparkbridge.bridge.iterate import iter_batches
+from sparkbridge.bridge.order import GlobalOrder, ShuffleAlgo
 from sparkbridge.bridge.passes import PassBoard
 from sparkbridge.bridge.prefill import Prefill, start_prefill
-from sparkbridge.bridge.resident import EMPTY, ResidentRows, fits
+from sparkbridge.bridge.resident import EMPTY, ResidentRows, fits, mappable
 from sparkbridge.bridge.shards import ShardTable
 from sparkbridge.errors import DatasetNotFoundError
 from sparkbridge.log.snapshot import Snapshot
@@ -56,7 +57,7 @@ class BatchDataset(mosaic.StreamingDataset):
         batch_size: int,
         shuffle: bool,
         shuffle_seed: int,
-        shuffle_algo: str,
+        shuffle_algo: ShuffleAlgo,
         shuffle_block_size: Optional[int],
         num_canonical_nodes: Optional[int],
         partition_algo: str,
@@ -81,14 +82,18 @@ class BatchDataset(mosaic.StreamingDataset):
         stream = mosaic.SnapshotStream(remote=remote, local=local, shards=snapshot.shards, name=str(source),
                                        check=self._decompress_for_mosaic)
         mosaic.serialize_prefix_registration()
+        algo = ShuffleAlgo.parse(shuffle_algo)
         super().__init__(
             streams=[stream], batch_size=batch_size, shuffle=shuffle, shuffle_seed=shuffle_seed,
-            shuffle_algo=shuffle_algo, shuffle_block_size=shuffle_block_size,
+            # Mosaic never computes a GLOBAL order: its settings are only recorded in the state
+            shuffle_algo=algo.value if algo.mosaic else ShuffleAlgo.PY1E.value, shuffle_block_size=shuffle_block_size,
             num_canonical_nodes=num_canonical_nodes, partition_algo=partition_algo, cache_limit=cache_limit,
             predownload=predownload, download_retry=download_retry, download_timeout=download_timeout,
             validate_hash=None,  # checked by bridge.fetch when a shard is read
             allow_unsafe_types=False,
         )
+        self.shuffle_algo = algo.value  # what a state records
+        self.order_algo = algo
         try:
             stream = self.streams[0]
             self.source = source
@@ -137,12 +142,27 @@ class BatchDataset(mosaic.StreamingDataset):
     # ------------------------------------------------------------------ shards
 
     def _resident_fits(self) -> bool:
-        return fits(self.table, self.decoded_cache_bytes)
+        return fits(self.table, self.decoded_cache_bytes) or self._resident_mapped()
+
+    def _resident_mapped(self) -> bool:
+        """A global order over rows that do not fit ``decoded_cache_bytes``: the row table is
+        backed by a file (page cache), since each batch touches up to ``batch_size`` shards
+        (:mod:`sparkbridge.bridge.resident`)."""
+        return self.lazy_order and not fits(self.table, self.decoded_cache_bytes) and mappable(self.table)
 
     def _prepare_resident(self) -> None:
         """The resident table, when the rows fit it (made once, by the first reader)."""
         if self._resident is None and self._resident_fits():
-            self._resident = ResidentRows.for_table(self.table)
+            folder = None
+            if self._resident_mapped():
+                from sparkbridge.bridge.spill import private_spill_root
+
+                folder = private_spill_root()
+                logger.info("%s: %d MB of rows, more than decoded_cache_bytes=%d MB, read in a global shuffle: "
+                            "the row table is a file mapped from %s (page cache, not anonymous memory)", self.source,
+                            (self.table.total_samples * self.table.layouts[0].row_dtype().itemsize) >> 20,
+                            self.decoded_cache_bytes >> 20, folder)
+            self._resident = ResidentRows.for_table(self.table, folder=folder)
 
     def reader(self) -> ShardReader:
         """This process's shard reader (built on first use; a forked worker builds its own)."""
@@ -223,11 +243,22 @@ class BatchDataset(mosaic.StreamingDataset):
         mosaic.apply_order_defaults(self, self.work_world(workers_per_rank))
         return self.order_settings()
 
-    def compute_work(self, epoch: int, sample_in_epoch: int, workers_per_rank: int) -> np.ndarray:
-        """Mosaic's sample ids of one epoch for the whole world: (nodes, ranks per node, workers
-        per rank, batches per worker, batch size), -1 for padding; int32 when the ids fit."""
+    @property
+    def lazy_order(self) -> bool:
+        """Whether passes are :class:`~sparkbridge.bridge.order.GlobalOrder`s (computed per batch)
+        rather than Mosaic's arrays of every sample id."""
+        return self.order_algo is ShuffleAlgo.GLOBAL
+
+    def compute_work(self, epoch: int, sample_in_epoch: int, workers_per_rank: int) -> Union[np.ndarray, GlobalOrder]:
+        """The order of one pass for the whole world. Mosaic's: its sample ids, (nodes, ranks per
+        node, workers per rank, batches per worker, batch size), -1 for padding, int32 when the
+        ids fit; ``GLOBAL``: a :class:`~sparkbridge.bridge.order.GlobalOrder` (a few ints)."""
         world = self.work_world(workers_per_rank)
         mosaic.apply_order_defaults(self, world)
+        if self.lazy_order:
+            return GlobalOrder(rows=int(self.num_samples), shuffle=bool(self.shuffle), seed=int(self.shuffle_seed),
+                               epoch=int(epoch), start=int(sample_in_epoch), ranks=int(world.num_ranks),
+                               workers=int(workers_per_rank), batch_size=int(self.batch_size))
         work = mosaic.generate_work(self.batching_method, self, world, epoch, sample_in_epoch)
         if self.num_samples < (1 << 31) - 1:
             work = work.astype(np.int32)
@@ -245,6 +276,9 @@ class BatchDataset(mosaic.StreamingDataset):
         work = self.board.work_for(epoch, start, p.workers_per_rank)
         if work is None:
             work = self.compute_work(epoch, start, p.workers_per_rank)
+        if isinstance(work, GlobalOrder):
+            worker = p.worker_of_rank if p.workers_per_rank > 1 else None
+            return iter_batches(self, work.batches(p.rank, worker=worker, drop_last=self.drop_last))
         ids = np.ascontiguousarray(work[p.node, p.rank_of_node, p.worker_of_rank]).reshape(-1)
         return iter_batches(self, ids)
 

@@ -1,8 +1,10 @@
 """Distributed helpers: who we are under torchrun, and safe cleanup of Mosaic's shared memory.
 
 Mosaic's own ``clean_stale_shared_memory`` unlinks every segment from prefix 0 upwards, including
-those of a *live* job on the same machine. Here a segment is removed only when it belongs to us
-and no running process maps it (a crashed run leaves segments that nobody maps).
+those of a *live* job on the same machine. Here a segment is removed only when it belongs to us,
+no running process maps it (a crashed run leaves segments that nobody maps), and it has not
+changed for :data:`STALE_AFTER_S` (a loader starting elsewhere creates a segment a moment before
+it maps it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ __all__ = ["world_info", "broadcast_from_rank0", "all_gather_objects", "clean_st
 logger = logging.getLogger(__name__)
 
 _SHM_DIR = "/dev/shm"
+
+#: A segment changed more recently than this is never stale: its creator may not have mapped it yet.
+STALE_AFTER_S = 60.0
 
 
 def _mosaic_name(name: str) -> bool:
@@ -153,8 +158,9 @@ def _sees_every_process() -> bool:
 
 
 def stale_shared_memory() -> list[str]:
-    """Names of Mosaic segments in /dev/shm owned by us that no live process maps; none when
-    this process cannot see every process that may map them (:func:`_sees_every_process`)."""
+    """Names of Mosaic segments in /dev/shm owned by us, unmodified for :data:`STALE_AFTER_S`, that
+    no live process maps; none when this process cannot see every process that may map them
+    (:func:`_sees_every_process`)."""
     if not os.path.isdir(_SHM_DIR):
         return []
     if not _sees_every_process():
@@ -162,15 +168,19 @@ def stale_shared_memory() -> list[str]:
                     "Mosaic's shared memory unseen, so none is removed as stale (when no job runs on this host, "
                     "remove /dev/shm/NNNNNN_* segments by hand)")
         return []
+    import time
+
     uid = os.getuid()
+    settled = time.time() - STALE_AFTER_S
     ours = []
     for name in os.listdir(_SHM_DIR):
         if _mosaic_name(name):
             try:
-                if os.stat(os.path.join(_SHM_DIR, name)).st_uid == uid:
-                    ours.append(name)
+                st = os.stat(os.path.join(_SHM_DIR, name))
             except OSError:
                 continue
+            if st.st_uid == uid and st.st_mtime < settled:
+                ours.append(name)
     if not ours:
         return []
     mapped = _mapped_shm_names()

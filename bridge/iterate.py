@@ -16,7 +16,7 @@ Two ways, chosen per dataset and pass:
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -35,9 +35,12 @@ def _valid(chunk: np.ndarray) -> np.ndarray:
     return chunk if chunk.min(initial=0) >= 0 else chunk[chunk >= 0]
 
 
-def iter_batches(ds: Any, ids: np.ndarray) -> Iterator[PackedBatch]:
+def iter_batches(ds: Any, ids: Union[np.ndarray, Iterable[np.ndarray]]) -> Iterator[PackedBatch]:
     """Batches of ``ds`` (a :class:`bridge.dataset.BatchDataset`) for the sample ids ``ids``
-    (this worker's share of the pass, -1 for padding), in that order."""
+    (this worker's share of the pass, -1 for padding), in that order; or, from a lazy order
+    (:class:`~sparkbridge.bridge.order.GlobalOrder`), an iterable of each batch's ids, computed
+    as they are read (then the pass's shards are planned in ascending order: a global shuffle
+    needs every shard from its first batches on)."""
     reader = ds.reader()
     if reader.resident is not None:
         source = _resident_batches(ds, reader, ids)
@@ -79,8 +82,15 @@ def _for_transfer(source: Iterator[PackedBatch], board: Any) -> Iterator[PackedB
         yield batch
 
 
-def _batches(ids: np.ndarray, batch_size: int, drop_last: bool, ahead: Optional[ReadAhead]):
+def _batches(ids: Union[np.ndarray, Iterable[np.ndarray]], batch_size: int, drop_last: bool,
+             ahead: Optional[ReadAhead]):
     """(batch index, valid ids) of each batch to yield, advancing the read-ahead position."""
+    if not isinstance(ids, np.ndarray):  # a lazy order's batches: already without padding or dropped ones
+        for j, chunk in enumerate(ids):
+            if ahead is not None:
+                ahead.position = (j + 1) * batch_size
+            yield j, chunk
+        return
     n = len(ids)
     for j in range(-(-n // batch_size)):
         a, b = j * batch_size, min((j + 1) * batch_size, n)
@@ -92,16 +102,24 @@ def _batches(ids: np.ndarray, batch_size: int, drop_last: bool, ahead: Optional[
         yield j, chunk
 
 
+def _every_shard(table: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Read-ahead plan of a lazy order: every shard, in ascending order, needed at once."""
+    return np.arange(table.count), np.zeros(table.count, dtype=np.int64)
+
+
 def _resident_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedBatch]:
     res, table, plan = reader.resident, ds.table, ds.plan
     layout = table.layouts[0]
     ahead = None
     if not res.complete() and ahead_pays(table):
         def plan_order() -> tuple[np.ndarray, np.ndarray]:
+            if not isinstance(ids, np.ndarray):
+                return _every_shard(table)
             shape = analyze_pass(ids, table.ends, table.raw_bytes, batch_size=ds.batch_size, window=0)
             return shape.order, shape.first
 
-        ahead = ReadAhead(plan_order, lambda s: reader.load_resident(s, wait=False), window=len(ids),
+        window = len(ids) if isinstance(ids, np.ndarray) else 0
+        ahead = ReadAhead(plan_order, lambda s: reader.load_resident(s, wait=False), window=window,
                           skip=lambda s: res.state[s] != 0)
         ahead.start()
     ds.stop_prefill()  # first-need order from here on
@@ -113,7 +131,9 @@ def _resident_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedB
                     reader.load_resident(s, wait=False)
                 for s in missing:
                     reader.load_resident(s, wait=True)
-            yield plan.gather_rows(res.take(chunk), layout, ds.board.alloc)
+            batch = plan.gather_rows(res.take(chunk), layout, ds.board.alloc)
+            batch.ids = chunk
+            yield batch
     finally:
         if ahead is not None:
             ahead.stop()
@@ -130,7 +150,13 @@ def _shard_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedBatc
     # what a shard decoded in memory costs against the budget: its bytes and its int64 offsets
     # (counting the bytes only, a small budget kept evicting and reloading shards: 7,821 loads a pass)
     cost = table.raw_bytes + table.offset_bytes
-    if int(cost.sum()) > budget:
+    if not isinstance(ids, np.ndarray):  # a global shuffle's working set is every shard, all pass long
+        if int(cost.sum()) > budget and not spill:
+            spill = True
+            logger.info("%s: a global shuffle needs every shard at once, %d MB decoded, more than "
+                        "decoded_cache_bytes=%d MB: reading decompressed shard files from %s, memory-mapped",
+                        ds.source, int(cost.sum()) >> 20, budget >> 20, table.cache_root)
+    elif int(cost.sum()) > budget:
         shape = analyze_pass(ids, table.ends, cost, batch_size=B, window=window)
         if shape.max_live_bytes > budget and not spill:
             spill = True
@@ -142,6 +168,8 @@ def _shard_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedBatc
         if shape is not None:
             order, first = shape.order, shape.first
             plan_order = lambda: (order, first)  # noqa: E731
+        elif not isinstance(ids, np.ndarray):
+            plan_order = lambda: _every_shard(table)  # noqa: E731
         else:
             def plan_order() -> tuple[np.ndarray, np.ndarray]:
                 s = analyze_pass(ids, table.ends, cost, batch_size=B, window=window)
@@ -171,6 +199,7 @@ def _shard_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedBatc
                     pos = order[c0:c1]
                     groups.append((reader.decoded(int(ss[c0]), spill=spill), rows[pos], pos))
             batch = plan.gather(groups, len(chunk), ds.board.alloc)
+            batch.ids = chunk
             if dead is not None:
                 k0 = k
                 while k < len(dead[1]) and dead[1][k] <= j:

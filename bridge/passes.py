@@ -12,15 +12,18 @@ batch.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
+from sparkbridge.bridge.order import GlobalOrder
 from sparkbridge.bridge.torch_compat import worker_id
 
 __all__ = ["PassBoard"]
 
 _ORDER_FIELDS = 3  # num_canonical_nodes, shuffle_block_size, initial_physical_nodes
+_LAZY = -1  # in the shape's first field: the pass is a GlobalOrder, its fields from _LAZY_AT on
+_LAZY_AT = 16
 
 
 class PassBoard:
@@ -28,7 +31,7 @@ class PassBoard:
         self.epoch = 0
         self.start = 0
         self._work: Optional[tuple[tuple, np.ndarray]] = None
-        self.control: Any = None  # int64 tensor: epoch, start, work shape (5), order settings (3)
+        self.control: Any = None  # int64 tensor: epoch, start, work shape (5), order settings (3), lazy order
         self.work_shared: Any = None  # int32 tensor holding the pass's sample ids
         self.slots: Any = None  # uint8 tensor (workers, slots, bytes)
         self._slot_next = 0
@@ -65,7 +68,7 @@ class PassBoard:
         were made (not when they would exceed ``max_slot_bytes`` in all)."""
         import torch
 
-        self.control = torch.zeros(16, dtype=torch.int64).share_memory_()
+        self.control = torch.zeros(_LAZY_AT + GlobalOrder.INTS, dtype=torch.int64).share_memory_()
         self.work_shared = torch.empty(max(1, capacity), dtype=torch.int32).share_memory_()
         if workers * slots * slot_bytes <= max_slot_bytes:
             self.slots = torch.empty((workers, slots, slot_bytes), dtype=torch.uint8).share_memory_()
@@ -73,9 +76,15 @@ class PassBoard:
             self.slots = None
         return self.slots is not None
 
-    def publish(self, epoch: int, start: int, work: np.ndarray, order: tuple) -> None:
+    def publish(self, epoch: int, start: int, work: Union[np.ndarray, GlobalOrder], order: tuple) -> None:
         import torch
 
+        if isinstance(work, GlobalOrder):  # a few ints: each worker computes its batches itself
+            ctl = [epoch, start, _LAZY, 0, 0, 0, 0, *(-1 if v is None else int(v) for v in order)]
+            ctl += [0] * (_LAZY_AT - len(ctl)) + work.to_ints()
+            self.control[:len(ctl)] = torch.tensor(ctl, dtype=torch.int64)
+            self.epoch, self.start = int(epoch), int(start)
+            return
         flat = work.reshape(-1)
         self.work_shared[:flat.size].copy_(torch.from_numpy(flat.astype(np.int32, copy=False)))
         ctl = [epoch, start, *work.shape, *(-1 if v is None else int(v) for v in order)]
@@ -90,6 +99,10 @@ class PassBoard:
         ctl = self.control.tolist()
         epoch, start, shape = ctl[0], ctl[1], tuple(ctl[2:7])
         order = tuple(None if v < 0 else v for v in ctl[7:7 + _ORDER_FIELDS])
+        if shape[0] == _LAZY:
+            lazy = GlobalOrder.from_ints(ctl[_LAZY_AT:])
+            self.set(epoch, start, lazy.workers, lazy)
+            return order
         size = int(np.prod(shape))
         work = self.work_shared[:size].numpy().reshape(shape)
         self.set(epoch, start, shape[2], work)

@@ -11,19 +11,30 @@ Such a dataset is read in the loader's process whatever ``num_workers`` (see
 (``mmap(-1)``: MAP_SHARED | MAP_ANONYMOUS, not /dev/shm, so a container's small /dev/shm does not
 matter), committed as pages are written; a ``spawn``-ed copy of the dataset gets a fresh private
 table (correct, not shared).
+
+**Mapped** (:func:`mappable`): a table larger than ``decoded_cache_bytes`` read in a global
+shuffle (``shuffle_algo="global"``, every batch touches up to ``batch_size`` shards) is backed by
+a file instead: created in the private spill root (:func:`sparkbridge.bridge.spill.private_spill_root`),
+mapped ``MAP_SHARED`` and unlinked at once (nothing is left behind, even on a crash). Its pages
+are page cache, not anonymous memory: the kernel writes them back and evicts them under
+pressure, so the loader's anonymous memory stays flat in the dataset size, and a batch is still
+one ``take``. While the rows fit the page cache a batch costs what it costs in memory; beyond it
+each row of a batch is a random read of the disk (see README, "Order at scale").
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
+import tempfile
 import weakref
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["ResidentRows", "EMPTY", "LOADING", "LOADED", "fits", "unmap_other_tables"]
+__all__ = ["ResidentRows", "EMPTY", "LOADING", "LOADED", "fits", "mappable", "unmap_other_tables"]
 
 EMPTY, LOADING, LOADED = 0, 1, 2
 
@@ -39,12 +50,36 @@ def fits(table: Any, budget: int) -> bool:
     return table.total_samples * table.layouts[0].row_dtype().itemsize <= budget
 
 
+def mappable(table: Any) -> bool:
+    """Whether the rows of ``table`` can be a mapped row table of any size (one layout, every
+    column fixed-width)."""
+    return len(table.layouts) == 1 and table.layouts[0].row_dtype() is not None
+
+
+def _file_map(folder: str, size: int) -> mmap.mmap:
+    """``size`` bytes of a new file in ``folder``, mapped shared; the file is unlinked at once."""
+    fd, path = tempfile.mkstemp(prefix=".sparkbridge-rows-", dir=folder)
+    try:
+        os.unlink(path)
+        os.ftruncate(fd, size)  # sparse: blocks are allocated as rows are written
+        table = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        if hasattr(mmap, "MADV_RANDOM"):
+            # rows are read at random: once evicted, a row is read back alone, not with the ~128 KiB
+            # of read-around a page fault brings in by default
+            table.madvise(mmap.MADV_RANDOM)
+        return table
+    finally:
+        os.close(fd)
+
+
 class ResidentRows:
-    def __init__(self, total_rows: int, row_bytes: int, shard_count: int) -> None:
+    def __init__(self, total_rows: int, row_bytes: int, shard_count: int, folder: Optional[str] = None) -> None:
         self.total_rows = int(total_rows)
         self.row_bytes = int(row_bytes)
         self.shard_count = int(shard_count)
-        self._table = mmap.mmap(-1, max(1, self.total_rows * self.row_bytes))
+        self.folder = folder  # mapped from a file there (page cache), else anonymous memory
+        size = max(1, self.total_rows * self.row_bytes)
+        self._table = mmap.mmap(-1, size) if folder is None else _file_map(folder, size)
         self._flags = mmap.mmap(-1, max(1, self.shard_count))
         self.rows = np.frombuffer(self._table, dtype=np.dtype((np.void, self.row_bytes)), count=self.total_rows)
         self.state = np.frombuffer(self._flags, dtype=np.uint8, count=self.shard_count)
@@ -52,12 +87,13 @@ class ResidentRows:
         _LIVE.add(self)
 
     @classmethod
-    def for_table(cls, table: Any) -> "ResidentRows":
-        """An empty row table for ``table``'s rows (check :func:`fits` first)."""
-        return cls(table.total_samples, table.layouts[0].row_dtype().itemsize, table.count)
+    def for_table(cls, table: Any, *, folder: Optional[str] = None) -> "ResidentRows":
+        """An empty row table for ``table``'s rows (check :func:`fits` first, or
+        :func:`mappable` with a ``folder`` for the backing file)."""
+        return cls(table.total_samples, table.layouts[0].row_dtype().itemsize, table.count, folder)
 
     def __reduce__(self):  # spawn: a fresh private table in the child
-        return (ResidentRows, (self.total_rows, self.row_bytes, self.shard_count))
+        return (ResidentRows, (self.total_rows, self.row_bytes, self.shard_count, self.folder))
 
     @property
     def nbytes(self) -> int:

@@ -1,8 +1,9 @@
 """``sparkbridge clean``: remove what crashed or finished runs leave on a training machine.
 
 * Mosaic shared memory (``/dev/shm/NNNNNN_*``): only segments this user owns that **no live
-  process maps** (:func:`sparkbridge.bridge.distributed.stale_shared_memory`), so a job running
-  next to this command is never touched -- unlike Mosaic's own ``clean_stale_shared_memory``.
+  process maps** and that have not changed for a minute
+  (:func:`sparkbridge.bridge.distributed.stale_shared_memory`), so a job running or starting next
+  to this command is never touched -- unlike Mosaic's own ``clean_stale_shared_memory``.
 * Local shard caches (``--cache DIR``, the ``local=`` folders of remote datasets): a folder
   ``StreamingLoader`` marked as a cache (``.sparkbridge-cache.json``) holding nothing but shard
   files and download temporaries, or a stock Mosaic cache: only files that the cache's

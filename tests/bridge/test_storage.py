@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import shutil
 from pathlib import Path
 
@@ -94,20 +95,25 @@ def test_stale_shared_memory_is_cleaned_but_live_segments_are_kept():
 
     from sparkbridge.bridge.distributed import clean_stale_shared_memory, stale_shared_memory
 
-    stale = "987654_shard_states"
-    fd = os.open(f"/dev/shm/{stale}", os.O_CREAT | os.O_RDWR, 0o600)  # what a SIGKILLed run leaves
-    os.ftruncate(fd, 64)
-    os.close(fd)
+    stale, young = "987654_shard_states", "987651_shard_states"
+    for name in (stale, young):  # what a SIGKILLed run leaves; and what a loader starting elsewhere
+        fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR, 0o600)  # created, not mapped yet
+        os.ftruncate(fd, 64)
+        os.close(fd)
+    old = time.time() - 120
+    os.utime(f"/dev/shm/{stale}", (old, old))
     live = shared_memory.SharedMemory(name="987653_shard_states", create=True, size=64)
+    os.utime(f"/dev/shm/{live.name}", (old, old))
     try:
         found = stale_shared_memory()
-        assert stale in found and live.name not in found
+        assert stale in found and live.name not in found and young not in found
         assert clean_stale_shared_memory() >= 1
         assert not os.path.exists(f"/dev/shm/{stale}")
-        assert os.path.exists(f"/dev/shm/{live.name}")
+        assert os.path.exists(f"/dev/shm/{live.name}") and os.path.exists(f"/dev/shm/{young}")
     finally:
         live.close()
         live.unlink()
+        os.unlink(f"/dev/shm/{young}")
         if os.path.exists(f"/dev/shm/{stale}"):
             os.unlink(f"/dev/shm/{stale}")
 
@@ -194,6 +200,8 @@ def test_stale_shared_memory_is_left_alone_in_a_pid_namespace_of_its_own():
     from multiprocessing import shared_memory
 
     live = shared_memory.SharedMemory(name="987652_shard_states", create=True, size=64)  # mapped out here
+    old = time.time() - 120
+    os.utime(f"/dev/shm/{live.name}", (old, old))  # settled: only the namespace keeps it
     try:
         code = ("from sparkbridge.bridge.distributed import clean_stale_shared_memory, stale_shared_memory; "
                 "print(stale_shared_memory(), clean_stale_shared_memory())")

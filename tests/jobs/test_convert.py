@@ -44,9 +44,10 @@ def job_env(**extra: str) -> dict[str, str]:
 def read_back(remote: str, local: Path, *columns: str) -> list[tuple]:
     """The values of ``columns`` of every sample through stock Mosaic, in dataset order."""
     from streaming import StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
 
-    clean_stale_shared_memory()
+    from sparkbridge.bridge.distributed import clean_stale_shared_memory
+
+    clean_stale_shared_memory()  # not Mosaic's: that one unlinks the segments of live jobs on this host too
     ds = StreamingDataset(remote=remote, local=str(local), shuffle=False, batch_size=1)
     rows = []
     for i in range(ds.num_samples):
