@@ -188,7 +188,7 @@ def test_torchrun_two_ranks_then_resume_alone(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     proc = torchrun(Path(__file__).with_name("global_ranks.py"), out, data, 7, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[:6000]  # the first rank to fail says why
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for workers in (0, 2):
         a, b = (r[f"epoch{workers}"] for r in ranks)
