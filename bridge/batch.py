@@ -1,9 +1,12 @@
 """Which columns a batch holds, how they are gathered from decoded shards, and how they become tensors.
 
-A batch travels as one packed byte buffer (every fixed-width output column at a 64-byte aligned
-offset) plus Python lists for variable-width columns. One buffer means one shared-memory tensor
-between DataLoader processes, one pinned allocation and one host-to-device copy per batch; the
-columns are zero-copy views of it.
+A batch travels as one packed byte buffer: every fixed-width output column at a 64-byte aligned
+offset, then each ``bytes`` / ``str`` / ragged ``ndarray:<dtype>`` column as ``n + 1`` int64
+offsets and its values end to end (see :mod:`sparkbridge.bridge.varwidth`). One buffer means one
+shared-memory slot between DataLoader processes, one pinned allocation and one host-to-device copy
+per batch; the columns are zero-copy views of it. Only JSON, decimal and number-as-string columns
+(and ndarray columns without a dtype, or with rows of more than one dimension) still travel as
+Python lists.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from sparkbridge.bridge.varwidth import Ragged, VarColumn, VarKind, copy_ranges, ndarray_rows, ragged_dtype
 from sparkbridge.format.manifest import Manifest
 from sparkbridge.format.mds import (
     ShardFormatError,
@@ -66,18 +70,40 @@ class VarOut:
     name: str
     encoding: str
 
+    @cached_property
+    def kind(self) -> Optional[VarKind]:
+        """How it travels in the packed buffer (None: as a Python list)."""
+        if self.encoding == "bytes":
+            return VarKind.BYTES
+        if self.encoding == "str":
+            return VarKind.STR
+        return VarKind.RAGGED if ragged_dtype(self.encoding) is not None else None
+
+    @cached_property
+    def dtype(self) -> np.dtype:
+        return ragged_dtype(self.encoding) if self.kind is VarKind.RAGGED else np.dtype(np.uint8)
+
 
 @dataclass
 class PackedBatch:
-    """What a worker hands over: ``rows`` samples, their fixed-width outputs packed in ``buf``
-    (numpy uint8 or a torch uint8 tensor) and the variable-width ones as Python values. From a
-    DataLoader worker, ``buf`` may instead stay in a shared slot ``(worker, slot)`` that the
-    receiving process copies out (see :mod:`bridge.loader`)."""
+    """What a worker hands over: ``rows`` samples packed in ``buf`` (numpy uint8 or a torch uint8
+    tensor, ``nbytes`` long): fixed-width outputs, then ``var`` columns (name -> byte position of
+    their offsets, of their values, values' byte count); ``extras``: the columns that travel as
+    Python values. From a DataLoader worker, ``buf`` may instead stay in a shared slot
+    ``(worker, slot)`` that the receiving process copies out (see :mod:`bridge.loader`).
+    ``ids``: the batch's sample ids (for error messages), when known."""
 
     rows: int
     buf: Any
     extras: dict[str, Any] = field(default_factory=dict)
     slot: Optional[tuple[int, int]] = None
+    var: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    nbytes: int = -1
+    ids: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        if self.nbytes < 0 and self.buf is not None:
+            self.nbytes = int(self.buf.nbytes) if hasattr(self.buf, "nbytes") else int(self.buf.numel())
 
 
 def _dtype_for(encoding: str) -> tuple[np.dtype, tuple[int, ...]]:
@@ -212,6 +238,19 @@ class BatchPlan:
                 self._layout_cache[n] = got
         return got
 
+    def slot_bytes(self, n: int, table: Any = None) -> int:
+        """A shared slot for a batch of ``n`` rows: the fixed-width part, plus room for the
+        buffered variable-width columns at 1.5x the largest shard's mean row size (``table``:
+        the dataset's :class:`sparkbridge.bridge.shards.ShardTable`). A batch that does not fit
+        travels through torch's shared memory instead, as a whole buffer."""
+        fixed = self.layout(n)[1]
+        buffered = [v for v in self.var if v.kind is not None]
+        if not buffered or table is None or not len(table.samples):
+            return fixed
+        rows = np.maximum(table.samples, 1)
+        mean_row = float((table.raw_bytes / rows).max())
+        return fixed + len(buffered) * 2 * _aligned(8 * (n + 1)) + _aligned(int(1.5 * mean_row * n))
+
     def views(self, buf: np.ndarray, n: int) -> list[np.ndarray]:
         offs, _ = self.layout(n)
         return [buf[o:o + blk.nbytes(n)].view(blk.dtype).reshape(blk.dims(n)) for blk, o in zip(self.blocks, offs)]
@@ -288,8 +327,6 @@ class BatchPlan:
         """Gather ``n`` rows: ``groups`` holds (decoded shard, rows in it, their positions in the
         batch or None when one shard fills the whole batch in order)."""
         _, total = self.layout(n)
-        buf = alloc(total)
-        views = self.views(buf, n)
         first = groups[0][0]
         if first.rows is not None and all(sh.layout == first.layout for sh, _, _ in groups):
             # every row packed and alike: one gather of whole rows, one scatter into columns
@@ -299,18 +336,65 @@ class BatchPlan:
                 g = np.empty(n, dtype=first.rows.dtype)
                 for shard, rows, pos in groups:
                     g[pos] = shard.rows.take(rows)
-            self._fill_rows(views, g.view(np.uint8).reshape(n, -1), first.layout, slice(None))
-            return PackedBatch(n, buf, {})
-        var_values: dict[str, list] = {v.name: [None] * n for v in self.var} if len(groups) > 1 else {}
+            buf = alloc(total)
+            self._fill_rows(self.views(buf, n), g.view(np.uint8).reshape(n, -1), first.layout, slice(None))
+            return PackedBatch(n, buf, {}, nbytes=total)
+        # variable-width columns: each row's start and size first (the buffer's size depends on them)
+        located = []
         for shard, rows, pos in groups:
+            starts, sizes = column_starts(shard.buf, shard.offsets, shard.layout, rows)
+            located.append((starts, sizes, {name: i for i, name in enumerate(shard.layout.column_names)}))
+        buffered: dict[str, list] = {}  # column -> per group (value starts, sizes), in bytes
+        for v in self.var:
+            if v.kind is None:
+                continue
+            parts = []
+            for (shard, rows, pos), (starts, sizes, index) in zip(groups, located):
+                c = index[v.name]
+                st, sz = starts[:, c], sizes[:, c]
+                if v.kind is VarKind.RAGGED:
+                    got = ndarray_rows(np.frombuffer(shard.buf, np.uint8), st, sz, v.dtype, shard.name, v.name)
+                    if got is None:  # a row that is not 1-d: this batch keeps one tensor per row
+                        parts = None
+                        break
+                    st, sz = got
+                parts.append((st, sz))
+            if parts is not None:
+                buffered[v.name] = parts
+        pos_var: dict[str, tuple[int, int, int]] = {}
+        offset_arrays: dict[str, np.ndarray] = {}
+        end = total
+        for name, parts in buffered.items():
+            if len(parts) == 1 and groups[0][2] is None:
+                sizes = parts[0][1]
+            else:
+                sizes = np.empty(n, dtype=np.int64)
+                for (_, _, pos), (_, sz) in zip(groups, parts):
+                    sizes[slice(None) if pos is None else pos] = sz
+            offs = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(sizes, out=offs[1:])
+            offset_arrays[name] = offs
+            at_offsets = end
+            at_values = at_offsets + _aligned(8 * (n + 1))
+            pos_var[name] = (at_offsets, at_values, int(offs[-1]))
+            end = at_values + _aligned(int(offs[-1]))
+        buf = alloc(end)
+        views = self.views(buf, n)
+        var_values: dict[str, list] = {v.name: [None] * n for v in self.var
+                                       if v.name not in buffered} if len(groups) > 1 else {}
+        for name, (at_offsets, at_values, nvalues) in pos_var.items():
+            offs = offset_arrays[name]
+            buf[at_offsets:at_offsets + 8 * (n + 1)].view(np.int64)[:] = offs
+            dst = buf[at_values:at_values + nvalues]
+            for (shard, rows, pos), (st, sz) in zip(groups, buffered[name]):
+                where = offs[:-1] if pos is None else offs[:-1][pos]
+                copy_ranges(dst, where, np.frombuffer(shard.buf, np.uint8), st, sz)
+        for (shard, rows, pos), (starts, sizes, index) in zip(groups, located):
             sel = slice(None) if pos is None else pos
             if shard.rows is not None:
                 g = shard.rows.take(rows)
                 self._fill_rows(views, g.view(np.uint8).reshape(len(rows), -1), shard.layout, sel)
                 continue
-            layout = shard.layout
-            starts, sizes = column_starts(shard.buf, shard.offsets, layout, rows)
-            index = {name: i for i, name in enumerate(layout.column_names)}
 
             def col(c: str) -> np.ndarray:
                 return gather_fixed(shard.buf, starts[:, index[c]], self.encodings[c])
@@ -322,6 +406,8 @@ class BatchPlan:
                     for i, c in enumerate(blk.names):
                         dst[i, sel] = col(c)
             for v in self.var:
+                if v.name in buffered:
+                    continue
                 c = index[v.name]
                 values = _decode_var(v, *gather_var(shard.buf, starts[:, c], sizes[:, c]), shard.name)
                 if pos is None:
@@ -330,7 +416,7 @@ class BatchPlan:
                     target = var_values[v.name]
                     for p, value in zip(pos.tolist(), values):
                         target[p] = value
-        return PackedBatch(n, buf, var_values)
+        return PackedBatch(n, buf, var_values, var=pos_var, nbytes=end)
 
     def _fill_features(self, view: np.ndarray, sel, col: Callable[[str], np.ndarray], m: int) -> None:
         k = 0
@@ -344,9 +430,12 @@ class BatchPlan:
 
     # ------------------------------------------------------------------ tensors
 
-    def to_tensors(self, batch: PackedBatch, buf_tensor=None) -> Any:
+    def to_tensors(self, batch: PackedBatch, buf_tensor=None, *, lists: bool = True) -> Any:
         """Zero-copy tensor views of a packed batch (``buf_tensor``: the buffer already as a
-        tensor, possibly on a device), as a dict or as ``(features, label)``."""
+        tensor, possibly on a device), as a dict or as ``(features, label)``. Variable-width
+        columns are views of the host buffer: ragged ndarray columns a :class:`Ragged`, ``bytes``
+        / ``str`` columns a list (``lists``, what the training loop has always received) or a
+        :class:`VarColumn` (what a transform receives: no object per row on the way to it)."""
         import torch
 
         n = batch.rows
@@ -362,11 +451,31 @@ class BatchPlan:
             if blk.as_bool:
                 t = t.view(torch.bool)
             out.update(zip(blk.names, t.unbind(0)))
+        host = None
         for v in self.var:
-            out[v.name] = _var_to_torch(v, batch.extras[v.name])
+            where = batch.var.get(v.name)
+            if where is None:
+                out[v.name] = _var_to_torch(v, batch.extras[v.name])
+                continue
+            if host is None:
+                host = batch.buf.numpy() if isinstance(batch.buf, torch.Tensor) else batch.buf
+            at_offsets, at_values, nvalues = where
+            offsets = host[at_offsets:at_offsets + 8 * (n + 1)].view(np.int64)
+            values = host[at_values:at_values + nvalues]
+            if v.kind is VarKind.RAGGED:
+                size = v.dtype.itemsize
+                out[v.name] = Ragged(torch.from_numpy(values.view(v.dtype)),
+                                     torch.from_numpy(offsets if size == 1 else offsets // size))
+            else:
+                col = VarColumn(values, offsets, v.kind)
+                out[v.name] = col.tolist() if lists else col
         if self.features is not None:
             return out[FEATURES_KEY], out[self.label]
         return {c: out[c] for c in self.columns}
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
 
 
 def _decode_var(v: VarOut, offsets: np.ndarray, data: np.ndarray, shard: str) -> list:

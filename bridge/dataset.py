@@ -81,8 +81,8 @@ class BatchDataset(mosaic.StreamingDataset):
         self._reader_pid = -1
         stream = mosaic.SnapshotStream(remote=remote, local=local, shards=snapshot.shards, name=str(source),
                                        check=self._decompress_for_mosaic)
-        algo = ShuffleAlgo.parse(shuffle_algo)
         mosaic.serialize_prefix_registration()
+        algo = ShuffleAlgo.parse(shuffle_algo)
         super().__init__(
             streams=[stream], batch_size=batch_size, shuffle=shuffle, shuffle_seed=shuffle_seed,
             # Mosaic never computes a GLOBAL order: its settings are only recorded in the state

@@ -18,6 +18,17 @@ read — a shuffle over what is available so far, not over the whole dataset: ea
 only mix the first partitions. ``bench/shuffle.py`` measures how close it gets to a global
 shuffle (the shuffle score).
 
+Mixing pool (``follow_shuffle_rows=N``, with ``shuffle=True``). A loader that keeps pace with the
+writer drains each partition as it lands, so the epoch follows landing order (score 0.15 in
+``bench/shuffle.py``). With ``N`` > 0 a step is taken only while every rank holds at least
+``max(batch_size, ceil(N / world))`` landed, unread rows: each batch is drawn uniformly from all
+of them, and the loader waits (reading the log every ``follow_poll``) while fewer have landed.
+Once the write has ended the hold is lifted: the rest, however many rows that is (a write that
+completes with fewer than ``N`` rows included), is drawn as at the end of any followed epoch.
+``N`` trades mixing for time to first batch: the first batch comes once about ``N`` rows have
+landed. The hold is rank 0's value, sent with every step's facts (ranks cannot disagree), and it
+is recorded in ``state()``; ``N`` = 0 is the loader without a pool.
+
 Lockstep by construction (torchrun). At every batch boundary — a step, a wait for commits, the
 end — every rank takes part in one exchange: rank 0 contributes the facts (the version to adopt,
 whether the write has ended), every rank its failure if it has one. Each rank adopts exactly that
@@ -32,9 +43,12 @@ shards are decompressed once into a spill folder on local disk and memory-mapped
 
 Determinism and resumption. New commits are adopted only at batch boundaries and each adoption
 is recorded (batch index → version); the draws depend only on the seed, the rank, the batch
-index and that record. ``state()`` is that record plus the number of batches consumed: a resumed
-loader replays the draws without reading a byte and continues with exactly the rows the run had
-not seen.
+index and that record (not on when commits landed, nor on the pool's hold, which only decides
+*when* a step is taken). ``state()`` is that record plus the number of batches consumed and the
+hold: a resumed loader replays the draws without reading a byte and continues with exactly the
+rows the run had not seen. The record holds one pair per adoption, and an adoption needs a new
+log version, so it is bounded by the commits of the followed write (a partition each), not by
+the rows or the batches.
 """
 
 from __future__ import annotations
@@ -49,18 +63,15 @@ import numpy as np
 
 from sparkbridge.bridge.batch import BatchPlan, PackedBatch
 from sparkbridge.bridge.cache import ShardCache
-from sparkbridge.bridge.decode import decode_shard
 from sparkbridge.bridge.distributed import portable_error, rebuilt_error
-from sparkbridge.bridge.fetch import pick_hash
-from sparkbridge.bridge.mapped import map_file
+from sparkbridge.bridge.shard_source import LoggedShards
 from sparkbridge.errors import CommitConflictError, FollowTimeoutError, ShardFormatError, UsageError
-from sparkbridge.format.check import check_shard
 from sparkbridge.format.index import stored_name
 from sparkbridge.format.mds import ShardLayout
 from sparkbridge.format.paths import confined_path
 from sparkbridge.log.snapshot import LogReader, Snapshot
 
-__all__ = ["FollowTarget", "Follower", "find_target"]
+__all__ = ["FollowTarget", "Follower", "check_shuffle_rows", "find_target"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +186,7 @@ class _Facts:
 
     version: int
     ended: bool
+    hold: int = 0  # rank 0's follow_shuffle_rows: the landed, unread rows a step needs (all ranks)
 
 
 _WAIT, _DONE = "wait", "done"
@@ -216,6 +228,7 @@ class Follower:
         history: Sequence[Sequence[int]] = (),
         skip_batches: int = 0,
         exchange: Optional[Callable[[Any], list]] = None,
+        shuffle_rows: int = 0,
     ) -> None:
         if target.stream and idle_timeout is None:
             raise UsageError("following a stream needs follow_idle_timeout (seconds without a commit that end the epoch)")
@@ -228,8 +241,15 @@ class Follower:
         self.options = {"columns": columns, "features": features, "label": label}
         self.validate_hash = validate_hash
         self.cache = ShardCache(decoded_cache_bytes)
+        storage = reader.storage
+        self.files = LoggedShards(
+            root_local=root_local, storage=storage, source=str(reader.root), validate_hash=validate_hash,
+            in_place=storage.is_local and os.path.realpath(root_local) == os.path.realpath(storage.root),
+            spill_dir=self._spill_folder)
         self.poll, self.timeout, self.idle_timeout = poll, timeout, idle_timeout
         self.exchange = exchange  # callable(obj) -> [obj of rank 0, obj of rank 1, ...]; None with one rank
+        self.shuffle_rows = int(shuffle_rows)  # this rank's (check_shuffle_rows); rank 0's is used
+        self.hold = self.shuffle_rows  # the hold in effect: rank 0's, from the facts
         self.history: list[list[int]] = [list(h) for h in history]  # [batch index, version adopted]
         self.skip_batches = skip_batches
         self.emitted = 0
@@ -244,9 +264,9 @@ class Follower:
         self.finished = False
         self.padding: dict[int, int] = {}  # batch index -> how many of its last rows are repeats
         self._spill_dir: Optional[str] = None
-        self._mapped_files: dict[int, tuple] = {}  # shard -> (raw file checked, its identity then)
         self._ended = False
         self._in_end = False
+        self._said_hold = False
         self._wait_since: Optional[float] = None
         self._last_commit_at = time.monotonic()
 
@@ -294,7 +314,9 @@ class Follower:
             raise ShardFormatError(f"{where}: its columns differ from the dataset's first shard")
         start = self.total
         n = int(entry["samples"])
-        self.shards.append(_Shard(entry, name, confined_path(self.root_local, name, where=where), layout, start))
+        path = confined_path(self.root_local, name, where=where)
+        self.shards.append(_Shard(entry, name, path, layout, start))
+        self.files.add(entry, name=name, path=path, layout=layout)
         if len(self.shards) > len(self._starts):
             grown = np.empty(max(64, 2 * len(self._starts)), np.int64)
             grown[:len(self.shards) - 1] = self._starts[:len(self.shards) - 1]
@@ -311,6 +333,13 @@ class Follower:
     def _landed(self, rank: int) -> int:
         """Rows rank ``rank`` owns among those landed: the same figure on every rank."""
         return max(0, -(-(self.total - rank) // self.world))
+
+    def _need(self, hold: int) -> int:
+        """Unread rows every rank must hold for a step of the main phase: a batch, and with a
+        mixing pool (``hold`` rows of the write) its share, until the write has ended."""
+        if self._ended or not hold:
+            return self.batch_size
+        return max(self.batch_size, -(-hold // self.world))
 
     def _smallest(self, k: int) -> int:
         """Unread rows of the rank with the fewest before step ``k`` of the main phase (every step
@@ -329,9 +358,9 @@ class Follower:
     def _decide(self, k: int) -> _Facts:
         """Rank 0's facts for step ``k``. The log is read when a rank could not fill the step, and
         every 8 steps (new commits widen the shuffle); never once the write has ended."""
-        can_step = self._smallest(k) >= self.batch_size and not self._in_end
+        can_step = self._smallest(k) >= self._need(self.shuffle_rows) and not self._in_end
         if self._ended or (can_step and k % 8):
-            return _Facts(self.version, self._ended)
+            return _Facts(self.version, self._ended, self.shuffle_rows)
         snap = self.reader.refresh()
         ended = self._write_ended(snap)
         if snap.version > self.version:
@@ -345,7 +374,7 @@ class Follower:
             elif now - self._wait_since > self.timeout:
                 raise FollowTimeoutError(f"follow=True: no commit to {self.reader.root} for {self.timeout:.0f} s while "
                                          f"write {self.target.write_id} is still open; is the writer stuck?")
-        return _Facts(snap.version, ended)
+        return _Facts(snap.version, ended, self.shuffle_rows)
 
     def _agree(self, k: int, failure: Optional[BaseException]) -> _Facts:
         """The one exchange of a batch boundary (see the class doc): rank 0's facts for step ``k``,
@@ -404,9 +433,14 @@ class Follower:
             self._adopt(facts.version)
             self.history.append([k, self.version])
         self._ended = self._ended or facts.ended
-        if not self._in_end and self._smallest(k) >= self.batch_size:
+        self.hold = facts.hold
+        if not self._in_end and self._smallest(k) >= self._need(facts.hold):
             return self._draw(k, self.batch_size)
         if not self._ended:
+            if not self._said_hold and self._smallest(k) >= self.batch_size:
+                self._said_hold = True
+                logger.info("%s: follow_shuffle_rows=%d: waiting until that many landed rows are unread (or the write "
+                            "ends) before step %d", self.reader.root, facts.hold, k)
             return _WAIT
         self._in_end = True
         steps, last = self._end_shape()
@@ -474,48 +508,12 @@ class Follower:
         return self.shuffle and self.landed_bytes > self.cache.max_bytes
 
     def _decoded(self, i: int):
-        return self.cache.get(i, lambda: self._load(i))
+        """Shard ``i``, checked (:class:`~sparkbridge.bridge.shard_source.LoggedShards`): decoded
+        in memory, or — spilling — mapped from its decompressed file (the stored file itself when
+        it is not compressed), checked once per file."""
+        return self.cache.get(i, lambda: self.files.load(i, spill=self._spills()))
 
-    def _load(self, i: int):
-        """Shard ``i``, checked: decoded in memory, or — spilling — mapped from its decompressed
-        file (the stored file itself when it is not compressed), checked once per file."""
-        shard = self.shards[i]
-        spill = self._spills()
-        if spill:
-            mapped = self._mapped(i)
-            if mapped is not None:
-                return mapped
-        if not os.path.exists(shard.path):
-            if self._reads_in_place():
-                raise FileNotFoundError(f"shard {shard.name!r} of {self.reader.root} is listed in the log but "
-                                        "missing: the dataset is incomplete")
-            self._download(shard)
-        e = shard.entry
-        zipped = e.get("zip_data")
-        if spill and not zipped:
-            stored, ident = map_file(shard.path)
-        else:
-            with open(shard.path, "rb") as f:
-                stored = f.read()
-        hashes = dict((zipped or e["raw_data"]).get("hashes") or {})
-        report = check_shard(stored, where=f"shard {shard.name!r}", compression=e.get("compression") if zipped else None,
-                             raw_bytes=int(e["raw_data"]["bytes"]), samples=shard.samples, stored_hashes=hashes,
-                             hash_names=pick_hash(hashes, self.validate_hash)).raise_first()
-        if not spill:
-            return decode_shard(shard.name, shard.layout, report.raw, report.offsets)
-        if zipped:
-            path = self._spill_path(i)
-            tmp = f"{path}.part"
-            with open(tmp, "wb") as f:
-                f.write(memoryview(report.raw))
-            os.replace(tmp, path)
-            stored, ident = map_file(path)
-        else:
-            path = shard.path
-        self._mapped_files[i] = (path, ident)
-        return self._from_map(i, stored)
-
-    def _spill_path(self, i: int) -> str:
+    def _spill_folder(self) -> str:
         if self._spill_dir is None:
             from sparkbridge.bridge.spill import new_spill_folder, remove_stale_spill_folders
 
@@ -524,49 +522,17 @@ class Follower:
             os.makedirs(self._spill_dir, mode=0o700, exist_ok=True)
             logger.info("%s: the followed data outgrew decoded_cache_bytes; shards are decompressed once into %s "
                         "and memory-mapped from there (removed when the epoch ends)", self.reader.root, self._spill_dir)
-        return os.path.join(self._spill_dir, f"{i:08d}.mds")
-
-    def _mapped(self, i: int):
-        """Shard ``i`` from the file it was checked in, when that file is unchanged since."""
-        known = self._mapped_files.get(i)
-        if known is None:
-            return None
-        path, ident = known
-        try:
-            buf, now = map_file(path)
-        except FileNotFoundError:
-            return None
-        if now != ident:
-            return None
-        return self._from_map(i, buf)
-
-    def _from_map(self, i: int, buf: np.ndarray):
-        shard = self.shards[i]
-        offsets = buf[4:4 + 4 * (shard.samples + 1)].view("<u4")  # checked before it was written
-        return decode_shard(shard.name, shard.layout, buf, offsets, mapped=True)
+        return self._spill_dir
 
     def close(self) -> None:
         """Drop the decoded shards and remove the spill folder."""
         self.cache.clear()
-        self._mapped_files.clear()
+        self.files.forget_spilled()
         if self._spill_dir is not None:
             from sparkbridge.bridge.spill import remove_spill_folder
 
             remove_spill_folder(self._spill_dir)
             self._spill_dir = None
-
-    def _reads_in_place(self) -> bool:
-        storage = self.reader.storage
-        return storage.is_local and os.path.realpath(self.root_local) == os.path.realpath(storage.root)
-
-    def _download(self, shard: _Shard) -> None:
-        """Fetch a shard of a remote (or separately cached) dataset into the local folder."""
-        data = self.reader.storage.read_bytes(shard.name)
-        os.makedirs(os.path.dirname(shard.path), exist_ok=True)
-        tmp = f"{shard.path}.{os.getpid()}.part"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, shard.path)
 
     def _gather(self, rows: np.ndarray) -> PackedBatch:
         starts = self._starts[:len(self.shards)]
@@ -587,5 +553,20 @@ class Follower:
         """What resumes this followed epoch after ``consumed`` batches were trained on."""
         return {"start_version": self.target.start_version, "write_id": self.target.write_id,
                 "stream": self.target.stream, "history": [h for h in self.history if h[0] <= consumed],
-                "batches": consumed}
+                "batches": consumed, "shuffle_rows": self.hold}
+
+
+def check_shuffle_rows(value: Any, *, shuffle: bool) -> int:
+    """``follow_shuffle_rows`` as a row count (None: 0, no pool), validated once. Why an error
+    without ``shuffle=True``: an unshuffled followed epoch reads rows in log order, so a pool
+    would only delay the first batch."""
+    if value is None:
+        return 0
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        raise UsageError(f"follow_shuffle_rows must be a number of rows >= 0 (the landed, unread rows each batch of a "
+                         f"followed epoch is drawn from), got {value!r}")
+    if value and not shuffle:
+        raise UsageError(f"follow_shuffle_rows={value} mixes the rows of a followed epoch; it needs shuffle=True "
+                         "(unshuffled, a followed epoch reads its rows in log order)")
+    return int(value)
 

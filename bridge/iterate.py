@@ -131,7 +131,9 @@ def _resident_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedB
                     reader.load_resident(s, wait=False)
                 for s in missing:
                     reader.load_resident(s, wait=True)
-            yield plan.gather_rows(res.take(chunk), layout, ds.board.alloc)
+            batch = plan.gather_rows(res.take(chunk), layout, ds.board.alloc)
+            batch.ids = chunk
+            yield batch
     finally:
         if ahead is not None:
             ahead.stop()
@@ -197,6 +199,7 @@ def _shard_batches(ds: Any, reader: Any, ids: np.ndarray) -> Iterator[PackedBatc
                     pos = order[c0:c1]
                     groups.append((reader.decoded(int(ss[c0]), spill=spill), rows[pos], pos))
             batch = plan.gather(groups, len(chunk), ds.board.alloc)
+            batch.ids = chunk
             if dead is not None:
                 k0 = k
                 while k < len(dead[1]) and dead[1][k] <= j:

@@ -7,29 +7,40 @@ and DDP behave exactly as without a transform. Fork, not spawn: a transform defi
 cell, a script's ``__main__``, ``python -c``, a lambda or a closure is inherited, never pickled
 (torch's ``DataLoader`` forks its workers on Linux for the same reason).
 
-Tensors travel through ``torch.multiprocessing`` queues (shared memory, not pickled bytes).
+A batch reaches a worker as its arrays in a reused shared-memory slot and a small pickle, and the
+result comes back the same way (:mod:`sparkbridge.bridge.handoff`): ``bytes`` / ``str`` columns are
+a :class:`sparkbridge.bridge.varwidth.VarColumn` (a values buffer and offsets; items are ``bytes``
+/ ``str``), ragged ``ndarray`` columns a :class:`sparkbridge.bridge.varwidth.Ragged`, so no
+Python object per row is pickled on the way.
 A failure is never a hang: an exception in the function comes back as a :class:`TransformError`
-naming the epoch and batch (the original exception, with its worker traceback, is the
-``__cause__``), and a worker that dies (a signal, ``os._exit``) is named with its exit status.
+naming the epoch, the batch and its first sample ids (the original exception, with its worker
+traceback, is the ``__cause__``), and a worker that dies (a signal, ``os._exit``) is named with
+its exit status.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import traceback
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import numpy as np
+
+from sparkbridge.bridge.handoff import SlotRing
 from sparkbridge.errors import TransformError
 
-__all__ = ["TransformError", "TransformStage", "apply_inline"]
+__all__ = ["TransformError", "TransformStage", "apply_inline", "transform_inputs"]
 
 logger = logging.getLogger(__name__)
 
 _STOP = None
 _POLL_SECONDS = 0.5  # how often a wait for a result checks that its worker is still alive
+_SLOT_BYTES = 64 << 20  # per slot, virtual: a page costs memory once a batch has written it
+_SHOWN_IDS = 5
 
 
 class _RemoteTraceback(Exception):
@@ -44,8 +55,20 @@ class _RemoteTraceback(Exception):
         return self.tb
 
 
-def _describe(epoch: int, index: int) -> str:
-    return f"epoch {epoch}, batch {index}"
+def _describe(epoch: int, index: int, ids: Optional[np.ndarray] = None) -> str:
+    where = f"epoch {epoch}, batch {index}"
+    if ids is not None and len(ids):
+        shown = ", ".join(str(int(i)) for i in ids[:_SHOWN_IDS])
+        more = f", ... ({len(ids)} samples)" if len(ids) > _SHOWN_IDS else ""
+        where += f" (sample ids {shown}{more})"
+    return where
+
+
+def transform_inputs(packed: Iterable[Any], plan: Any) -> Iterator[tuple[Optional[np.ndarray], Any]]:
+    """(sample ids, the batch as the transform receives it) for each packed batch: tensors, and
+    variable-width columns as values + offsets (``VarColumn`` / ``Ragged``), not lists."""
+    for batch in packed:
+        yield getattr(batch, "ids", None), plan.to_tensors(batch, lists=False)
 
 
 def _failure(where: str, exc: BaseException) -> TransformError:
@@ -53,17 +76,19 @@ def _failure(where: str, exc: BaseException) -> TransformError:
     return TransformError(f"the transform failed on {where}: {type(exc).__name__}: {exc}")
 
 
-def apply_inline(fn: Callable[[Any], Any], batches: Iterable[Any], *, epoch: int) -> Iterator[Any]:
-    """``transform_workers=0``: the function runs in the loader's process, batch by batch."""
-    for k, batch in enumerate(batches):
+def apply_inline(fn: Callable[[Any], Any], batches: Iterable[tuple[Optional[np.ndarray], Any]], *,
+                 epoch: int) -> Iterator[Any]:
+    """``transform_workers=0``: the function runs in the loader's process, batch by batch
+    (``batches``: (sample ids or None, batch) pairs, see :func:`transform_inputs`)."""
+    for k, (ids, batch) in enumerate(batches):
         try:
             out = fn(batch)
         except Exception as exc:
-            raise _failure(_describe(epoch, k), exc) from exc
+            raise _failure(_describe(epoch, k, ids), exc) from exc
         yield out
 
 
-def _worker(fn: Callable[[Any], Any], inbox: Any, outbox: Any) -> None:
+def _worker(fn: Callable[[Any], Any], inbox: Any, outbox: Any, in_ring: SlotRing, out_ring: SlotRing) -> None:
     # Ctrl-C is the training process's to handle: a worker ends when told or when its parent goes
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
@@ -73,15 +98,17 @@ def _worker(fn: Callable[[Any], Any], inbox: Any, outbox: Any) -> None:
         item = inbox.get()
         if item is _STOP:
             return
-        gen, k, batch = item
+        gen, k, message = item
         try:
-            outbox.put((gen, k, True, fn(batch)))
-        except Exception as exc:  # the function's own failure, sent back to be raised in order
+            result = fn(in_ring.loads(message))
+            reply = (gen, k, True, out_ring.dumps(result))
+        except Exception as exc:  # the function's own failure (or its result's), raised in order
             tb = traceback.format_exc()
             try:
-                outbox.put((gen, k, False, (exc, tb)))
+                reply = (gen, k, False, pickle.dumps((exc, tb)))
             except Exception:  # the exception itself does not pickle: send what it said
-                outbox.put((gen, k, False, (RuntimeError(f"{type(exc).__name__}: {exc}"), tb)))
+                reply = (gen, k, False, pickle.dumps((RuntimeError(f"{type(exc).__name__}: {exc}"), tb)))
+        outbox.put(reply)
 
 
 class TransformStage:
@@ -96,11 +123,14 @@ class TransformStage:
         self.fn = fn
         self.workers = workers
         self.inflight = max(1, inflight_per_worker) * workers
+        self.inflight_per_worker = max(1, inflight_per_worker)
         self._procs: list = []
         self._inboxes: list = []
         self._outboxes: list = []
+        self._in_rings: list[SlotRing] = []
+        self._out_rings: list[SlotRing] = []
         self._gen = 0
-        self._pending: list[int] = []  # per worker: items of older passes still to come back
+        self._pending: list[int] = []  # per worker: items sent whose result was not read yet
 
     def start(self) -> None:
         import torch.multiprocessing as tmp
@@ -112,12 +142,17 @@ class TransformStage:
             # process waits to hand it the next large batch would deadlock)
             inbox, outbox = ctx.Queue(), ctx.SimpleQueue()
             inbox.cancel_join_thread()
-            p = ctx.Process(target=_worker, args=(self.fn, inbox, outbox), name=f"sparkbridge-transform-{w}",
-                            daemon=True)
+            # a slot is reused only after its message was read: at most inflight_per_worker
+            # messages are unread per direction (map() drains an abandoned pass first)
+            rings = [SlotRing(slots=self.inflight_per_worker + 1, slot_bytes=_SLOT_BYTES) for _ in range(2)]
+            p = ctx.Process(target=_worker, args=(self.fn, inbox, outbox, *rings),
+                            name=f"sparkbridge-transform-{w}", daemon=True)
             p.start()
             self._procs.append(p)
             self._inboxes.append(inbox)
             self._outboxes.append(outbox)
+            self._in_rings.append(rings[0])
+            self._out_rings.append(rings[1])
         self._pending = [0] * self.workers
         logger.debug("transform stage: %d worker processes forked", self.workers)
 
@@ -147,42 +182,50 @@ class TransformStage:
         return TransformError(f"transform worker {w} (pid {proc.pid}) {how} while on {where()}; "
                               "the pass cannot continue (a worker killed for memory shows as SIGKILL)")
 
-    def map(self, batches: Iterable[Any], *, epoch: int) -> Iterator[Any]:
+    def _drain(self) -> None:
+        """Read (and drop) the results of a pass left unfinished, so their slots are free."""
+        for w in range(len(self._procs)):
+            while self._pending[w] > 0:
+                self._receive(w, lambda: "a batch of an unfinished earlier pass")
+                self._pending[w] -= 1
+
+    def map(self, batches: Iterable[tuple[Optional[np.ndarray], Any]], *, epoch: int) -> Iterator[Any]:
+        """Results of ``fn`` over ``batches`` ((sample ids or None, batch) pairs), in order."""
         if not self._procs:
             self.start()
+        self._drain()
         self._gen += 1
         gen = self._gen
-        sent: deque[int] = deque()
+        sent: deque[tuple[int, Optional[np.ndarray]]] = deque()
         source = iter(batches)
         done = False
         k_next = 0
         while True:
             while not done and len(sent) < self.inflight:
                 try:
-                    batch = next(source)
+                    ids, batch = next(source)
                 except StopIteration:
                     done = True
                     break
                 w = k_next % self.workers
-                self._inboxes[w].put((gen, k_next, batch))
-                sent.append(k_next)
+                self._inboxes[w].put((gen, k_next, self._in_rings[w].dumps(batch)))
+                self._pending[w] += 1
+                sent.append((k_next, ids))
                 k_next += 1
             if not sent:
                 return
-            k = sent.popleft()
+            k, ids = sent.popleft()
             w = k % self.workers
-            while True:
-                got_gen, got_k, ok, value = self._receive(w, lambda: _describe(epoch, k))
-                if got_gen == gen:
-                    break
-                # a result of a pass left unfinished: its worker is done with it, drop it
-            if got_k != k:  # pragma: no cover - FIFO per worker makes this impossible
-                raise TransformError(f"transform worker {w} returned batch {got_k} when batch {k} was due")
+            got_gen, got_k, ok, value = self._receive(w, lambda: _describe(epoch, k, ids))
+            self._pending[w] -= 1
+            if got_gen != gen or got_k != k:  # pragma: no cover - drained passes and FIFO workers
+                raise TransformError(f"transform worker {w} returned batch {got_k} of pass {got_gen} when "
+                                     f"batch {k} of pass {gen} was due")
             if not ok:
-                exc, tb = value
+                exc, tb = pickle.loads(value)
                 exc.__cause__ = _RemoteTraceback(tb)
-                raise _failure(_describe(epoch, k), exc) from exc
-            yield value
+                raise _failure(_describe(epoch, k, ids), exc) from exc
+            yield self._out_rings[w].loads(value)
 
     def close(self) -> None:
         """Stop the workers (told first, then terminated if they do not stop within a second)."""
@@ -206,3 +249,6 @@ class TransformStage:
             except (OSError, ValueError, AttributeError):
                 pass
         self._inboxes, self._outboxes = [], []
+        for ring in self._in_rings + self._out_rings:
+            ring.close()
+        self._in_rings, self._out_rings = [], []

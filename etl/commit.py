@@ -45,7 +45,7 @@ from sparkbridge.log.entry import CommitUnit, Operation
 from sparkbridge.log.layout import STAGING, is_write_id, job_file, new_run_id, new_write_id, staging_prefix
 from sparkbridge.log.snapshot import LogReader, Snapshot
 from sparkbridge.log.vacuum import vacuum
-from sparkbridge.storage import Storage, fsync_tree
+from sparkbridge.storage import Storage, publish_folders
 
 __all__ = ["MODES", "WriteJob", "schema_diff", "schema_record"]
 
@@ -245,13 +245,8 @@ class WriteJob:
 
     def _publish_local(self, attempts: Sequence[str]) -> None:
         """fsync the accepted attempts, then move each from staging to ``W/<attempt>``."""
-        src_root = self.storage.local_path(staging_prefix(self.write_id))
-        dest_root = self.storage.local_path(self.write_id)
-        os.makedirs(dest_root, exist_ok=True)
-        for attempt in attempts:
-            fsync_tree(os.path.join(src_root, attempt))
-            os.rename(os.path.join(src_root, attempt), os.path.join(dest_root, attempt))
-        fsync_tree(dest_root)
+        publish_folders(self.storage.local_path(staging_prefix(self.write_id)), attempts,
+                        self.storage.local_path(self.write_id))
 
     def finish(self, tasks: Sequence[dict[str, Any]], *, schema: dict[str, Any], info: dict[str, Any],
                txn: Optional[dict[str, Any]] = None):
@@ -345,7 +340,7 @@ class WriteJob:
             _faults.point("etl.commit.after_derived")
             self._remove_staging()
             if run_vacuum:
-                vacuum(self.storage, retention_seconds=retention_seconds)
+                vacuum(self.storage, retention_seconds=retention_seconds, reader=self.reader)
         except Exception as exc:
             log.warning("after committing to %s: %s: %s (run `sparkbridge vacuum %s`)", self.storage.root,
                         type(exc).__name__, exc, self.storage.root)

@@ -22,7 +22,7 @@ from sparkbridge.log.commit import Draft, Superseded, commit
 from sparkbridge.log.entry import Operation
 from sparkbridge.log.layout import staging_prefix
 from sparkbridge.log.snapshot import LogReader
-from sparkbridge.storage import fsync_tree
+from sparkbridge.storage import publish_folders
 
 __all__ = ["claimed", "commit_partition", "attempt_entries"]
 
@@ -50,12 +50,8 @@ def _publish(cfg: Any, attempt: str) -> None:
     storage = cfg.storage
     if not storage.is_local:
         return  # S3 attempts upload straight to W/<attempt>/
-    src = storage.local_path(f"{staging_prefix(cfg.job_id)}/{attempt}")
-    dest_root = storage.local_path(cfg.job_id)
-    os.makedirs(dest_root, exist_ok=True)
-    fsync_tree(src)
-    os.rename(src, os.path.join(dest_root, attempt))
-    fsync_tree(dest_root)
+    # this attempt's files only: the write's folder holds every partition published before it
+    publish_folders(storage.local_path(staging_prefix(cfg.job_id)), [attempt], storage.local_path(cfg.job_id))
 
 
 def commit_partition(cfg: Any, row: dict[str, Any]) -> dict[str, Any]:

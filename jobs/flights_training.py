@@ -49,6 +49,7 @@ def train_model(
     device: Optional[str] = None,
     progress: bool = True,
     follow: bool = False,
+    follow_shuffle_rows: Optional[int] = None,
     on_step: Any = None,
 ) -> TrainResult:
     """Train FlightDelayNet on shuffled batches streamed from ``train_dir`` (folder or s3:// URL).
@@ -67,13 +68,13 @@ def train_model(
     try:
         return _train(train_dir, local=local, cardinality=cardinality, numeric=numeric, label=label, epochs=epochs,
                       batch_size=batch_size, lr=lr, seed=seed, num_workers=num_workers, device=device,
-                      progress=progress, follow=follow, on_step=on_step)
+                      progress=progress, follow=follow, follow_shuffle_rows=follow_shuffle_rows, on_step=on_step)
     finally:
         torch.set_num_threads(previous_threads)  # the caller's process-wide setting, as it was
 
 
 def _train(train_dir: str, *, local, cardinality, numeric, label, epochs, batch_size, lr, seed, num_workers,
-           device, progress, follow=False, on_step=None) -> TrainResult:
+           device, progress, follow=False, follow_shuffle_rows=None, on_step=None) -> TrainResult:
     import torch
 
     from sparkbridge.bridge import StreamingLoader
@@ -83,7 +84,7 @@ def _train(train_dir: str, *, local, cardinality, numeric, label, epochs, batch_
     categorical = list(cardinality)
     loader = StreamingLoader(train_dir, local=local, batch_size=batch_size, shuffle=True, seed=seed,
                              columns=categorical + list(numeric) + [label], num_workers=num_workers, device=device,
-                             follow=follow, follow_poll=0.1)
+                             follow=follow, follow_poll=0.1, follow_shuffle_rows=follow_shuffle_rows)
     try:
         model = FlightDelayNet(cardinality, len(numeric)).to(device or "cpu")
         model.train()

@@ -60,6 +60,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--live", action="store_true",
                         help="train while Spark still writes: partitions are committed as they are written and "
                              "the first epoch follows them (prints the time to first batch and the overlap)")
+    parser.add_argument("--follow-shuffle-rows", type=int, default=None, metavar="N",
+                        help="with --live: each batch of the followed epoch is drawn from at least N landed, unread "
+                             "rows (StreamingLoader's follow_shuffle_rows: better mixing, later first batch)")
     parser.add_argument(
         "--dataset",
         default=None,
@@ -94,6 +97,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--torch-threads must be at least 1, got {args.torch_threads}")
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
+    rows = getattr(args, "follow_shuffle_rows", None)
+    if rows is not None and (rows < 0 or not getattr(args, "live", False)):
+        raise UsageError(f"--follow-shuffle-rows mixes the epoch that follows a live write: it needs --live and a "
+                         f"number of rows >= 0, got {rows}{'' if getattr(args, 'live', False) else ' without --live'}")
 
 
 def _shard_count(root: str) -> int:
@@ -295,6 +302,7 @@ def run_demo(args: argparse.Namespace, *, spark: Optional["SparkSession"] = None
     out.mkdir(parents=True, exist_ok=True)
 
     live = None
+    follow_rows = getattr(args, "follow_shuffle_rows", None)
     if args.live and args.dataset:
         raise UsageError("--live writes the dataset while training on it; it cannot be combined with --dataset")
     if args.live:
@@ -337,6 +345,7 @@ def run_demo(args: argparse.Namespace, *, spark: Optional["SparkSession"] = None
             device=args.device,
             progress=progress,
             follow=live is not None,
+            follow_shuffle_rows=follow_rows if live is not None else None,
             on_step=status.on_step if status is not None else None,
         )
     finally:
@@ -374,6 +383,7 @@ def run_demo(args: argparse.Namespace, *, spark: Optional["SparkSession"] = None
     summary = {
         **facts,
         "rows_train": counts["rows_train"],
+        "follow_shuffle_rows": follow_rows if live is not None else None,
         "rows_test": counts["rows_test"],
         "train_seconds": round(trained.seconds, 3),
         "train_rows_per_second": round(trained.rows_per_second, 1),

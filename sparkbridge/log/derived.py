@@ -54,19 +54,24 @@ def sync_derived(storage: Storage, reader: Optional[LogReader] = None, *, attemp
         version = reader.complete_version()
         if version is None or version < 0:
             return None  # nothing complete yet (or no log): nothing to derive
-        latest: Snapshot = reader.snapshot(version)
+        # only read here: the reader's own state is used, not a copy (copying 100,000 shard
+        # entries took longer than deriving both files), and the index is serialized once
+        current = reader.latest()
+        latest: Snapshot = current if current.version == version else reader.snapshot(version)
         have = derived_version(m_bytes)
-        in_sync = i_bytes is not None and index_sha256([], i_bytes) == index_sha256(latest.shards)
+        index = latest.index_bytes()
+        digest = index_sha256([], index)
+        in_sync = i_bytes is not None and index_sha256([], i_bytes) == digest
         if have >= latest.version and in_sync:
             return latest.version
         if have > latest.version:  # a newer writer's files (we read an older log): leave them
             return have
-        manifest = latest.manifest()
+        manifest = latest.manifest(index_digest=digest)
         if manifest is not None and have < latest.version:
             if not storage.swap(MANIFEST_BASENAME, manifest.to_json().encode("utf-8"), m_token):
                 continue
         _faults.point("log.derived.between_manifest_and_index")
-        if not in_sync and not storage.swap(INDEX_BASENAME, latest.index_bytes(), i_token):
+        if not in_sync and not storage.swap(INDEX_BASENAME, index, i_token):
             continue
         return latest.version
     logger.warning("%s: index.json/manifest.json kept changing under this writer; left them to the others",

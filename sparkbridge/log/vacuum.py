@@ -132,8 +132,9 @@ def plan_vacuum(storage: Storage, *, retention_seconds: float = DEFAULT_RETENTIO
             plan.fence.append(write_id)
 
     # 2. the state this vacuum's entry makes: every fenced write rolled back
-    after = latest.copy()
+    after = latest  # read only, unless fences change it (a copy of 100,000 shards costs seconds)
     if plan.fence:
+        after = latest.copy()
         after.apply(LogEntry(operation=Operation.VACUUM, write_id="vacuum", read_version=latest.version,
                              version=latest.version + 1, fence=tuple(plan.fence)))
     served_after = reader.complete_version(at=after)
@@ -150,20 +151,9 @@ def plan_vacuum(storage: Storage, *, retention_seconds: float = DEFAULT_RETENTIO
             f"deleted its files); nothing was changed. Finish the open write(s) "
             f"{', '.join(w.write_id for w in after.open_writes)} with resume=<write id>, or overwrite the dataset")
     plan.retained_from = retained_from
-    keep = reader.snapshot(retained_from).files() if retained_from < latest.version else set()
-    for v in range(retained_from + 1, latest.version + 1):
-        entry = reader.read_entry(v)
-        for e in entry.add:
-            keep.update([(e.get("zip_data") or {}).get("basename"), e["raw_data"]["basename"]])
-        if entry.fence:
-            # a fence rolls writes back: shards an overwrite had removed are served again without
-            # any ``add`` naming them (rare: only vacuum entries fence, so this replay is cheap)
-            keep |= reader.snapshot(v).files()
-    keep |= latest.files() | after.files()
-    keep.discard(None)
-    # a reader unpacking a shard right now writes <raw>.tmp beside it
-    keep |= {k + ".tmp" for k in list(keep)}
-
+    # (temp files are never named like a shard: only a write's own files are candidates)
+    keep = _keep_of_retained(reader, latest, after, retained_from, [f for w, fs in by_write.items()
+                                                                    if w in finished or w in plan.fence for f in fs])
     for f in temp:
         if f.rel not in keep and f.mtime < cutoff:  # an abandoned temp file of a derived file or checkpoint
             plan.delete.append(f.rel)
@@ -186,13 +176,43 @@ def plan_vacuum(storage: Storage, *, retention_seconds: float = DEFAULT_RETENTIO
     return plan
 
 
+def _keep_of_retained(reader: LogReader, latest, after, retained_from: int, candidates: list[FileInfo]) -> set:
+    """Every file a retained version (or the state this vacuum makes) references, as far as it
+    decides about ``candidates`` (the files of finished or fenced writes).
+
+    Why the shortcut: the latest state and the one after this vacuum reference most files; only
+    when a candidate is outside both must the versions of the retention window be read (their
+    entries, one by one). An append-only log has no such candidate, and every ``write_mds`` runs
+    a vacuum: reading each entry of the last hour on every write made a write O(entries)."""
+    keep = latest.files() | after.files()
+    keep.discard(None)
+    keep |= {k + ".tmp" for k in list(keep)}
+    if all(f.rel in keep for f in candidates):
+        return keep  # the retained versions could only add to a set that already holds them all
+    keep = reader.snapshot(retained_from).files() if retained_from < latest.version else set()
+    for v in range(retained_from + 1, latest.version + 1):
+        entry = reader.read_entry(v)
+        for e in entry.add:
+            keep.update([(e.get("zip_data") or {}).get("basename"), e["raw_data"]["basename"]])
+        if entry.fence:
+            # a fence rolls writes back: shards an overwrite had removed are served again without
+            # any ``add`` naming them (rare: only vacuum entries fence, so this replay is cheap)
+            keep |= reader.snapshot(v).files()
+    keep |= latest.files() | after.files()
+    keep.discard(None)
+    # a reader unpacking a shard right now writes <raw>.tmp beside it
+    keep |= {k + ".tmp" for k in list(keep)}
+    return keep
+
+
 def vacuum(root_or_storage, *, retention_seconds: float = DEFAULT_RETENTION_SECONDS, dry_run: bool = False,
-           attempts: int = 10) -> VacuumPlan:
+           attempts: int = 10, reader: Optional[LogReader] = None) -> VacuumPlan:
     """Delete what :func:`plan_vacuum` finds, after committing the fences and ``retained_from``.
     Also repairs ``index.json``/``manifest.json``. Returns the executed (or, with ``dry_run``, the
-    proposed) plan."""
+    proposed) plan. ``reader``: a reader of this storage to go on from (a write's own: it has
+    the log replayed already, so the vacuum after a commit does not open the dataset again)."""
     storage = open_storage(root_or_storage) if isinstance(root_or_storage, (str, os.PathLike)) else root_or_storage
-    reader = LogReader(storage)
+    reader = reader if reader is not None else LogReader(storage)
     for _ in range(attempts):
         plan = plan_vacuum(storage, retention_seconds=retention_seconds, reader=reader)
         if dry_run:

@@ -90,7 +90,7 @@ def _case(c: int, seed: int, world: int) -> dict:
         fixed["parts"] = [eval(p, {"m": m}) if isinstance(p, str) else p for p in fixed["parts"]]
         n = len(fixed["parts"])
         return {"before": 0, "shuffle": False, "drop_last": False, "compression": None, "size_limit": 1 << 16,
-                "gaps": [0.05] * n, "step_sleep": 0.0, "resume_at": None, **fixed}
+                "gaps": [0.05] * n, "step_sleep": 0.0, "resume_at": None, "pool": 0, **fixed}
     batch = rng.choice([1, 2, 3, 4, 5, 7, 8, 16])
     m = batch * world
     parts = []
@@ -104,7 +104,9 @@ def _case(c: int, seed: int, world: int) -> dict:
             "size_limit": rng.choice([200, 1 << 16]), "gaps": [rng.uniform(0, 0.03) for _ in parts],
             "step_sleep": rng.choice([0.0, 0.0, 0.002]),
             # stop after this many steps, save the state, resume in a new loader (None: read through)
-            "resume_at": rng.randint(1, 6) if rng.random() < 0.25 else None}
+            "resume_at": rng.randint(1, 6) if rng.random() < 0.25 else None,
+            # follow_shuffle_rows when shuffled (last: the fields above stay those of earlier runs)
+            "pool": rng.choice([0, 0, 1, m, m + 1, sum(parts) // 5, sum(parts) // 2, sum(parts) + 7])}
 
 
 def _expected_steps(total: int, world: int, batch: int, drop_last: bool) -> int:
@@ -181,8 +183,10 @@ def cases(out: str, seed: str, count: str, first: str = "0") -> None:
             writer = threading.Thread(target=land)
         dist.barrier()
         def new_loader():
+            # each rank passes a different pool (+ rank): rank 0's governs every rank's steps
             return StreamingLoader(root, batch_size=case["batch"], shuffle=case["shuffle"], seed=c,
-                                   drop_last=case["drop_last"], follow=True, follow_poll=0.01, follow_timeout=30)
+                                   drop_last=case["drop_last"], follow=True, follow_poll=0.01, follow_timeout=30,
+                                   follow_shuffle_rows=case["pool"] + rank if case["shuffle"] else None)
 
         loader = new_loader()
         assert loader._following(), "the case must test a followed epoch"

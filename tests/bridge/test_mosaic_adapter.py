@@ -20,8 +20,8 @@ from tests.bridge.util import write_numeric
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: One process: wait for the start time, build a loader over argv[1], read one epoch, print
-#: its ids' count and sum and the shared-memory prefix it registered.
+#: One process: wait for the start time, build a loader over argv[1], read one epoch, keep it open
+#: until argv[3] seconds after the start, print its ids' count and sum and its shared-memory prefix.
 READER = """
 import json, logging, sys, time
 start = float(sys.argv[2])
@@ -32,6 +32,7 @@ time.sleep(max(0.0, start - time.time()))
 loader = StreamingLoader(sys.argv[1], batch_size=64)
 ids = [i for b in loader for i in b["id"].tolist()]
 prefix = loader.dataset._shm_prefix_int
+time.sleep(max(0.0, start + float(sys.argv[3]) - time.time()))  # the loaders' lives overlap until then
 loader.close()
 print(json.dumps({"rows": len(ids), "sum": sum(ids), "distinct": len(set(ids)), "prefix": prefix}))
 """
@@ -75,7 +76,7 @@ def test_loaders_that_start_together_in_separate_processes_each_register_their_o
     own dataset exactly, and the live ones never share a prefix."""
     for _ in range(2):
         start = time.time() + 8.0  # after every process has imported torch and Mosaic
-        procs = [_start(READER, ds, start) for ds in datasets]
+        procs = [_start(READER, ds, start, 0) for ds in datasets]
         results = [_result(p)[0] for p in procs]
         for k, r in enumerate(results):
             _expect(r, 500 + k)
@@ -86,8 +87,8 @@ def test_a_loader_that_starts_while_another_registers_waits_and_takes_the_next_p
     ``shm-prefix-chosen``); loader B starts meanwhile: B waits for A's registration and takes a
     different prefix; both read their rows."""
     start = time.time() + 6.0
-    a = _start(READER, datasets[0], start, env={"SPARKBRIDGE_FAULTS": "shm-prefix-chosen@1=sleep3"})
-    b = _start(READER, datasets[1], start + 1.0)
+    a = _start(READER, datasets[0], start, 15, env={"SPARKBRIDGE_FAULTS": "shm-prefix-chosen@1=sleep3"})
+    b = _start(READER, datasets[1], start + 1.0, 15)
     (ra, _), (rb, _) = _result(a), _result(b)
     _expect(ra, 500)
     _expect(rb, 501)
@@ -99,7 +100,7 @@ def test_a_stock_mosaic_dataset_that_takes_the_chosen_prefix_first_makes_the_loa
     between choosing N and creating it; the loader registers another prefix instead of failing
     with FileExistsError."""
     start = time.time() + 6.0
-    ours = _start(READER, datasets[0], start, env={"SPARKBRIDGE_FAULTS": "shm-prefix-chosen@1=sleep4"})
+    ours = _start(READER, datasets[0], start, 0, env={"SPARKBRIDGE_FAULTS": "shm-prefix-chosen@1=sleep4"})
     stock = _start(STOCK, datasets[2], start + 1.0, 8)
     stock_out = json.loads(stock.stdout.readline())
     result, log = _result(ours)

@@ -70,6 +70,10 @@ CASES = {
                         "sparkbridge demo: error: --epochs must be at least 1, got 0"),
     "demo --rows -5": (["demo", "--out", "{tmp}/demo", "--rows", "-5"], 2,
                        "sparkbridge demo: error: --rows must be positive, got -5"),
+    "demo --follow-shuffle-rows without --live": (["demo", "--out", "{tmp}/demo", "--follow-shuffle-rows", "100"], 2,
+                                                  "sparkbridge demo: error: --follow-shuffle-rows mixes the epoch that "
+                                                  "follows a live write: it needs --live and a number of rows >= 0, "
+                                                  "got 100 without --live"),
     "bench --rows 0": (["bench", "loader", "--rows", "0"], 2, "sparkbridge bench: error: --rows must be positive, got 0"),
     "bench, unknown benchmark": (["bench", "gpu"], 2,
                                  usage("bench", "", "argument which: invalid choice: 'gpu' (choose from 'etl', "
