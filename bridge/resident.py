@@ -61,7 +61,17 @@ def _file_map(folder: str, size: int) -> mmap.mmap:
     fd, path = tempfile.mkstemp(prefix=".sparkbridge-rows-", dir=folder)
     try:
         os.unlink(path)
-        os.ftruncate(fd, size)  # sparse: blocks are allocated as rows are written
+        try:
+            # the blocks now: a sparse file whose disk fills up later kills the process with SIGBUS
+            # on a write through the map, instead of this error
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:
+                os.ftruncate(fd, size)
+        except OSError as exc:
+            raise OSError(exc.errno, f"the row table of a global shuffle needs {size:,} bytes of local disk in {folder} "
+                                     f"({exc.strerror}); free space there, point $SPARKBRIDGE_CACHE_DIR at a larger "
+                                     "disk, or raise decoded_cache_bytes to hold the rows in memory") from None
         table = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         if hasattr(mmap, "MADV_RANDOM"):
             # rows are read at random: once evicted, a row is read back alone, not with the ~128 KiB

@@ -188,7 +188,7 @@ def test_torchrun_two_ranks_then_resume_alone(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     proc = torchrun(Path(__file__).with_name("global_ranks.py"), out, data, 7, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stderr[:6000]  # the first rank to fail says why
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for workers in (0, 2):
         a, b = (r[f"epoch{workers}"] for r in ranks)
@@ -226,3 +226,25 @@ def test_lazy_spanner_maps_as_mosaics():
     for bad in (-1, int(sizes.sum())):
         with pytest.raises(IndexError, match="Invalid sample index"):
             lazy[bad]
+
+
+def test_no_disk_for_the_mapped_table_is_a_clear_error(data, tmp_path):
+    """The mapped row table's blocks are allocated up front: without the space (here a file size
+    limit) the loader says how much it needs where, instead of dying of SIGBUS mid-epoch."""
+    import subprocess
+    import sys
+
+    code = f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+from sparkbridge.bridge import StreamingLoader
+try:  # the table is made, and its fill started, when the loader is built
+    loader = StreamingLoader({str(data)!r}, batch_size=32, shuffle=True, shuffle_algo="global", decoded_cache_bytes=4096)
+except OSError as exc:
+    print("ERROR", exc)
+"""
+    env = dict(__import__("os").environ, SPARKBRIDGE_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"needs {N * 16:,} bytes of local disk in {tmp_path / 'cache'}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
