@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["StreamingLoader", "ShuffleAlgo", "StateError", "CorruptShardError", "SequencePacker", "pad_sequences"]
+__all__ = ["StreamingLoader", "ShuffleAlgo", "StateError", "CorruptShardError", "SequencePacker", "pad_sequences",
+           "Ragged", "VarColumn"]
 
 _LAZY = {
     "StreamingLoader": "sparkbridge.bridge.loader",
@@ -16,6 +17,8 @@ _LAZY = {
     "CorruptShardError": "sparkbridge.bridge.decode",
     "SequencePacker": "sparkbridge.bridge.sequences",
     "pad_sequences": "sparkbridge.bridge.sequences",
+    "Ragged": "sparkbridge.bridge.varwidth",
+    "VarColumn": "sparkbridge.bridge.varwidth",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sparkbridge.bridge.order import ShuffleAlgo
     from sparkbridge.bridge.sequences import SequencePacker, pad_sequences
     from sparkbridge.bridge.state import StateError
+    from sparkbridge.bridge.varwidth import Ragged, VarColumn
 
 
 def __getattr__(name: str) -> Any:
