@@ -308,9 +308,11 @@ def validate_dataset(root: str, *, workers: int = 4, progress: bool = True,
                 reader.read_entry(v, cache=False)
             except SparkbridgeError as exc:
                 report.problems.append(str(exc))
-        for v in reader.checkpoint_versions():  # a damaged one is skipped by readers: say so here
+        versions = reader.checkpoint_versions()
+        for v in versions:  # a damaged one is skipped by readers: say so here
             try:
-                reader.read_checkpoint(v)
+                # the newest in full (every reader loads it); older ones by their checksum
+                reader.verify_checkpoint(v, full=v == versions[-1])
             except FileNotFoundError:
                 pass
             except SparkbridgeError as exc:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from sparkbridge.errors import ShardFormatError
 from sparkbridge.format.mds import ShardLayout
-from sparkbridge.format.paths import check_relpath
+from sparkbridge.format.paths import check_relpath, is_plain
 
 __all__ = ["INDEX_VERSION", "MAX_SHARD_BYTES", "min_raw_bytes", "check_index_entry", "check_index", "stored_name", "shard_files", "index_bytes",
            "index_sha256"]
@@ -29,7 +29,9 @@ MAX_SHARD_BYTES = 1 << 32
 def _check_file(info: Any, *, where: str, key: str) -> dict[str, Any]:
     if not isinstance(info, dict):
         raise ShardFormatError(f"{where}: {key} must be an object, got {type(info).__name__}")
-    check_relpath(info.get("basename"), where=f"{where}, {key}")
+    name = info.get("basename")
+    if not is_plain(name):  # (the error context is formatted only for a name that may fail)
+        check_relpath(name, where=f"{where}, {key}")
     size = info.get("bytes")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ShardFormatError(f"{where}: {key}.bytes must be an int >= 0, got {size!r}")

@@ -15,17 +15,31 @@ from typing import Sequence
 
 from sparkbridge.errors import UnsafePathError
 
-__all__ = ["check_relpath", "confined_path", "Confiner"]
+__all__ = ["check_relpath", "is_plain", "confined_path", "Confiner"]
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _MAX_LEN = 1024
 _CONTROL = re.compile(r"[\x00-\x1f]")
+#: Names every check below accepts: components of letters, digits, ``_-.`` that do not start with
+#: a dot (so never ``.``, ``..`` or empty), no ``\\``, ``:`` or control character. What sparkbridge
+#: and Mosaic write; anything else takes the full checks.
+_PLAIN = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*(?:/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*")
+
+
+def is_plain(name: object) -> bool:
+    """Whether ``name`` is a relative path :func:`check_relpath` accepts, decided by one regular
+    expression for the common names. Why: an index or log entry of 100,000 shards names 200,000
+    files, each checked when parsed and again when its path is built (~1.5 s in full here), and
+    callers skip formatting an error context for a name that passes."""
+    return type(name) is str and len(name) <= _MAX_LEN and _PLAIN.fullmatch(name) is not None
 
 
 def check_relpath(name: object, *, where: str) -> str:
     """``name`` if it is a safe relative path (``/``-separated, no ``..``, ``.``, empty parts,
     backslashes, drive letters, NUL or control characters), else :class:`UnsafePathError` naming
     ``where`` (e.g. ``"_log/00000000000000000003.json, shard 7"``)."""
+    if is_plain(name):
+        return name  # type: ignore[return-value]
     if not isinstance(name, str) or not name:
         raise UnsafePathError(f"{where}: a shard path must be a non-empty string, got {name!r}")
     if len(name) > _MAX_LEN:
@@ -86,7 +100,8 @@ class Confiner:
         links: dict[str, frozenset[str]] = {}
         out: list[str] = []
         for k, rel in rels:
-            check_relpath(rel, where=f"{where}, shard {k}")
+            if not is_plain(rel):
+                check_relpath(rel, where=f"{where}, shard {k}")
             folder, _, name = rel.rpartition("/")
             real_folder = self._folders.get(folder)
             if real_folder is None:

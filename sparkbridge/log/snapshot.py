@@ -404,6 +404,24 @@ class LogReader:
             raise LogError(f"{where}: damaged checkpoint (of version {snap.version} under the name of {version})")
         return snap
 
+    def verify_checkpoint(self, version: int, *, full: bool = False) -> None:
+        """LogError naming the file when the checkpoint of ``version`` is damaged, as
+        :meth:`read_checkpoint` would find it. A format-2 checkpoint is checked by its checksum
+        alone unless ``full`` (its state is parsed and every shard checked only when a reader
+        loads it, and a reader skips it then if that fails). Why: ``sparkbridge validate`` of a
+        log of 10,000 entries parsed 312 checkpoints of up to 100,000 shards each."""
+        if full:
+            self.read_checkpoint(version)
+            return
+        name = checkpoint_name(version)
+        data = self.storage.read_bytes(name)
+        mid = len(_CKPT_HEAD) + 64
+        if data.startswith(_CKPT_HEAD) and data[mid:mid + len(_CKPT_MID)] == _CKPT_MID and data.endswith(b"}"):
+            if hashlib.sha256(data[mid + len(_CKPT_MID):-1]).hexdigest().encode("ascii") != data[len(_CKPT_HEAD):mid]:
+                raise LogError(f"{self.storage.url(name)}: damaged checkpoint (checksum or format does not match)")
+            return
+        self.read_checkpoint(version)  # format 1, or not format 2 byte for byte: the full check
+
     def _load_checkpoint(self, version: int) -> Optional[Snapshot]:
         """A checkpoint only shortens the replay: a damaged one is skipped (with a warning), never
         trusted and never fatal (``sparkbridge validate`` reports it)."""

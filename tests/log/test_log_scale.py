@@ -290,3 +290,51 @@ def test_derived_files_and_vacuum_read_the_writers_state_without_copying_or_chan
     assert manifest["index_sha256"] == hashlib.sha256(index).hexdigest()
     assert (manifest["rows"], manifest["shards"], manifest["extra"]["log_version"]) == (6, 3, 1)
     assert sorted(read_ids(storage, LogReader(storage).snapshot())) == [1, 2, 3, 4, 5, 6]
+
+
+def test_validate_checks_older_checkpoints_by_checksum_and_reports_a_damaged_one(tmp_path):
+    """``validate`` parsed every checkpoint in full (312 of up to 100,000 shards for a log of
+    10,000 entries); the newest is still checked in full, older ones by their checksum, and a
+    damaged one is reported either way."""
+    from sparkbridge.jobs.datasets import validate_dataset
+    from tests.log.writes import write_ids
+
+    storage = open_storage(str(tmp_path / "ds"))
+    for k in range(2 * CHECKPOINT_INTERVAL + 1):  # versions 0..64: checkpoints at 32 and 64
+        write_ids(storage, "error" if k == 0 else "append", [[k]])
+    assert LogReader(storage).checkpoint_versions() == [32, 64]
+    report = validate_dataset(storage.root, progress=False)
+    assert report.ok and report.rows == 65 and report.version == 64, report.problems
+    for v in (32, 64):
+        path = storage.local_path(checkpoint_name(v))
+        data = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write(data.replace(b'"samples":1', b'"samples":3', 1))
+    report = validate_dataset(storage.root, progress=False)
+    damaged = [p for p in report.problems if "damaged checkpoint" in p]
+    assert len(damaged) == 2 and "00000000000000000032.checkpoint.json" in damaged[0] \
+        and "00000000000000000064.checkpoint.json" in damaged[1], report.problems
+    assert LogReader(storage).snapshot().rows == 65  # readers skip both and replay the entries
+
+
+@pytest.mark.parametrize("name, plain, safe", [
+    ("j20260101T000000-0a1b2c3d/p00001-r1a2b3c4d-a7/shard.00000.mds.zstd", True, True),
+    ("shard.00000.mds", True, True),
+    (".hidden/shard.mds", False, True), ("a/.x", False, True), ("a b/c", False, True), ("é/x", False, True),
+    ("a/./b", False, False), ("a/../b", False, False), ("../a", False, False), ("..", False, False),
+    ("/etc/passwd", False, False), ("a//b", False, False), ("a/", False, False), ("C:x", False, False),
+    ("a\\b", False, False), ("a\nb", False, False), ("a\x00b", False, False), ("", False, False),
+    ("x" * 1025, False, False), (None, False, False), (7, False, False),
+])
+def test_plain_names_take_one_regular_expression_and_every_other_name_the_full_checks(name, plain, safe):
+    """200,000 file names an entry of 100,000 shards: the common ones are decided by one regular
+    expression, and only names it accepts skip the checks (never one they would refuse)."""
+    from sparkbridge.errors import UnsafePathError
+    from sparkbridge.format.paths import check_relpath, is_plain
+
+    assert is_plain(name) is plain
+    if safe:
+        assert check_relpath(name, where="test") == name
+    else:
+        with pytest.raises(UnsafePathError, match="^test: "):
+            check_relpath(name, where="test")
