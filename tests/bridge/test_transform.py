@@ -295,3 +295,26 @@ def test_transform_results_of_every_kind_come_back_exact_and_stay_valid(data):
         assert isinstance(o["np"], np.ndarray) and o["np"].tolist() == (ids.numpy() * 3).tolist()
         assert o["nested"][0] == (int(ids[0]), "a") and o["nested"][1]["y"].tolist() == (ids % 7).tolist()
         assert o["text"] == f"batch of {len(ids)}"
+
+
+def _fails_on_row_300(batch):
+    if 300 in batch["id"].tolist():
+        raise ValueError("row 300")
+    return batch
+
+
+def test_a_transform_error_in_a_followed_epoch_names_the_sample_ids(tmp_path):
+    from tests.bridge.follow_log import PartitionedWrite
+
+    write = PartitionedWrite(str(tmp_path / "live"), size_limit=2000)
+    write.partition(300)
+    write.partition(100)  # the write stays open: the epoch is followed, not read as a finished version
+    loader = StreamingLoader(str(tmp_path / "live"), batch_size=B, follow=True, follow_poll=0.05,
+                             follow_timeout=30, transform=_fails_on_row_300)
+    with pytest.raises(TransformError) as info:
+        list(loader)
+    loader.close()
+    write.complete()
+    # a followed epoch numbers rows in commit order, as the ids here are numbered
+    assert str(info.value) == ("the transform failed on epoch 0, batch 4 (sample ids 256, 257, 258, 259, 260, ... "
+                               "(64 samples)): ValueError: row 300")
