@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["StreamingLoader", "LoaderOptions", "ShuffleAlgo", "StateError", "CorruptShardError", "SequencePacker",
-           "pad_sequences"]
+           "pad_sequences", "Ragged", "VarColumn"]
 
 _LAZY = {
     "StreamingLoader": "sparkbridge.bridge.loader",
@@ -18,6 +18,8 @@ _LAZY = {
     "CorruptShardError": "sparkbridge.bridge.decode",
     "SequencePacker": "sparkbridge.bridge.sequences",
     "pad_sequences": "sparkbridge.bridge.sequences",
+    "Ragged": "sparkbridge.bridge.varwidth",
+    "VarColumn": "sparkbridge.bridge.varwidth",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sparkbridge.bridge.order import ShuffleAlgo
     from sparkbridge.bridge.sequences import SequencePacker, pad_sequences
     from sparkbridge.bridge.state import StateError
+    from sparkbridge.bridge.varwidth import Ragged, VarColumn
 
 
 def __getattr__(name: str) -> Any:

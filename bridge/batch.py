@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from sparkbridge.bridge.varwidth import Ragged, VarColumn, VarKind, copy_ranges, ndarray_rows, ragged_dtype
+from sparkbridge.bridge.varwidth import Ragged, VarColumn, VarKind, copy_ranges
 from sparkbridge.format.manifest import Manifest
 from sparkbridge.format.mds import (
     ShardFormatError,
@@ -31,6 +31,8 @@ from sparkbridge.format.mds import (
     gather_fixed,
     gather_var,
     is_supported_encoding,
+    ndarray_rows,
+    ragged_dtype,
 )
 
 __all__ = ["BatchPlan", "PackedBatch", "Block", "VarOut", "FEATURES_KEY"]

@@ -545,7 +545,9 @@ class Follower:
         for c0, c1 in zip(cuts[:-1], cuts[1:]):
             pos = order[c0:c1]
             groups.append((self._decoded(int(ss[c0])), local[pos], pos))
-        return self.plan.gather(groups, len(rows), lambda n: np.empty(n, np.uint8))
+        batch = self.plan.gather(groups, len(rows), lambda n: np.empty(n, np.uint8))
+        batch.ids = rows  # named by a TransformError
+        return batch
 
     # ------------------------------------------------------------------ state
 

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 
-from sparkbridge.format.mds import ShardFormatError, _NDARRAY_CODE_TO_DTYPE, _SHAPE_DTYPES
-
-__all__ = ["VarKind", "VarColumn", "Ragged", "ragged_dtype", "copy_ranges", "ndarray_rows"]
+__all__ = ["VarKind", "VarColumn", "Ragged", "copy_ranges"]
 
 # per-row copies in a Python loop beat one fancy-indexed gather (whose index array is 8 bytes per
 # byte moved) once values are this long on average: 256 JPEGs of 3 KB, 2.7 ms -> 0.3 ms
@@ -39,15 +37,6 @@ class VarKind(str, enum.Enum):
     BYTES = "bytes"
     STR = "str"
     RAGGED = "ragged"  # 1-d ndarray rows of one dtype: elements end to end
-
-
-def ragged_dtype(encoding: str) -> Optional[np.dtype]:
-    """The element dtype of an ``ndarray:<dtype>`` encoding without a fixed shape (the rows
-    travel as values + offsets); None for any other encoding."""
-    parts = encoding.split(":")
-    if parts[0] != "ndarray" or len(parts) != 2 or parts[1] not in _NDARRAY_CODE_TO_DTYPE.values():
-        return None
-    return np.dtype(parts[1]).newbyteorder("<")
 
 
 def copy_ranges(dst: np.ndarray, dst_starts: np.ndarray, src: np.ndarray, src_starts: np.ndarray,
@@ -63,42 +52,6 @@ def copy_ranges(dst: np.ndarray, dst_starts: np.ndarray, src: np.ndarray, src_st
         return
     within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     dst[np.repeat(dst_starts, sizes) + within] = src[np.repeat(src_starts, sizes) + within]
-
-
-def ndarray_rows(raw: np.ndarray, starts: np.ndarray, sizes: np.ndarray, dtype: np.dtype,
-                 shard: str, column: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """Where the elements of ``ndarray:<dtype>`` values start and how many bytes they take (their
-    shape header skipped), when every value is a 1-d array; None when some value is not (those
-    batches keep one tensor per row). Checks each header against its value's size."""
-    m = len(starts)
-    if m == 0:
-        return starts, sizes
-    if int(sizes.min()) < 1:
-        raise ShardFormatError(f"shard {shard!r}, column {column!r}: an ndarray value has no shape header")
-    first = raw[starts]
-    if not np.all((first >> 2) == 1):
-        return None
-    code = first & 3
-    width = np.left_shift(1, code.astype(np.int64))  # 1, 2, 4 or 8 bytes per dimension
-    head = 1 + width
-    data = sizes - head
-    if int(data.min()) < 0 or np.any(data % dtype.itemsize):
-        raise ShardFormatError(f"shard {shard!r}, column {column!r} (ndarray:{dtype.name}): a value's size does "
-                               "not match its shape header")
-    c0 = int(code[0])
-    if np.all(code == c0):  # the usual case: one shape width for the whole group
-        idx = (starts + 1)[:, None] + np.arange(1 << c0, dtype=np.int64)
-        length = raw[idx].view(np.dtype(_SHAPE_DTYPES[c0])).reshape(-1).astype(np.int64)
-    else:
-        length = np.empty(m, dtype=np.int64)
-        for c in np.unique(code).tolist():
-            sel = np.flatnonzero(code == c)
-            idx = (starts[sel] + 1)[:, None] + np.arange(1 << c, dtype=np.int64)
-            length[sel] = raw[idx].view(np.dtype(_SHAPE_DTYPES[c])).reshape(-1).astype(np.int64)
-    if not np.array_equal(length * dtype.itemsize, data):
-        raise ShardFormatError(f"shard {shard!r}, column {column!r} (ndarray:{dtype.name}): a value's size does "
-                               "not match its shape header")
-    return starts + head, data
 
 
 def _bounds(offsets: np.ndarray) -> Iterator[tuple[int, int]]:

@@ -269,3 +269,52 @@ def test_a_transform_under_two_torchrun_ranks_reads_disjoint_shares_exactly_once
     assert all(len(r["ids"]) == N // 2 and len(set(r["ids"])) == N // 2 for r in ranks)  # exactly once
     assert ranks[0]["batches"] == ranks[1]["batches"] == ranks[0]["len"]
     assert all(r["in_worker"] for r in ranks)
+
+
+def _many_kinds(batch):
+    import torch
+
+    ids = batch["id"]
+    return {"id": ids, "bf16": ids.to(torch.bfloat16), "t": ids.reshape(-1, 1).expand(-1, 3).t(),
+            "scalar": ids.sum(), "np": ids.numpy() * 3, "nested": [(int(ids[0]), "a"), {"y": batch["y"]}],
+            "text": f"batch of {len(ids)}"}
+
+
+def test_transform_results_of_every_kind_come_back_exact_and_stay_valid(data):
+    import torch
+
+    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=12, num_workers=2, transform=_many_kinds)
+    outs = list(loader)  # held until the end: a result is never a view of a reused slot
+    loader.close()
+    assert sorted(i for o in outs for i in o["id"].tolist()) == list(range(N))
+    for o in outs:
+        ids = o["id"]
+        assert o["bf16"].dtype == torch.bfloat16 and o["bf16"].tolist() == ids.to(torch.bfloat16).tolist()
+        assert o["t"].shape == (3, len(ids)) and all(row.tolist() == ids.tolist() for row in o["t"])
+        assert o["scalar"].ndim == 0 and int(o["scalar"]) == int(ids.sum())
+        assert isinstance(o["np"], np.ndarray) and o["np"].tolist() == (ids.numpy() * 3).tolist()
+        assert o["nested"][0] == (int(ids[0]), "a") and o["nested"][1]["y"].tolist() == (ids % 7).tolist()
+        assert o["text"] == f"batch of {len(ids)}"
+
+
+def _fails_on_row_300(batch):
+    if 300 in batch["id"].tolist():
+        raise ValueError("row 300")
+    return batch
+
+
+def test_a_transform_error_in_a_followed_epoch_names_the_sample_ids(tmp_path):
+    from tests.bridge.follow_log import PartitionedWrite
+
+    write = PartitionedWrite(str(tmp_path / "live"), size_limit=2000)
+    write.partition(300)
+    write.partition(100)  # the write stays open: the epoch is followed, not read as a finished version
+    loader = StreamingLoader(str(tmp_path / "live"), batch_size=B, follow=True, follow_poll=0.05,
+                             follow_timeout=30, transform=_fails_on_row_300)
+    with pytest.raises(TransformError) as info:
+        list(loader)
+    loader.close()
+    write.complete()
+    # a followed epoch numbers rows in commit order, as the ids here are numbered
+    assert str(info.value) == ("the transform failed on epoch 0, batch 4 (sample ids 256, 257, 258, 259, 260, ... "
+                               "(64 samples)): ValueError: row 300")

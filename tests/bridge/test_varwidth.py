@@ -181,3 +181,17 @@ def test_a_batch_larger_than_its_shared_slot_still_arrives_whole(tmp_path, trans
             got[k] = b
     loader.close()
     assert got == {k: blob(k) for k in range(40)}
+
+
+def test_a_ragged_value_whose_header_disagrees_with_its_size_is_named():
+    from sparkbridge.format.mds import ShardFormatError, ndarray_rows
+
+    good = ndarray_value(np.arange(3, dtype=np.int32), 1)
+    bad = bytes([1 << 2 | 0]) + bytes([5]) + np.arange(3, dtype=np.int32).tobytes()  # says 5, holds 3
+    raw = np.frombuffer(good + bad, np.uint8)
+    starts, sizes = np.array([0, len(good)]), np.array([len(good), len(bad)])
+    st, sz = ndarray_rows(raw[:len(good)], starts[:1], sizes[:1], np.dtype("<i4"), "s.mds", "tokens")
+    assert st.tolist() == [2] and sz.tolist() == [12]
+    with pytest.raises(ShardFormatError, match=r"shard 's.mds', column 'tokens' \(ndarray:int32\): a value's size "
+                                               r"does not match its shape header"):
+        ndarray_rows(raw, starts, sizes, np.dtype("<i4"), "s.mds", "tokens")
