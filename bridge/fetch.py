@@ -15,6 +15,7 @@ import time
 from typing import Any, Optional, Union
 
 from sparkbridge.bridge.cache import ShardCache
+from sparkbridge.bridge.decode import DecodedShard
 from sparkbridge.bridge.resident import LOADED, LOADING, ResidentRows
 from sparkbridge.bridge.shard_source import ShardSource, check_hash_names, pick_hash
 from sparkbridge.bridge.shards import ShardTable
