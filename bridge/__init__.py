@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["StreamingLoader", "ShuffleAlgo", "StateError", "CorruptShardError", "SequencePacker", "pad_sequences"]
+__all__ = ["StreamingLoader", "LoaderOptions", "ShuffleAlgo", "StateError", "CorruptShardError", "SequencePacker",
+           "pad_sequences"]
 
 _LAZY = {
     "StreamingLoader": "sparkbridge.bridge.loader",
+    "LoaderOptions": "sparkbridge.bridge.options",
     "ShuffleAlgo": "sparkbridge.bridge.order",
     "StateError": "sparkbridge.bridge.state",
     "CorruptShardError": "sparkbridge.bridge.decode",
@@ -21,6 +23,7 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from sparkbridge.bridge.decode import CorruptShardError
     from sparkbridge.bridge.loader import StreamingLoader
+    from sparkbridge.bridge.options import LoaderOptions
     from sparkbridge.bridge.order import ShuffleAlgo
     from sparkbridge.bridge.sequences import SequencePacker, pad_sequences
     from sparkbridge.bridge.state import StateError

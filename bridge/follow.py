@@ -63,12 +63,9 @@ import numpy as np
 
 from sparkbridge.bridge.batch import BatchPlan, PackedBatch
 from sparkbridge.bridge.cache import ShardCache
-from sparkbridge.bridge.decode import decode_shard
 from sparkbridge.bridge.distributed import portable_error, rebuilt_error
-from sparkbridge.bridge.fetch import pick_hash
-from sparkbridge.bridge.mapped import map_file
+from sparkbridge.bridge.shard_source import LoggedShards
 from sparkbridge.errors import CommitConflictError, FollowTimeoutError, ShardFormatError, UsageError
-from sparkbridge.format.check import check_shard
 from sparkbridge.format.index import stored_name
 from sparkbridge.format.mds import ShardLayout
 from sparkbridge.format.paths import confined_path
@@ -244,6 +241,11 @@ class Follower:
         self.options = {"columns": columns, "features": features, "label": label}
         self.validate_hash = validate_hash
         self.cache = ShardCache(decoded_cache_bytes)
+        storage = reader.storage
+        self.files = LoggedShards(
+            root_local=root_local, storage=storage, source=str(reader.root), validate_hash=validate_hash,
+            in_place=storage.is_local and os.path.realpath(root_local) == os.path.realpath(storage.root),
+            spill_dir=self._spill_folder)
         self.poll, self.timeout, self.idle_timeout = poll, timeout, idle_timeout
         self.exchange = exchange  # callable(obj) -> [obj of rank 0, obj of rank 1, ...]; None with one rank
         self.shuffle_rows = int(shuffle_rows)  # this rank's (check_shuffle_rows); rank 0's is used
@@ -262,7 +264,6 @@ class Follower:
         self.finished = False
         self.padding: dict[int, int] = {}  # batch index -> how many of its last rows are repeats
         self._spill_dir: Optional[str] = None
-        self._mapped_files: dict[int, tuple] = {}  # shard -> (raw file checked, its identity then)
         self._ended = False
         self._in_end = False
         self._said_hold = False
@@ -313,7 +314,9 @@ class Follower:
             raise ShardFormatError(f"{where}: its columns differ from the dataset's first shard")
         start = self.total
         n = int(entry["samples"])
-        self.shards.append(_Shard(entry, name, confined_path(self.root_local, name, where=where), layout, start))
+        path = confined_path(self.root_local, name, where=where)
+        self.shards.append(_Shard(entry, name, path, layout, start))
+        self.files.add(entry, name=name, path=path, layout=layout)
         if len(self.shards) > len(self._starts):
             grown = np.empty(max(64, 2 * len(self._starts)), np.int64)
             grown[:len(self.shards) - 1] = self._starts[:len(self.shards) - 1]
@@ -505,48 +508,12 @@ class Follower:
         return self.shuffle and self.landed_bytes > self.cache.max_bytes
 
     def _decoded(self, i: int):
-        return self.cache.get(i, lambda: self._load(i))
+        """Shard ``i``, checked (:class:`~sparkbridge.bridge.shard_source.LoggedShards`): decoded
+        in memory, or — spilling — mapped from its decompressed file (the stored file itself when
+        it is not compressed), checked once per file."""
+        return self.cache.get(i, lambda: self.files.load(i, spill=self._spills()))
 
-    def _load(self, i: int):
-        """Shard ``i``, checked: decoded in memory, or — spilling — mapped from its decompressed
-        file (the stored file itself when it is not compressed), checked once per file."""
-        shard = self.shards[i]
-        spill = self._spills()
-        if spill:
-            mapped = self._mapped(i)
-            if mapped is not None:
-                return mapped
-        if not os.path.exists(shard.path):
-            if self._reads_in_place():
-                raise FileNotFoundError(f"shard {shard.name!r} of {self.reader.root} is listed in the log but "
-                                        "missing: the dataset is incomplete")
-            self._download(shard)
-        e = shard.entry
-        zipped = e.get("zip_data")
-        if spill and not zipped:
-            stored, ident = map_file(shard.path)
-        else:
-            with open(shard.path, "rb") as f:
-                stored = f.read()
-        hashes = dict((zipped or e["raw_data"]).get("hashes") or {})
-        report = check_shard(stored, where=f"shard {shard.name!r}", compression=e.get("compression") if zipped else None,
-                             raw_bytes=int(e["raw_data"]["bytes"]), samples=shard.samples, stored_hashes=hashes,
-                             hash_names=pick_hash(hashes, self.validate_hash)).raise_first()
-        if not spill:
-            return decode_shard(shard.name, shard.layout, report.raw, report.offsets)
-        if zipped:
-            path = self._spill_path(i)
-            tmp = f"{path}.part"
-            with open(tmp, "wb") as f:
-                f.write(memoryview(report.raw))
-            os.replace(tmp, path)
-            stored, ident = map_file(path)
-        else:
-            path = shard.path
-        self._mapped_files[i] = (path, ident)
-        return self._from_map(i, stored)
-
-    def _spill_path(self, i: int) -> str:
+    def _spill_folder(self) -> str:
         if self._spill_dir is None:
             from sparkbridge.bridge.spill import new_spill_folder, remove_stale_spill_folders
 
@@ -555,49 +522,17 @@ class Follower:
             os.makedirs(self._spill_dir, mode=0o700, exist_ok=True)
             logger.info("%s: the followed data outgrew decoded_cache_bytes; shards are decompressed once into %s "
                         "and memory-mapped from there (removed when the epoch ends)", self.reader.root, self._spill_dir)
-        return os.path.join(self._spill_dir, f"{i:08d}.mds")
-
-    def _mapped(self, i: int):
-        """Shard ``i`` from the file it was checked in, when that file is unchanged since."""
-        known = self._mapped_files.get(i)
-        if known is None:
-            return None
-        path, ident = known
-        try:
-            buf, now = map_file(path)
-        except FileNotFoundError:
-            return None
-        if now != ident:
-            return None
-        return self._from_map(i, buf)
-
-    def _from_map(self, i: int, buf: np.ndarray):
-        shard = self.shards[i]
-        offsets = buf[4:4 + 4 * (shard.samples + 1)].view("<u4")  # checked before it was written
-        return decode_shard(shard.name, shard.layout, buf, offsets, mapped=True)
+        return self._spill_dir
 
     def close(self) -> None:
         """Drop the decoded shards and remove the spill folder."""
         self.cache.clear()
-        self._mapped_files.clear()
+        self.files.forget_spilled()
         if self._spill_dir is not None:
             from sparkbridge.bridge.spill import remove_spill_folder
 
             remove_spill_folder(self._spill_dir)
             self._spill_dir = None
-
-    def _reads_in_place(self) -> bool:
-        storage = self.reader.storage
-        return storage.is_local and os.path.realpath(self.root_local) == os.path.realpath(storage.root)
-
-    def _download(self, shard: _Shard) -> None:
-        """Fetch a shard of a remote (or separately cached) dataset into the local folder."""
-        data = self.reader.storage.read_bytes(shard.name)
-        os.makedirs(os.path.dirname(shard.path), exist_ok=True)
-        tmp = f"{shard.path}.{os.getpid()}.part"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, shard.path)
 
     def _gather(self, rows: np.ndarray) -> PackedBatch:
         starts = self._starts[:len(self.shards)]

@@ -166,19 +166,16 @@ class SnapshotStream(Stream):
         return self._index_size
 
     def _write_raw(self, zip_info: Any, zipped: bytes, raw_filename: str) -> None:
-        raw = self._check(self._by_zip[zip_info.basename], zipped)
-        tmp = f"{raw_filename}.{os.getpid()}.tmp"
-        os.makedirs(os.path.dirname(raw_filename), exist_ok=True)
-        with open(tmp, "wb") as out:
-            out.write(memoryview(raw))
-        os.replace(tmp, raw_filename)
+        from sparkbridge.bridge.shard_source import write_file
+
+        write_file(raw_filename, self._check(self._by_zip[zip_info.basename], zipped))
 
     # Mosaic 0.13: Stream._decompress_shard_part(zip_info, zip_filename, raw_filename, compression)
     def _decompress_shard_part(self, zip_info: Any, zip_filename: str, raw_filename: str,
                                compression: Optional[str]) -> None:
-        with open(zip_filename, "rb") as f:
-            zipped = f.read()
-        self._write_raw(zip_info, zipped, raw_filename)
+        from sparkbridge.bridge.shard_source import read_file
+
+        self._write_raw(zip_info, read_file(zip_filename), raw_filename)
         if not self.safe_keep_zip:
             os.remove(zip_filename)
 
@@ -192,9 +189,9 @@ class SnapshotStream(Stream):
         if os.path.isfile(raw_filename):
             return 0
         zip_filename = os.path.join(remote, self.split, zip_info.basename)
-        with open(zip_filename, "rb") as f:  # FileNotFoundError: the dataset is incomplete
-            zipped = f.read()
-        self._write_raw(zip_info, zipped, raw_filename)
+        from sparkbridge.bridge.shard_source import read_file
+
+        self._write_raw(zip_info, read_file(zip_filename), raw_filename)  # FileNotFoundError: incomplete
         return int(raw_info.bytes)
 
 

@@ -62,7 +62,12 @@ def _file_map(folder: str, size: int) -> mmap.mmap:
     try:
         os.unlink(path)
         os.ftruncate(fd, size)  # sparse: blocks are allocated as rows are written
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        table = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        if hasattr(mmap, "MADV_RANDOM"):
+            # rows are read at random: once evicted, a row is read back alone, not with the ~128 KiB
+            # of read-around a page fault brings in by default
+            table.madvise(mmap.MADV_RANDOM)
+        return table
     finally:
         os.close(fd)
 

@@ -1,7 +1,8 @@
 """Token sequences as dense batches: padded to ``[B, L]`` with a mask, or packed with ``cu_seqlens``.
 
 The loader hands a variable-length ``ndarray`` column (token ids written by Spark as
-``array<int>``) over as one tensor per row. A model wants one ``[B, L]`` tensor. Two shapes:
+``array<int>``) over as a :class:`sparkbridge.bridge.varwidth.Ragged`: every token in one tensor
+plus row offsets. A model wants one ``[B, L]`` tensor. Two shapes:
 
 * :func:`pad_sequences` — one row per sequence, padded to ``L`` (the longest in the batch, or a
   fixed length), with ``attention_mask``. Lockstep under DDP: one output per loader batch.
@@ -13,7 +14,10 @@ The loader hands a variable-length ``ndarray`` column (token ids written by Spar
   token exactly once.
 
 Both are vectorized: one copy of the batch's tokens and a few ``numpy`` calls, never a Python loop
-over tokens (the loop over pieces of a block runs ``rows × length / mean length`` times).
+over tokens. A :class:`sparkbridge.bridge.varwidth.Ragged` column (what the loader gives for
+``ndarray:<int dtype>`` rows) is read as its values and offsets, with no loop over rows either; a
+list of tensors still works. The loop over pieces of a block runs ``rows × length / mean length``
+times.
 """
 
 from __future__ import annotations
@@ -60,6 +64,25 @@ def _common_dtype(arrays: Sequence[np.ndarray], what: str) -> np.dtype:
     return dtype
 
 
+def _flat(seqs: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's token sequences as (every token end to end, each row's length): straight from a
+    :class:`sparkbridge.bridge.varwidth.Ragged` column (no per-row work), else row by row."""
+    from sparkbridge.bridge.varwidth import Ragged
+
+    if isinstance(seqs, Ragged):
+        values = seqs.values.numpy() if hasattr(seqs.values, "numpy") else np.asarray(seqs.values)
+        offsets = seqs.offsets.numpy() if hasattr(seqs.offsets, "numpy") else np.asarray(seqs.offsets)
+        if values.ndim != 1:
+            raise UsageError(f"{what}: the values are a {values.ndim}-d array; token sequences are 1-d")
+        dtype = _common_dtype([values], what)
+        lens = np.diff(offsets).astype(np.int64, copy=False)
+        return values[int(offsets[0]):int(offsets[-1])].astype(dtype, copy=False), lens
+    arrays = _as_arrays(seqs, what)
+    dtype = _common_dtype(arrays, what)
+    lens = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    return (np.concatenate(arrays) if arrays else np.empty(0, dtype)), lens
+
+
 def _torch_ints(a: np.ndarray):
     import torch
 
@@ -80,24 +103,25 @@ def pad_sequences(seqs: Sequence[Any], *, length: Optional[int] = None, pad_valu
     overflow = Overflow(overflow)
     if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
         raise UsageError(f"pad_sequences: length must be an int >= 1 or None, got {length!r}")
-    arrays = _as_arrays(seqs, "pad_sequences")
-    dtype = _common_dtype(arrays, "pad_sequences")
-    lens = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    tokens, lens = _flat(seqs, "pad_sequences")
+    dtype = tokens.dtype
     width = int(lens.max(initial=0)) if length is None else length
+    starts = np.cumsum(lens) - lens  # each row's first token in ``tokens``
     if length is not None and lens.size and int(lens.max()) > length:
         if overflow is Overflow.ERROR:
             row = int(np.argmax(lens > length))
             raise UsageError(f"pad_sequences: row {row} has {int(lens[row])} tokens, more than length={length} "
                              "(pass overflow='truncate' to keep the first tokens)")
-        arrays = [a[:length] for a in arrays]
         lens = np.minimum(lens, length)
-    b = len(arrays)
+    b = len(lens)
     flat = np.full(b * width, pad_value, dtype=dtype)
-    if b and width:
-        tokens = np.concatenate(arrays) if arrays else np.empty(0, dtype)
-        starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
-        dest = np.repeat(np.arange(b, dtype=np.int64) * width - starts, lens) + np.arange(tokens.size)
-        flat[dest] = tokens
+    total = int(lens.sum())
+    if b and width and total:
+        # token j of row i goes to slot i * width + j: one index per token, not per slot
+        kept = np.cumsum(lens) - lens  # each row's first token among the kept ones
+        within = np.arange(total, dtype=np.int64) - np.repeat(kept, lens)
+        dest = np.repeat(np.arange(b, dtype=np.int64) * width, lens) + within
+        flat[dest] = tokens if total == tokens.size else tokens[np.repeat(starts, lens) + within]
     mask = np.arange(width)[None, :] < lens[:, None]
     return {"input_ids": _torch_ints(flat.reshape(b, width)), "attention_mask": torch.from_numpy(mask),
             "lengths": torch.from_numpy(lens)}
@@ -181,8 +205,8 @@ class SequencePacker:
     def _add(self, batch: Mapping[str, Any]) -> None:
         if self.column not in batch:
             raise UsageError(f"SequencePacker: the batch has no column {self.column!r} (it has {sorted(batch)})")
-        arrays = _as_arrays(batch[self.column], f"SequencePacker column {self.column!r}")
-        lens = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+        what = f"SequencePacker column {self.column!r}"
+        new, lens = _flat(batch[self.column], what)
         keep = lens > 0  # an empty sequence has no token to place: it is skipped (documented)
         ids = None
         if self.id_column is not None:
@@ -190,17 +214,16 @@ class SequencePacker:
                 raise UsageError(f"SequencePacker: the batch has no id column {self.id_column!r}")
             raw = batch[self.id_column]
             ids = np.asarray(raw.numpy() if hasattr(raw, "numpy") else raw)
-            if ids.shape != (len(arrays),):
+            if ids.shape != (len(lens),):
                 raise UsageError(f"SequencePacker: id column {self.id_column!r} has shape {ids.shape}, "
-                                 f"expected ({len(arrays)},)")
+                                 f"expected ({len(lens)},)")
             ids = ids[keep]
         if not keep.all():
-            arrays = [a for a, k in zip(arrays, keep.tolist()) if k]
             lens = lens[keep]
         p = self._pending
-        dtype = _common_dtype(arrays + ([p.tokens] if p is not None and p.tokens.size else []),
-                              f"SequencePacker column {self.column!r}")
-        new = np.concatenate(arrays) if arrays else np.empty(0, dtype)
+        if p is not None and p.tokens.size and new.size and p.tokens.dtype != new.dtype:
+            raise UsageError(f"{what}: rows have different dtypes {sorted({str(p.tokens.dtype), str(new.dtype)})}; "
+                             "a column of token ids has one")
         if p is None or p.head >= p.lengths.size:
             self._pending = _Pending(new, lens, np.zeros(lens.size, np.int64), ids)
             return

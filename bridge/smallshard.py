@@ -1,7 +1,7 @@
 """Small fixed-width shards accepted in a few C calls, for the resident table's first fill.
 
 Why: a dataset of 10,000 shards x 100 rows spent ~280 us per shard in the general path
-(:meth:`bridge.fetch.ShardReader.load`: candidate files tried in turn, with a failed open for a
+(:meth:`sparkbridge.bridge.shard_source.ShardSource.load`: candidate files tried in turn, with a failed open for a
 decompressed copy that is not there; a report object; offsets widened and diffed twice; a decoded
 shard object) against ~50 us of reading and decompressing, so its first epoch ran at 0.35-0.55M
 rows/s. Here a shard costs one open and read, one hash, one decompression, one comparison of its
@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from sparkbridge.bridge.shard_source import read_file
 from sparkbridge.format.check import decompress_bounded
 from sparkbridge.format.codecs import hash_bytes
 
@@ -120,8 +121,7 @@ class SmallShards:
         if hasher is False:
             return None
         try:
-            with open(plan.paths[i], "rb") as f:
-                data = f.read()
+            data = read_file(plan.paths[i])
         except OSError:
             return None
         if hasher is not None and hasher(data) != plan.digests[i]:

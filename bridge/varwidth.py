@@ -85,12 +85,16 @@ def ndarray_rows(raw: np.ndarray, starts: np.ndarray, sizes: np.ndarray, dtype: 
     if int(data.min()) < 0 or np.any(data % dtype.itemsize):
         raise ShardFormatError(f"shard {shard!r}, column {column!r} (ndarray:{dtype.name}): a value's size does "
                                "not match its shape header")
-    length = np.empty(m, dtype=np.int64)
-    for c in np.unique(code).tolist():
-        sel = np.flatnonzero(code == c)
-        w = 1 << c
-        idx = (starts[sel] + 1)[:, None] + np.arange(w, dtype=np.int64)
-        length[sel] = raw[idx].copy().view(np.dtype(_SHAPE_DTYPES[c])).reshape(-1).astype(np.int64)
+    c0 = int(code[0])
+    if np.all(code == c0):  # the usual case: one shape width for the whole group
+        idx = (starts + 1)[:, None] + np.arange(1 << c0, dtype=np.int64)
+        length = raw[idx].view(np.dtype(_SHAPE_DTYPES[c0])).reshape(-1).astype(np.int64)
+    else:
+        length = np.empty(m, dtype=np.int64)
+        for c in np.unique(code).tolist():
+            sel = np.flatnonzero(code == c)
+            idx = (starts[sel] + 1)[:, None] + np.arange(1 << c, dtype=np.int64)
+            length[sel] = raw[idx].view(np.dtype(_SHAPE_DTYPES[c])).reshape(-1).astype(np.int64)
     if not np.array_equal(length * dtype.itemsize, data):
         raise ShardFormatError(f"shard {shard!r}, column {column!r} (ndarray:{dtype.name}): a value's size does "
                                "not match its shape header")

@@ -31,6 +31,7 @@ BENCHMARKS = {
     "grid": "bench/grid.py",  # later epochs vs the in-memory bound over dataset x shard sizes, 0/2 workers
     "memory": "bench/memory.py",  # a bounded decoded budget vs unbounded, rows/s and RSS growth
     "scale": "bench/scale.py",  # 100 -> 10,000 shards: open, first batch, RSS, rows/s vs stock
+    "order": "bench/order.py",  # shuffled epoch at 4M-32M rows: memory growth and rows/s, py1e vs global
     "first_batch": "bench/first_batch.py",  # fresh process to first batch, step by step, vs stock
     "live": "bench/live.py",  # training that follows the ETL vs ETL then training
     "shuffle": "bench/shuffle.py",  # shuffle score of a followed epoch vs a global shuffle

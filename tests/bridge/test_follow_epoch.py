@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sparkbridge.bridge import StreamingLoader
-from sparkbridge.bridge import follow as follow_module
+from sparkbridge.bridge import shard_source
 from sparkbridge.bridge.follow import _Pool
 from tests.bridge.follow_log import PartitionedWrite
 
@@ -72,13 +72,13 @@ def test_a_shuffled_followed_epoch_larger_than_the_budget_decompresses_each_shar
     shards = len(w.reader.refresh().shards)
     assert shards >= 20
     passes = []
-    real = follow_module.check_shard
+    real = shard_source.check_shard  # the one place a shard is checked, for followed epochs too
 
     def counted(stored, **kw):
         passes.append(kw["where"])
         return real(stored, **kw)
 
-    monkeypatch.setattr(follow_module, "check_shard", counted)
+    monkeypatch.setattr(shard_source, "check_shard", counted)
     loader = StreamingLoader(root, batch_size=256, shuffle=True, seed=1, follow=True, follow_poll=0.02,
                              decoded_cache_bytes=1 << 20)
     w.complete()

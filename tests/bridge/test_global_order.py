@@ -99,6 +99,12 @@ def test_variable_width_columns_read_per_shard(tmp_path_factory, workers):
     ids = np.concatenate(batches + take(resumed))
     resumed.close()
     assert np.array_equal(ids, order.samples(np.arange(rows)))  # every row once, the global order
+    if workers:  # real DataLoader workers, each its batches g % 2: with drop_last the 9 full ones
+        dropped = make(data, workers, 1 << 12, drop_last=True)
+        batches = take(dropped)
+        assert len(dropped) == 9
+        dropped.close()
+        assert len(batches) == 9 and np.array_equal(np.concatenate(batches), order.samples(np.arange(9 * B)))
 
 
 def test_drop_last_and_unshuffled(data, reference):

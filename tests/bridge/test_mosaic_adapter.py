@@ -20,8 +20,8 @@ from tests.bridge.util import write_numeric
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: One process: wait for the start time, build a loader over argv[1], read one epoch, print
-#: its ids' count and sum and the shared-memory prefix it registered.
+#: One process: wait for the start time, build a loader over argv[1], read one epoch, keep it open
+#: until argv[3] seconds after the start, print its ids' count and sum and its shared-memory prefix.
 READER = """
 import json, logging, sys, time
 start = float(sys.argv[2])
@@ -32,21 +32,10 @@ time.sleep(max(0.0, start - time.time()))
 loader = StreamingLoader(sys.argv[1], batch_size=64)
 ids = [i for b in loader for i in b["id"].tolist()]
 prefix = loader.dataset._shm_prefix_int
+time.sleep(max(0.0, start + float(sys.argv[3]) - time.time()))  # the loaders' lives overlap until then
 loader.close()
 print(json.dumps({"rows": len(ids), "sum": sum(ids), "distinct": len(set(ids)), "prefix": prefix}))
 """
-
-#: A stock Mosaic StreamingDataset (takes no lock) registering while it is told to.
-STOCK = """
-import json, sys, time
-start = float(sys.argv[2])
-from streaming import StreamingDataset
-time.sleep(max(0.0, start - time.time()))
-ds = StreamingDataset(local=sys.argv[1], batch_size=64)
-print(json.dumps({"rows": sum(1 for _ in ds), "prefix": ds._shm_prefix_int}), flush=True)
-time.sleep(float(sys.argv[3]))  # keeps its prefix registered meanwhile
-"""
-
 
 def _start(script: str, *args, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, text=True,
@@ -75,7 +64,7 @@ def test_loaders_that_start_together_in_separate_processes_each_register_their_o
     own dataset exactly, and the live ones never share a prefix."""
     for _ in range(2):
         start = time.time() + 8.0  # after every process has imported torch and Mosaic
-        procs = [_start(READER, ds, start) for ds in datasets]
+        procs = [_start(READER, ds, start, 0) for ds in datasets]
         results = [_result(p)[0] for p in procs]
         for k, r in enumerate(results):
             _expect(r, 500 + k)
@@ -86,25 +75,52 @@ def test_a_loader_that_starts_while_another_registers_waits_and_takes_the_next_p
     ``shm-prefix-chosen``); loader B starts meanwhile: B waits for A's registration and takes a
     different prefix; both read their rows."""
     start = time.time() + 6.0
-    a = _start(READER, datasets[0], start, env={"SPARKBRIDGE_FAULTS": "shm-prefix-chosen@1=sleep3"})
-    b = _start(READER, datasets[1], start + 1.0)
+    a = _start(READER, datasets[0], start, 15, env={"SPARKBRIDGE_FAULTS": "shm-prefix-chosen@1=sleep3"})
+    b = _start(READER, datasets[1], start + 1.0, 15)
     (ra, _), (rb, _) = _result(a), _result(b)
     _expect(ra, 500)
     _expect(rb, 501)
     assert ra["prefix"] != rb["prefix"]
 
 
-def test_a_stock_mosaic_dataset_that_takes_the_chosen_prefix_first_makes_the_loader_choose_again(datasets):
-    """A stock Mosaic dataset takes no lock: it registers prefix N while our loader stalls
-    between choosing N and creating it; the loader registers another prefix instead of failing
-    with FileExistsError."""
-    start = time.time() + 6.0
-    ours = _start(READER, datasets[0], start, env={"SPARKBRIDGE_FAULTS": "shm-prefix-chosen@1=sleep4"})
-    stock = _start(STOCK, datasets[2], start + 1.0, 8)
-    stock_out = json.loads(stock.stdout.readline())
-    result, log = _result(ours)
-    stock.communicate(timeout=60)
+def _held_for(path: str, seconds: float) -> bool:
+    """Whether another process holds the flock on ``path`` for ``seconds`` on end."""
+    import fcntl
+
+    deadline = time.monotonic() + seconds
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                time.sleep(0.05)
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_a_stock_mosaic_registration_that_takes_the_chosen_prefix_first_makes_the_loader_choose_again(datasets):
+    """Stock Mosaic takes no lock: while our loader stalls between choosing prefix N and creating
+    it (inside the lock), Mosaic's own registration (run here, in the test's process) takes N;
+    the loader registers another prefix instead of failing with FileExistsError."""
+    from streaming.base.shared.prefix import get_shm_prefix
+    from streaming.base.world import World
+
+    from sparkbridge.bridge.mosaic import PREFIX_LOCK
+
+    ours = _start(READER, datasets[0], time.time(), 0, env={"SPARKBRIDGE_FAULTS": "shm-prefix-chosen@1=sleep6"})
+    deadline = time.monotonic() + 120
+    while not (os.path.exists(PREFIX_LOCK) and _held_for(PREFIX_LOCK, 1.0)):  # ours has chosen, and sleeps
+        assert time.monotonic() < deadline and ours.poll() is None, "the loader never stalled in the lock"
+    prefix, shm = get_shm_prefix([str(datasets[2])], [None], World.detect())
+    try:
+        result, log = _result(ours)
+    finally:
+        shm.cleanup()
     _expect(result, 500)
-    assert f"prefix {stock_out['prefix']} was taken meanwhile; choosing again" in log  # the race happened
-    assert stock_out["rows"] == 502
-    assert result["prefix"] != stock_out["prefix"]
+    assert f"prefix {prefix} was taken meanwhile; choosing again" in log  # the race happened
+    assert result["prefix"] != prefix

@@ -240,7 +240,7 @@ def test_close_is_prompt_when_a_later_fork_holds_the_pipe(data):
     try:
         t0 = time.monotonic()
         loader.close()
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 10.0  # not the holder's 60 s (a margin for a loaded machine)
         assert not alive(pid)
     finally:
         holder.kill()

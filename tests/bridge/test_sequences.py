@@ -150,3 +150,24 @@ def test_packer_state_from_other_settings_is_refused(seq_data):
         other.load_state_dict(state)
     with pytest.raises(StateError, match="not a SequencePacker state"):
         other.load_state_dict(loader.state_dict())
+
+
+def test_pad_and_pack_read_a_ragged_column_as_values_and_offsets(seq_data):
+    from sparkbridge.bridge.varwidth import Ragged
+
+    seqs = Ragged(torch.tensor([1, 2, 3, 7, 8, 9, 10], dtype=torch.int32), torch.tensor([0, 3, 3, 4, 7]))
+    out = pad_sequences(seqs, pad_value=-1)
+    assert out["input_ids"].tolist() == [[1, 2, 3], [-1, -1, -1], [7, -1, -1], [8, 9, 10]]
+    assert out["input_ids"].dtype == torch.int32 and out["lengths"].tolist() == [3, 0, 1, 3]
+    cut = pad_sequences(seqs, length=2, overflow="truncate")
+    assert cut["input_ids"].tolist() == [[1, 2], [0, 0], [7, 0], [8, 9]]
+    with pytest.raises(UsageError, match=r"row 0 has 3 tokens, more than length=2"):
+        pad_sequences(seqs, length=2)
+    # the loader's token column is a Ragged: a packed epoch holds every token once, in order
+    loader = StreamingLoader(seq_data, batch_size=B)
+    assert isinstance(next(iter(loader))["tokens"], Ragged)
+    blocks = list(SequencePacker(loader, column="tokens", length=50, rows=2))
+    flat = torch.cat([b["input_ids"].reshape(-1)[:int(b["cu_seqlens"][-1])] for b in blocks])
+    assert flat.tolist() == np.concatenate([tokens_of(k) for k in range(N)]).tolist()
+    assert all(int(b["attention_mask"].sum()) == 100 for b in blocks[:-1])  # no padding but the last block's
+    loader.close()

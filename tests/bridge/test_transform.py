@@ -217,3 +217,55 @@ def test_a_transform_defined_in_a_notebook_cell_works(data):
     ]
     NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
     assert nb.cells[2].outputs[0]["text"].split() == ["True", "False"]
+
+
+def _tagged(batch):
+    return {"id": batch["id"] * 2, "pid": os.getpid()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_transform_in_a_followed_epoch_sees_every_landed_row_once(tmp_path, workers):
+    import threading
+
+    from tests.bridge.follow_log import PartitionedWrite
+
+    root = str(tmp_path / "live")
+    write = PartitionedWrite(root, size_limit=2000)
+    write.partition(300)
+
+    def land_the_rest():
+        for rows in (0, 250, 180):
+            write.partition(rows)
+        write.complete()
+
+    loader = StreamingLoader(root, batch_size=B, shuffle=True, seed=2, follow=True, follow_poll=0.05,
+                             num_workers=workers, transform=_tagged)
+    writer = threading.Thread(target=land_the_rest)
+    writer.start()
+    got, pids = [], set()
+    for out in loader:  # the followed epoch: ends when the write completes
+        got += (out["id"] // 2).tolist()
+        pids.add(out["pid"])
+    writer.join()
+    assert sorted(got) == list(range(730))
+    assert (pids == {os.getpid()}) if workers == 0 else (len(pids) == 2 and os.getpid() not in pids)
+    # the next epoch reads the finished version, through the same transform
+    assert sorted(i for out in loader for i in (out["id"] // 2).tolist()) == list(range(730))
+    loader.close()
+
+
+def test_a_transform_under_two_torchrun_ranks_reads_disjoint_shares_exactly_once(data, tmp_path):
+    import json
+    from pathlib import Path
+
+    from tests.bridge.util import torchrun
+
+    script = Path(__file__).with_name("transform_ranks.py")
+    done = torchrun(script, str(tmp_path), str(data), nproc=2, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    a, b = (set(r["ids"]) for r in ranks)
+    assert a.isdisjoint(b) and sorted(a | b) == list(range(N))
+    assert all(len(r["ids"]) == N // 2 and len(set(r["ids"])) == N // 2 for r in ranks)  # exactly once
+    assert ranks[0]["batches"] == ranks[1]["batches"] == ranks[0]["len"]
+    assert all(r["in_worker"] for r in ranks)
