@@ -385,7 +385,7 @@ def spark_write(root: str, partitions: int) -> dict[str, float]:
         n = partitions * ROWS_PER_SHARD
         df = spark.range(0, n, 1, numPartitions=partitions).withColumn("label", (F.col("id") % 7).cast("int"))
         t0 = time.perf_counter()
-        result = write_mds(df, root, shard_size=16 * ROWS_PER_SHARD + 400)
+        result = write_mds(df, root, shard_size=1024)  # the smallest write_mds takes: one shard a partition
         total = time.perf_counter() - t0
     finally:
         spark.stop()

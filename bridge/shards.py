@@ -73,6 +73,7 @@ class ShardTable:
         self._confiners: dict[str, Confiner] = {}
         self._all_paths: dict[tuple[str, str], list[Optional[str]]] = {}
         self._cache_seen = False
+        self._sizes_checked = False  # check_declared_sizes stat'ed every file once, all matching
         self._check_folders()
 
     def _confiner(self, root: str) -> Confiner:
@@ -117,6 +118,10 @@ class ShardTable:
                 f"its compressed file (zip_data.bytes={int(self.zip_bytes[i])}); a shard is decompressed in memory "
                 "whole, so the claim is refused before it is tried: the index is corrupt or hostile (if it is "
                 "right, raise decoded_cache_bytes)")
+        if self._sizes_checked:
+            # the files were stat'ed by an earlier call (the early fill's, then the dataset's on
+            # the same table): 100,000 stats once more bought nothing the first did not
+            return
         for where in ("origin", "cache"):
             for kind, declared, mine in (("zip_data", self.zip_bytes, self.compressed),
                                          ("raw_data", self.raw_bytes, ~self.compressed)):
@@ -134,6 +139,7 @@ class ShardTable:
                             f"{self.where}, shard {self.entries[i][kind]['basename']!r}: {kind}.bytes="
                             f"{int(declared[i])} but the file {path} has {size} bytes: the file is truncated or "
                             "corrupt (or replaced), or the index lies (rewrite the dataset, or delete the cached copy)")
+        self._sizes_checked = True
 
     # ------------------------------------------------------------------ facts
 

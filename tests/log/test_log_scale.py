@@ -338,3 +338,39 @@ def test_plain_names_take_one_regular_expression_and_every_other_name_the_full_c
     else:
         with pytest.raises(UnsafePathError, match="^test: "):
             check_relpath(name, where="test")
+
+
+def test_a_shard_table_stats_its_files_once_however_often_sizes_are_checked(tmp_path, monkeypatch):
+    """The early fill and then the dataset checked the declared sizes of the same table: every
+    shard file stat'ed twice on the way to a first batch (200,000 stats at 100,000 shards). The
+    budget is still checked each time; a file that did not match is refused on every call."""
+    from sparkbridge.bridge.shards import ShardTable
+    from sparkbridge.errors import CorruptShardError
+    from tests.log.writes import write_ids
+
+    storage = open_storage(str(tmp_path / "ds"))
+    write_ids(storage, "error", [[1, 2], [3], [4, 5, 6]])
+    snap = LogReader(storage).snapshot()
+    table = ShardTable(snap.shards, cache_root=storage.root + "/", origin_root=None, where="ds")
+    stated: list[str] = []
+    real = os.stat
+
+    def counting(path, *a, **kw):
+        if ".mds" in str(path):
+            stated.append(str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(os, "stat", counting)
+    table.check_declared_sizes(1 << 20)
+    assert len(stated) == 3
+    table.check_declared_sizes(1 << 20)
+    assert len(stated) == 3
+    monkeypatch.setattr(os, "stat", real)
+
+    path = storage.local_path(snap.shards[1]["raw_data"]["basename"])
+    with open(path, "r+b") as f:
+        f.truncate(10)
+    broken = ShardTable(snap.shards, cache_root=storage.root + "/", origin_root=None, where="ds")
+    for _ in range(2):
+        with pytest.raises(CorruptShardError, match=r"raw_data.bytes=\d+ but the file .* has 10 bytes"):
+            broken.check_declared_sizes(1 << 20)
