@@ -323,36 +323,33 @@ def serialize_prefix_registration() -> None:
 
 
 def _register_prefix(streams_local: list, streams_remote: list, world: Any, retry: int = 100) -> tuple:
-    """Mosaic's ``get_shm_prefix`` (same arguments, same result), race-free between processes."""
+    """Mosaic's ``get_shm_prefix`` (same arguments, same result), race-free between processes; a
+    failure of the leader's registration is raised on every rank (Mosaic's ranks waited for it in
+    a barrier until the process group's timeout)."""
     import torch.distributed as dist
     from streaming.base.shared import SharedMemory
     from streaming.base.shared import prefix as mosaic_prefix
 
     mosaic_prefix._check_self(streams_local)
-    prefix_int, shm = -1, None
+    prefix_int, shm, failure = -1, None, None
     if world.is_local_leader:
-        for _ in range(1 + retry):
-            with _prefix_lock():
-                prefix_int = max(mosaic_prefix._check_and_find_retrying(streams_local, streams_remote,
-                                                                        shm_name=name, retry=retry)
-                                 for name in mosaic_prefix.SHM_TO_CLEAN)
-                _faults.point("shm-prefix-chosen")
-                data = mosaic_prefix._pack_locals(streams_local, prefix_int)
-                try:
-                    shm = SharedMemory(mosaic_prefix._get_path(prefix_int, mosaic_prefix.LOCALS), True, len(data))
-                except FileExistsError:  # taken meanwhile by a Mosaic dataset that takes no lock
-                    logger.debug("shared-memory prefix %d was taken meanwhile; choosing again", prefix_int)
-                    continue
-                shm.buf[:len(data)] = data
-                break
-        else:
-            raise SparkbridgeError(f"no free shared-memory prefix for {streams_remote[0] or streams_local[0]} "
-                                   f"after {1 + retry} tries: other Mosaic datasets on this host took each one")
+        try:
+            prefix_int, shm = _register_as_leader(streams_local, streams_remote, retry)
+        except Exception as exc:  # every rank of the job raises it, below: none waits for the leader
+            failure = exc
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        prefixes: list = [None] * dist.get_world_size()
-        dist.all_gather_object(prefixes, prefix_int)
+        from sparkbridge.bridge.distributed import portable_error, rebuilt_error
+
+        answers: list = [None] * dist.get_world_size()
+        dist.all_gather_object(answers, (prefix_int, None if failure is None else portable_error(failure)))
         leader = world.node * world.ranks_per_node  # ranks are numbered node by node (Mosaic's World)
-        prefix_int = prefixes[leader]
+        prefix_int, error = answers[leader]
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise rebuilt_error(error, leader)
+    elif failure is not None:
+        raise failure
     if not world.is_local_leader:
         name = mosaic_prefix._get_path(prefix_int, mosaic_prefix.LOCALS)
         try:
@@ -365,6 +362,30 @@ def _register_prefix(streams_local: list, streams_remote: list, world: Any, retr
             raise SparkbridgeError(f"rank {world.rank} reads {streams_local} but its node's first rank registered "
                                    f"{their_locals}: give every rank the same remote= and local=")
     return prefix_int, shm
+
+
+def _register_as_leader(streams_local: list, streams_remote: list, retry: int) -> tuple:
+    """The node leader's part: choose the first free prefix and create its ``_locals`` segment,
+    under the host-wide lock; choose again when a lock-free Mosaic dataset took it meanwhile."""
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared import prefix as mosaic_prefix
+
+    for _ in range(1 + retry):
+        with _prefix_lock():
+            prefix_int = max(mosaic_prefix._check_and_find_retrying(streams_local, streams_remote,
+                                                                    shm_name=name, retry=retry)
+                             for name in mosaic_prefix.SHM_TO_CLEAN)
+            _faults.point("shm-prefix-chosen")
+            data = mosaic_prefix._pack_locals(streams_local, prefix_int)
+            try:
+                shm = SharedMemory(mosaic_prefix._get_path(prefix_int, mosaic_prefix.LOCALS), True, len(data))
+            except FileExistsError:  # taken meanwhile by a Mosaic dataset that takes no lock
+                logger.debug("shared-memory prefix %d was taken meanwhile; choosing again", prefix_int)
+                continue
+            shm.buf[:len(data)] = data
+            return prefix_int, shm
+    raise SparkbridgeError(f"no free shared-memory prefix for {streams_remote[0] or streams_local[0]} "
+                           f"after {1 + retry} tries: other Mosaic datasets on this host took each one")
 
 
 class _prefix_lock:

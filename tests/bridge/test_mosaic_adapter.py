@@ -124,3 +124,18 @@ def test_a_stock_mosaic_registration_that_takes_the_chosen_prefix_first_makes_th
     _expect(result, 500)
     assert f"prefix {prefix} was taken meanwhile; choosing again" in log  # the race happened
     assert result["prefix"] != prefix
+
+
+def test_a_leader_whose_registration_fails_fails_every_rank_of_its_job(datasets, tmp_path):
+    """The node leader's registration raises (fault point ``shm-prefix-chosen``): the other rank
+    raises the same error within seconds instead of waiting in Mosaic's barrier until the process
+    group's timeout."""
+    from tests.bridge.util import torchrun
+
+    proc = torchrun(Path(__file__).parent / "prefix_ranks.py", tmp_path, datasets[3],
+                    env={"SPARKBRIDGE_FAULTS": "shm-prefix-chosen=raise"}, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["raised"] == r1["raised"] == {"type": "InjectedFault",
+                                            "message": "injected fault at shm-prefix-chosen"}
+    assert max(r0["seconds"], r1["seconds"]) < 30  # not the process group's 60 s timeout
