@@ -14,7 +14,7 @@ import pytest
 from sparkbridge.bridge import ShuffleAlgo, StreamingLoader
 from sparkbridge.bridge.order import GlobalOrder
 from sparkbridge.bridge.state import StateError
-from tests.bridge.util import torchrun, write_every_encoding, write_numeric
+from tests.bridge.util import take, torchrun, write_every_encoding, write_numeric
 
 N, B = 1003, 32
 BATCHES = -(-N // B)  # 32: 31 full batches and one of 11
@@ -30,15 +30,6 @@ def data(tmp_path_factory):
 def make(data, workers=0, budget=None, **kw):
     return StreamingLoader(data, batch_size=B, shuffle=True, seed=11, shuffle_algo=ShuffleAlgo.GLOBAL,
                            num_workers=workers, decoded_cache_bytes=budget, **kw)
-
-
-def take(loader, k=None):
-    out = []
-    for batch in loader:
-        out.append(batch["id"].numpy().copy())
-        if k is not None and len(out) == k:
-            break
-    return out
 
 
 def score(ids: np.ndarray) -> float:

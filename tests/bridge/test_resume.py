@@ -10,7 +10,7 @@ import pytest
 
 from sparkbridge.bridge import StreamingLoader
 from sparkbridge.bridge.state import StateError
-from tests.bridge.util import write_numeric
+from tests.bridge.util import take, write_numeric
 
 N, B = 1000, 32
 BATCHES = -(-N // B)  # 32: 31 full batches and one of 8
@@ -23,15 +23,6 @@ def data(tmp_path_factory):
 
 def make(data, workers=0, **kw):
     return StreamingLoader(data, batch_size=B, shuffle=True, seed=11, num_workers=workers, **kw)
-
-
-def take(loader, k=None):
-    out = []
-    for batch in loader:
-        out.append(batch["id"].numpy().copy())
-        if k is not None and len(out) == k:
-            break
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -122,3 +122,13 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 240, env
         out, err = proc.communicate()
         raise AssertionError(f"torchrun {script.name} ran past {timeout} s\n{err[-4000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def take(loader, k=None):
+    """The ``id`` column of each batch of ``loader`` (the first ``k`` batches when ``k`` is given)."""
+    out = []
+    for batch in loader:
+        out.append(batch["id"].numpy().copy())
+        if k is not None and len(out) == k:
+            break
+    return out
