@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import time
 
 import pytest
 
@@ -28,6 +29,9 @@ def segments():
     for name in (stale, live):
         with open(os.path.join(SHM, name), "wb") as f:
             f.write(b"\0" * 4096)
+    old = time.time() - 120  # settled: a segment changed in the last minute is never stale
+    for name in (stale, live):
+        os.utime(os.path.join(SHM, name), (old, old))
     f = open(os.path.join(SHM, live), "r+b")
     mapped = mmap.mmap(f.fileno(), 4096)
     yield stale, live

@@ -77,7 +77,7 @@ CASES = {
     "bench --rows 0": (["bench", "loader", "--rows", "0"], 2, "sparkbridge bench: error: --rows must be positive, got 0"),
     "bench, unknown benchmark": (["bench", "gpu"], 2,
                                  usage("bench", "", "argument which: invalid choice: 'gpu' (choose from 'etl', "
-                                                    "'loader', 'grid', 'memory', 'scale', 'first_batch', 'live', 'shuffle', 's3', 'media', 'sequences', 'peers', 'all')")),
+                                                    "'loader', 'grid', 'memory', 'scale', 'order', 'first_batch', 'live', 'shuffle', 's3', 'media', 'sequences', 'peers', 'all')")),
     "clean, not a cache": (["clean", "--cache", "{tmp}"], 1,
                            "sparkbridge clean: error: --cache {tmp}: refusing to delete a folder that is not a shard "
                            "cache (no cache marker or index.json in it or in its subfolders)"),
