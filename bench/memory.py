@@ -42,21 +42,7 @@ def status():
         if k in ("RssAnon", "RssFile", "VmHWM"):
             out[k] = int(v.split()[0]) / 1024
     return out
-import os
-def children_private():
-    # private dirty memory of this process's children (DataLoader workers, the order process), in
-    # MB: what they add (their pages still shared with this process are not counted)
-    me, total = os.getpid(), 0.0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{{pid}}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) != me:
-                    continue
-            with open(f"/proc/{{pid}}/smaps_rollup") as f:
-                total += next(int(l.split()[1]) for l in f if l.startswith("Private_Dirty")) / 1024
-        except (OSError, StopIteration, ValueError):
-            continue
-    return total
+from _common import children_private_mb as children_private  # the bench folder is on PYTHONPATH
 import numpy, torch
 from sparkbridge.bridge import StreamingLoader
 path, budget, timeout, workers = {path!r}, {budget!r}, {timeout!r}, {workers!r}
@@ -95,7 +81,8 @@ print(json.dumps(dict(rows=rows, finished=done, cold_s=cold, cold_rows_per_s=row
 
 def run_child(path: Path, budget, timeout: float, workers: int) -> dict:
     code = _CHILD.format(path=str(path), budget=budget, timeout=timeout, workers=workers)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              timeout=timeout * 3 + 120, env=env)

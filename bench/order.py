@@ -53,18 +53,7 @@ def file_mb():
     for line in open("/proc/self/status"):
         if line.startswith("RssFile"):
             return int(line.split()[1]) / 1024
-def children_private():
-    me, total = os.getpid(), 0.0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) != me:
-                    continue
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next(int(l.split()[1]) for l in f if l.startswith("Private_Dirty")) / 1024
-        except (OSError, StopIteration, ValueError):
-            continue
-    return total
+from _common import children_private_mb as children_private  # the bench folder is on PYTHONPATH
 path, algo, workers, budget, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 import torch
 from sparkbridge.bridge import StreamingLoader
@@ -129,7 +118,7 @@ def write_dataset(out: Path, rows: int, *, shard_rows: int = SHARD_ROWS) -> None
 
 
 def run_child(path: Path, algo: str, workers: int, budget: int, timeout: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{HERE.parent}{os.pathsep}{HERE}")
     try:
         out = subprocess.run([sys.executable, "-c", _CHILD, str(path), algo, str(workers), str(budget), str(timeout)],
                              capture_output=True, text=True, check=True, timeout=timeout * 2 + 300, env=env)
