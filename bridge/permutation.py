@@ -18,7 +18,8 @@ come from ``(seed, epoch)``: every epoch has its own order and the same ``(seed,
 the same order in every process. Not a cipher for secrets: a shuffle.
 
 Cost: ~30-60 ns a position in blocks of ~64k positions (numpy calls cost ~1 us each whatever
-their size, so callers evaluate many batches' positions at once: :mod:`sparkbridge.bridge.order`).
+their size, so callers evaluate many batches' positions at once: :mod:`sparkbridge.bridge.order`;
+the loader does it a chunk ahead of its batch loop, in a thread: :mod:`sparkbridge.bridge.order_ahead`).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class IndexPermutation:
 
     def _apply(self, x: np.ndarray, rounds) -> np.ndarray:
         """The Feistel network on ``x`` (uint64, left unchanged). Every step writes into one of
-        four arrays made here: a temporary per numpy call made the evaluation ~1.4x slower."""
+        four arrays made here, instead of a new temporary per numpy call."""
         lo_bits = np.uint64(self._lo_bits)
         hi = np.right_shift(x, lo_bits)
         lo = np.bitwise_and(x, self._lo_mask)
