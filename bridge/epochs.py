@@ -35,6 +35,7 @@ import numpy as np
 
 from sparkbridge.bridge.options import LoaderOptions
 from sparkbridge.bridge.order import GlobalOrder
+from sparkbridge.bridge.order_ahead import OrderAhead
 from sparkbridge.bridge.orders import OrderProcess, OrderProcessDied
 from sparkbridge.bridge.passes import PassBoard
 from sparkbridge.bridge.source import Source, claim_cache, mark_cache, open_version
@@ -142,6 +143,7 @@ class SnapshotEpochs(_OnPosition):
         self._closed = False
         self._orders: Optional[OrderProcess] = None  # see _start_orders
         self._orders_for: Any = None  # the dataset an order process was started (or tried) for
+        self._ids_ahead = OrderAhead()  # a global order's ids, a chunk ahead (read in this process)
 
     def open_first(self, version: Optional[int]) -> None:
         """Build the dataset of ``version`` at construction; a resident one starts loading its
@@ -154,6 +156,7 @@ class SnapshotEpochs(_OnPosition):
             if not self.dataset.start_prefill():
                 self._start_orders(idle=True)  # no thread loads shards (many small local ones): fork now
             self._submit(0, 0)
+        self._request_first_ids(0)
 
     def adopt(self, version: Optional[int]) -> None:
         """Read ``version`` from now on (None: the latest): after a followed epoch, or a saved
@@ -427,15 +430,47 @@ class SnapshotEpochs(_OnPosition):
                         self.dataset.source, self.num_workers)
             self._said_gathered = True
         work = self._board.work_for(epoch, self._board.start, self.num_workers)
-        p = mosaic.rank_world(self.dataset)
         if isinstance(work, GlobalOrder):  # its batches are the rank's, in turn, for any num_workers
-            return iter_batches(self.dataset, work.batches(p.rank, drop_last=self.drop_last))
+            return self._global_here(epoch, work)
+        p = mosaic.rank_world(self.dataset)
         ids = round_robin_ids(work[p.node, p.rank_of_node], drop_last=self.drop_last)
         return iter_batches(self.dataset, ids)
+
+    def _reads_here(self) -> bool:
+        """Whether this process reads the passes (no DataLoader workers read them)."""
+        return self.num_workers == 0 or self.dataset.resident()
+
+    def _global_here(self, epoch: int, work: GlobalOrder) -> Iterator[Any]:
+        """A global order's batches read in this process, their ids computed a chunk ahead
+        (:mod:`sparkbridge.bridge.order_ahead`); the next epoch's first chunk is requested as
+        this pass's last chunk starts."""
+        from sparkbridge.bridge import mosaic
+        from sparkbridge.bridge.iterate import iter_batches
+
+        rank = mosaic.rank_world(self.dataset).rank
+        ids = self._ids_ahead.batches(work, rank, drop_last=self.drop_last,
+                                      then=lambda: self._request_first_ids(epoch + 1))
+        return iter_batches(self.dataset, ids)
+
+    def _request_first_ids(self, epoch: int) -> None:
+        """Start computing the first ids of ``epoch`` from its start, when a global order's
+        passes are read in this process."""
+        from sparkbridge.bridge import mosaic
+
+        ds = self.dataset
+        if ds is None or not ds.lazy_order or not self._reads_here() or self._closed:
+            return
+        order = ds.compute_work(epoch, 0, max(1, self.num_workers))
+        if not self.pad_ranks:
+            order = order.without_padding()
+        self._ids_ahead.request_first(order, mosaic.rank_world(ds).rank, drop_last=self.drop_last)
 
     def packed(self, epoch: int, *, copy: bool = True) -> Iterator[Any]:
         """The packed batches of the pass :meth:`begin` started (``copy``: see :meth:`_owned`)."""
         if self.num_workers == 0:
+            work = self._board.work_for(epoch, self._board.start, 1)
+            if isinstance(work, GlobalOrder):
+                return self._global_here(epoch, work)
             source: Any = iter(self.dataset)
         elif self.dataset.resident():
             source = self._gathered_here(epoch)
@@ -502,6 +537,7 @@ class SnapshotEpochs(_OnPosition):
         ds.initial_physical_nodes = saved.initial_physical_nodes
         with self._lock:
             self._futures.clear()
+        self._ids_ahead.clear()
         self._len = None
         self.pos.reset(saved.epoch, saved.sample_in_epoch)
 
@@ -532,6 +568,7 @@ class SnapshotEpochs(_OnPosition):
         if getattr(self, "_orders_for", None) is dataset:
             self._stop_orders()
             self._orders_for = None
+        self._ids_ahead.clear()
         release_shared_memory(dataset)
         dataset.release()  # up to decoded_cache_bytes of decoded shards, maps, the resident table
         local = dataset.streams[0].local
@@ -548,6 +585,7 @@ class SnapshotEpochs(_OnPosition):
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        self._ids_ahead.close()
         self._stop_orders()
         self._board.drop_shared()
         if self.dataset is not None:

@@ -41,7 +41,7 @@ import numpy as np
 
 from sparkbridge.bridge.permutation import IndexPermutation
 
-__all__ = ["ShuffleAlgo", "GlobalOrder", "BLOCK_POSITIONS"]
+__all__ = ["ShuffleAlgo", "GlobalOrder", "BLOCK_POSITIONS", "split_batches"]
 
 #: Positions evaluated per call of the permutation (numpy calls cost ~1 us whatever their size:
 #: per 1,024-row batch the bijection cost ~400 ns a row, per 64k positions ~40 ns).
@@ -149,6 +149,23 @@ class GlobalOrder:
             return pos
         return (perm or self.permutation())(pos)
 
+    def ids(self, rank: int, batches: np.ndarray, perm: Optional[IndexPermutation] = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """The sample ids of rank ``rank``'s batches ``batches`` (ascending batch indices below
+        :meth:`batch_count`) end to end, and each batch's length: one evaluation of the
+        permutation for all of them."""
+        g = np.asarray(batches, dtype=np.int64)
+        B, W = self.batch_size, self.ranks
+        full = self._remaining // (B * W)
+        whole = g[g < full]
+        pos = ((self.start + rank * B + whole * (B * W))[:, None] + np.arange(B, dtype=np.int64)).reshape(-1)
+        lengths = np.full(len(whole), B, dtype=np.int64)
+        if len(whole) < len(g):  # the pass's last, short batch
+            s, n = self._batch_span(rank, full)
+            pos = np.concatenate([pos, np.arange(s, s + n, dtype=np.int64)])
+            lengths = np.append(lengths, n)
+        return self.samples(pos, perm), lengths
+
     def batches(self, rank: int, *, worker: Optional[int] = None, drop_last: bool) -> Iterator[np.ndarray]:
         """The sample ids (int64) of each batch rank ``rank`` yields (only those of its DataLoader
         worker ``worker``, when given), computed a block of batches at a time."""
@@ -156,22 +173,10 @@ class GlobalOrder:
         step = 1 if worker is None else self.workers
         first = 0 if worker is None else worker
         perm = self.permutation()
-        B = self.batch_size
-        per_block = max(1, BLOCK_POSITIONS // B)
-        within = np.arange(B, dtype=np.int64)
+        per_block = max(1, BLOCK_POSITIONS // self.batch_size)
         for g0 in range(first, count, step * per_block):
-            gs = list(range(g0, min(count, g0 + step * per_block), step))
-            spans = [self._batch_span(rank, g) for g in gs]
-            if all(n == B for _, n in spans):
-                pos = (np.array([s for s, _ in spans], dtype=np.int64)[:, None] + within).reshape(-1)
-                ids = self.samples(pos, perm)
-                for k in range(len(gs)):
-                    yield ids[k * B:(k + 1) * B]
-            else:
-                pos = np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in spans])
-                ids = self.samples(pos, perm)
-                cuts = np.cumsum([n for _, n in spans])[:-1]
-                yield from np.split(ids, cuts)
+            ids, lengths = self.ids(rank, np.arange(g0, min(count, g0 + step * per_block), step), perm)
+            yield from split_batches(ids, lengths)
 
     # ------------------------------------------------------------------ transport
 
@@ -185,3 +190,15 @@ class GlobalOrder:
         r, sh, seed, epoch, start, ranks, workers, b, pad = (int(v) for v in values[:cls.INTS])
         return cls(rows=r, shuffle=bool(sh), seed=seed, epoch=epoch, start=start, ranks=ranks, workers=workers,
                    batch_size=b, pad_ranks=bool(pad))
+
+
+def split_batches(ids: np.ndarray, lengths: np.ndarray) -> Iterator[np.ndarray]:
+    """Views of ``ids`` (batches end to end), one per entry of ``lengths``."""
+    if len(lengths) and int(lengths.min()) == int(lengths.max()):
+        n = int(lengths[0])
+        for k in range(len(lengths)):
+            yield ids[k * n:(k + 1) * n]
+        return
+    ends = np.cumsum(lengths).tolist()
+    for a, b in zip([0, *ends[:-1]], ends):
+        yield ids[a:b]

@@ -18,7 +18,8 @@ come from ``(seed, epoch)``: every epoch has its own order and the same ``(seed,
 the same order in every process. Not a cipher for secrets: a shuffle.
 
 Cost: ~30-60 ns a position in blocks of ~64k positions (numpy calls cost ~1 us each whatever
-their size, so callers evaluate many batches' positions at once: :mod:`sparkbridge.bridge.order`).
+their size, so callers evaluate many batches' positions at once: :mod:`sparkbridge.bridge.order`;
+the loader does it a chunk ahead of its batch loop, in a thread: :mod:`sparkbridge.bridge.order_ahead`).
 """
 
 from __future__ import annotations
@@ -74,28 +75,28 @@ class IndexPermutation:
     def __repr__(self) -> str:
         return f"IndexPermutation(n={self.n}, seed={self.seed}, epoch={self.epoch})"
 
-    @staticmethod
-    def _f(x: np.ndarray, key: np.uint64, out_bits: int) -> np.ndarray:
-        t = x + key
-        t *= _C1
-        t ^= t >> _S31
-        t *= _C2
-        t >>= np.uint64(64 - out_bits)
-        return t
-
-    def _round(self, hi: np.ndarray, lo: np.ndarray, i: int) -> None:
-        if i % 2 == 0:
-            hi ^= self._f(lo, self._keys[i], self._hi_bits)
-        else:
-            lo ^= self._f(hi, self._keys[i], self._lo_bits)
-
     def _apply(self, x: np.ndarray, rounds) -> np.ndarray:
-        hi = x >> np.uint64(self._lo_bits)
-        lo = x & self._lo_mask
+        """The Feistel network on ``x`` (uint64, left unchanged). Every step writes into one of
+        four arrays made here, instead of a new temporary per numpy call."""
+        lo_bits = np.uint64(self._lo_bits)
+        hi = np.right_shift(x, lo_bits)
+        lo = np.bitwise_and(x, self._lo_mask)
+        t, s = np.empty_like(hi), np.empty_like(hi)
         for i in rounds:
-            self._round(hi, lo, i)
-        hi <<= np.uint64(self._lo_bits)
-        hi |= lo
+            # F(half, key) = the top bits of mul(xorshift31(mul(half + key, C1)), C2)
+            if i % 2 == 0:
+                src, dst, shift = lo, hi, np.uint64(64 - self._hi_bits)
+            else:
+                src, dst, shift = hi, lo, np.uint64(64 - self._lo_bits)
+            np.add(src, self._keys[i], out=t)
+            np.multiply(t, _C1, out=t)
+            np.right_shift(t, _S31, out=s)
+            np.bitwise_xor(t, s, out=t)
+            np.multiply(t, _C2, out=t)
+            np.right_shift(t, shift, out=t)
+            np.bitwise_xor(dst, t, out=dst)
+        np.left_shift(hi, lo_bits, out=hi)
+        np.bitwise_or(hi, lo, out=hi)
         return hi
 
     def _walk(self, values: np.ndarray, rounds) -> np.ndarray:

@@ -95,3 +95,29 @@ def test_displacement_matches_a_uniform_shuffle():
     values = IndexPermutation(n, seed=1, epoch=0).range(0, n)
     score = float(np.abs(np.arange(n) - values).mean() / (n / 3))
     assert 0.99 < score < 1.01
+
+
+# Values from main's first implementation (commit 6b393d2): a saved state of a global shuffle
+# resumes at a position of this permutation, so its values may never change.
+GOLDEN = [
+    (10, 0, 0, [3, 8, 7, 6, 4, 9], "cdb2082945105fc1"),
+    (1000, 11, 0, [978, 76, 207, 939, 477, 715], "70bc85a4d5edfbf3"),
+    (65537, 3, 2, [35254, 40984, 61066, 42494, 29447, 46400], "87215980aac4a6ef"),
+    (999_983, 1, 7, [642362, 841642, 204498, 117528, 464700, 142690], "3443586243b0f88f"),
+    (100_000_000, 1, 0, [89224088, 39207356, 20864900, 81881126, 14767938, 30650037], "4d25af066b732f77"),
+]
+
+
+@pytest.mark.parametrize("n,seed,epoch,first,digest", GOLDEN)
+def test_the_values_never_change(n, seed, epoch, first, digest):
+    import hashlib
+
+    values = IndexPermutation(n, seed=seed, epoch=epoch).range(0, min(n, 1 << 20))
+    assert values[:6].tolist() == first
+    assert hashlib.sha256(values.tobytes()).hexdigest()[:16] == digest
+
+
+def test_the_values_never_change_past_2_to_the_32():
+    perm = IndexPermutation((1 << 33) + 12345, seed=5, epoch=1)
+    positions = np.array([0, 1, 2, 3, (1 << 33) + 12344, 1 << 32])
+    assert perm(positions).tolist() == [8235374991, 7122871380, 6949051897, 8585372642, 5098564049, 3791748620]

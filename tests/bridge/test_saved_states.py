@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from sparkbridge.bridge import StreamingLoader
@@ -28,6 +29,12 @@ MAIN_SNAPSHOT_STATE = {
 MAIN_NEXT_BATCH = [832, 776, 753, 771, 560, 45, 973, 581, 574, 713, 236, 563, 261, 401, 866, 328, 450, 845, 469,
                    609, 735, 136, 416, 16, 791, 494, 479, 22, 194, 57, 356, 892]
 MAIN_BATCHES_LEFT = 27
+
+# the same dataset read with shuffle_algo="global" on main (commit afc5232, before its ids were
+# computed a chunk ahead in a thread): 5 batches consumed, then state_dict()
+MAIN_GLOBAL_STATE = {**MAIN_SNAPSHOT_STATE, "source": "/tmp/g2/cap/ds1", "shuffle_algo": "global"}
+MAIN_GLOBAL_NEXT_BATCH = [627, 566, 567, 5, 256, 996, 50, 504, 980, 73, 18, 792, 863, 697, 905, 138, 936, 959, 830,
+                          857, 101, 388, 835, 62, 394, 598, 622, 895, 81, 541, 135, 546]
 
 # a followed epoch's state from main: PartitionedWrite, StreamingLoader(root, batch_size=8, follow=True,
 # shuffle=True, seed=3), 3 batches consumed (the write id is this test's own)
@@ -62,6 +69,21 @@ def test_a_snapshot_state_saved_by_main_resumes_exactly(data):
         **{k: v for k, v in MAIN_SNAPSHOT_STATE.items() if k != "source"}, "sample_in_epoch": 192}
     loader.close()
     again.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_global_state_saved_by_main_resumes_exactly(data, workers):
+    from sparkbridge.bridge.order import GlobalOrder
+
+    loader = StreamingLoader(data, batch_size=32, shuffle=True, seed=11, shuffle_algo="global", num_workers=workers)
+    loader.load_state_dict(json.loads(json.dumps(MAIN_GLOBAL_STATE)))
+    rest = [b["id"].tolist() for b in loader]
+    loader.close()
+    assert rest[0] == MAIN_GLOBAL_NEXT_BATCH and len(rest) == MAIN_BATCHES_LEFT
+    read = GlobalOrder(rows=1000, shuffle=True, seed=11, epoch=0, start=0, ranks=1, workers=1, batch_size=32)
+    ids = sum(rest, [])
+    assert len(ids) == len(set(ids)) == 1000 - 160
+    assert sorted(ids + read.samples(np.arange(160)).tolist()) == list(range(1000))  # exactly the rows not read
 
 
 def test_a_followed_state_saved_by_main_resumes_exactly(tmp_path):
