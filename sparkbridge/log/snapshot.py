@@ -142,10 +142,12 @@ class Snapshot:
             return list(self.legacy_manifest.columns)
         return []
 
-    def manifest(self, *, index_digest: Optional[str] = None) -> Optional[Manifest]:
+    def manifest(self, *, index_digest: Optional[str] = None, hash_index: bool = True) -> Optional[Manifest]:
         """The ``manifest.json`` this version implies (None for a stock dataset with no schema).
         ``index_digest``: the sha256 of :meth:`index_bytes` when the caller has it (serializing
-        100,000 shard entries again to hash them costs a second)."""
+        100,000 shard entries again to hash them costs a second). ``hash_index=False``: leave
+        ``index_sha256`` empty, for a reader that needs the columns only (a loader: its identity
+        is :attr:`identity`)."""
         if self.legacy:
             return self.legacy_manifest
         if self.schema is None:
@@ -155,7 +157,7 @@ class Snapshot:
         s = self.schema
         return Manifest(
             rows=self.rows, shards=len(self.shards), columns=self.columns(),
-            index_sha256=index_digest or index_sha256(self.shards), schema_fingerprint=s["fingerprint"],
+            index_sha256=index_digest or (index_sha256(self.shards) if hash_index else ""), schema_fingerprint=s["fingerprint"],
             nulls=s.get("nulls", "error"),
             compression=s.get("compression"), hashes=list(s.get("hashes", [])),
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.timestamp or 0)),
