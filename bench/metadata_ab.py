@@ -47,7 +47,9 @@ def _child(code: str, args: list[str], tree: str | None) -> dict:
     else:
         env.pop("PYTHONPATH", None)
     for attempt in range(4):
-        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+        # cwd: "-c" puts the working directory first on sys.path, before PYTHONPATH (a checkout there
+        # would shadow the base tree)
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd="/",
                               timeout=900)
         if proc.returncode == 0:
             return json.loads(proc.stdout.strip().splitlines()[-1])
