@@ -180,7 +180,15 @@ class SnapshotEpochs(_OnPosition):
     def _build_dataset(self, version: Optional[int], *, early: bool = False):
         """The dataset of ``version`` (None: the latest). ``early`` (at construction only): a local
         dataset's resident table starts filling before Mosaic is imported (:mod:`bridge.early`).
-        Not on a rebuild, where the dataset it replaces still holds its table until then."""
+        Not on a rebuild, where the dataset it replaces still holds its table until then. The
+        cyclic collector is paused meanwhile (:mod:`sparkbridge.collector`): the version's entries
+        and Mosaic's reader per shard are hundreds of thousands of objects without cycles."""
+        from sparkbridge.collector import paused_collector
+
+        with paused_collector():
+            return self._build_dataset_paused(version, early=early)
+
+    def _build_dataset_paused(self, version: Optional[int], *, early: bool):
         from sparkbridge.bridge.early import start_early_fill
 
         snapshot = open_version(self.source, version, download_timeout=self._dataset_options["download_timeout"])

@@ -38,7 +38,7 @@ from enum import Enum
 from typing import Any, Optional
 
 from sparkbridge.errors import LogError, ShardFormatError
-from sparkbridge.format.index import check_index_entry
+from sparkbridge.format.index import check_index_entries
 from sparkbridge.format.paths import check_relpath
 from sparkbridge.log.layout import LOG_DIR
 
@@ -136,7 +136,12 @@ MAX_SHARD_BYTES = 1 << 32
 
 
 def _check_added(add: tuple[dict, ...], where: str) -> None:
-    """Sizes a shard can have, and each file named once: a shard listed twice would be read twice."""
+    """Sizes a shard can have, and each file named once: a shard listed twice would be read twice.
+    (The entries passed :func:`check_index_entries`, which refuses files over 4 GiB too: the loop
+    below runs only to name a duplicate.)"""
+    names = {(e.get("zip_data") or e["raw_data"])["basename"] for e in add}
+    if len(names) == len(add):
+        return
     seen: dict[str, int] = {}
     for i, e in enumerate(add):
         for key in ("raw_data", "zip_data"):
@@ -309,10 +314,8 @@ class LogEntry:
         fence = obj.get("fence") or []
         if not isinstance(add, list) or not isinstance(remove, list) or not isinstance(fence, list):
             raise LogError(f"{where}: add, remove and fence must be lists")
-        layouts: dict = {}  # the entry's shards share their column lists, as an index's do
-        try:
-            add = tuple(check_index_entry(e, where=f"{where}, added shard {i}", layouts=layouts)
-                        for i, e in enumerate(add))
+        try:  # the entry's shards share their column lists, as an index's do
+            add = tuple(check_index_entries(add, where=where, label="added shard"))
         except ShardFormatError as exc:
             raise LogError(str(exc)) from None
         _check_added(add, where)

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+from sparkbridge.collector import paused_collector
 from sparkbridge.errors import DatasetNotFoundError, LogError, ManifestError, ShardFormatError, VersionNotFoundError
 from sparkbridge.format.index import check_index, index_bytes, index_sha256, shard_files, stored_name
 from sparkbridge.format.manifest import MANIFEST_BASENAME, ColumnSpec, Manifest
@@ -141,10 +142,12 @@ class Snapshot:
             return list(self.legacy_manifest.columns)
         return []
 
-    def manifest(self, *, index_digest: Optional[str] = None) -> Optional[Manifest]:
+    def manifest(self, *, index_digest: Optional[str] = None, hash_index: bool = True) -> Optional[Manifest]:
         """The ``manifest.json`` this version implies (None for a stock dataset with no schema).
         ``index_digest``: the sha256 of :meth:`index_bytes` when the caller has it (serializing
-        100,000 shard entries again to hash them costs a second)."""
+        100,000 shard entries again to hash them costs a second). ``hash_index=False``: leave
+        ``index_sha256`` empty, for a reader that needs the columns only (a loader: its identity
+        is :attr:`identity`)."""
         if self.legacy:
             return self.legacy_manifest
         if self.schema is None:
@@ -154,7 +157,7 @@ class Snapshot:
         s = self.schema
         return Manifest(
             rows=self.rows, shards=len(self.shards), columns=self.columns(),
-            index_sha256=index_digest or index_sha256(self.shards), schema_fingerprint=s["fingerprint"],
+            index_sha256=index_digest or (index_sha256(self.shards) if hash_index else ""), schema_fingerprint=s["fingerprint"],
             nulls=s.get("nulls", "error"),
             compression=s.get("compression"), hashes=list(s.get("hashes", [])),
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.timestamp or 0)),
@@ -265,12 +268,10 @@ class Snapshot:
 
     @classmethod
     def from_state(cls, root: str, state: dict[str, Any], *, where: str) -> "Snapshot":
-        from sparkbridge.format.index import check_index_entry
+        from sparkbridge.format.index import check_index_entries
 
-        layouts: dict = {}  # shards share their column lists, as an index's do (check_index)
-        try:
-            shards = [check_index_entry(e, where=f"{where}, shard {i}", layouts=layouts)
-                      for i, e in enumerate(state["shards"])]
+        try:  # shards share their column lists, as an index's do (check_index)
+            shards = check_index_entries(state["shards"], where=where)
             return cls(
                 root=root, version=int(state["version"]), commit_id=state["commit_id"],
                 timestamp=state["timestamp"], shards=shards, schema=state["schema"],
@@ -503,6 +504,10 @@ class LogReader:
         self._entries.clear()
 
     def refresh(self) -> Snapshot:
+        with paused_collector():  # bulk JSON, no cycles (sparkbridge.collector)
+            return self._refresh()
+
+    def _refresh(self) -> Snapshot:
         if self._latest is None:
             self._latest = self._initial()
             return self._latest
@@ -555,6 +560,10 @@ class LogReader:
         return snap
 
     def _replay_to(self, version: int) -> Snapshot:
+        with paused_collector():
+            return self._replay_to_paused(version)
+
+    def _replay_to_paused(self, version: int) -> Snapshot:
         _, checkpoints = self._list(None)
         snap = None
         for v in sorted((c for c in checkpoints if c <= version), reverse=True):

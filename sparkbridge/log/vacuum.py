@@ -16,6 +16,16 @@ Kept: every file of every version from ``retained_from`` to the latest, where ``
 never above the complete version (:meth:`sparkbridge.log.snapshot.LogReader.complete_version`) a
 default reader was served inside the window, nor above the one it is served after this vacuum.
 
+Checkpoints (``_log/N.checkpoint.json``, a cache of the replay: entries are never deleted) older
+than the *floor* are deleted too: the floor is the newest checkpoint at or below ``retained_from``
+that is intact (its checksum verified now) and was written before the window began. Why that one:
+a replay of any retained version starts from the newest checkpoint at or below it, which is the
+floor or a newer one, all kept; and a reader picks its checkpoint from a listing of ``_log/``, so
+one that listed after the floor appeared never picks an older one, while one that listed before
+would have been reading for longer than the window (what protects shard files protects
+checkpoints). A reader that loses its checkpoint anyway (``retention_seconds=0``) reads an older
+one or the entries: slower, never wrong.
+
 Order, and why it is safe without trusting anybody's liveness: the vacuum commits its entry
 (fences, ``retained_from``) *before* deleting anything. A writer that commits before that entry
 is seen by the vacuum's re-read (its files are then referenced and kept); a writer that commits
@@ -172,8 +182,37 @@ def plan_vacuum(storage: Storage, *, retention_seconds: float = DEFAULT_RETENTIO
             if f.rel not in keep:
                 plan.delete.append(f.rel)
                 plan.reasons[f.rel] = reason
+    for rel, reason in _superseded_checkpoints(reader, files, retained_from=retained_from, cutoff=cutoff,
+                                               latest_version=latest.version):
+        plan.delete.append(rel)
+        plan.reasons[rel] = reason
     plan.delete.sort()
     return plan
+
+
+def _superseded_checkpoints(reader: LogReader, files: list[FileInfo], *, retained_from: int, cutoff: float,
+                            latest_version: int) -> list[tuple[str, str]]:
+    """The checkpoints below the floor (see the module doc), with the reason, oldest first. The
+    floor's checksum is verified only when there is something below it to delete."""
+    checkpoints: dict[int, FileInfo] = {}
+    for f in files:
+        parsed = parse_log_name(f.rel)
+        if parsed and parsed[1] == "checkpoint" and parsed[0] <= latest_version:
+            checkpoints[parsed[0]] = f
+    for floor in sorted((v for v, f in checkpoints.items() if v <= retained_from and f.mtime < cutoff),
+                        reverse=True):
+        older = sorted(v for v in checkpoints if v < floor)
+        if not older:
+            return []
+        try:
+            reader.verify_checkpoint(floor)
+        except (LogError, OSError) as exc:  # a damaged floor supersedes nothing: readers skip it
+            logger.warning("vacuum keeps the checkpoints below %s: %s", checkpoints[floor].rel, exc)
+            continue
+        reason = (f"a checkpoint superseded by {checkpoints[floor].rel} (written before the retention window; "
+                  f"every retained version replays from it or a newer one)")
+        return [(checkpoints[v].rel, reason) for v in older]
+    return []
 
 
 def _keep_of_retained(reader: LogReader, latest, after, retained_from: int, candidates: list[FileInfo]) -> set:

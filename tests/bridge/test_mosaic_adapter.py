@@ -139,3 +139,31 @@ def test_a_leader_whose_registration_fails_fails_every_rank_of_its_job(datasets,
     assert r0["raised"] == r1["raised"] == {"type": "InjectedFault",
                                             "message": "injected fault at shm-prefix-chosen"}
     assert max(r0["seconds"], r1["seconds"]) < 30  # not the process group's 60 s timeout
+
+
+def test_readers_built_from_a_template_equal_mosaics_own(tmp_path):
+    """``SnapshotStream.get_shards`` builds most readers from a template per layout: each must
+    hold exactly what Mosaic's constructor gives it (files, sample count, lists, compression)."""
+    from sparkbridge.bridge.mosaic import _reader, _Readers
+    from sparkbridge.format.index import check_index_entries
+
+    def entry(k, names=("id", "x"), compression="zstd", hashes=("xxh64",), zipped=True, size_limit=1 << 20):
+        e = {"column_names": list(names), "column_encodings": ["int64", "float32"], "column_sizes": [8, 4],
+             "compression": compression if zipped else None, "format": "mds", "hashes": list(hashes),
+             "samples": 10 + k, "size_limit": size_limit, "version": 2,
+             "raw_data": {"basename": f"w/shard.{k:05d}.mds", "bytes": 1000 + k, "hashes": {"xxh64": f"{k:x}"}},
+             "zip_data": {"basename": f"w/shard.{k:05d}.mds.zstd", "bytes": 100 + k, "hashes": {}} if zipped
+             else None}
+        return e
+
+    entries = [entry(0), entry(1), entry(2, names=("id", "y")), entry(3, hashes=()), entry(4, zipped=False),
+               entry(5), entry(6, size_limit="1mb"), entry(7, names=("id", "y")), entry(8)]
+    del entries[4]["zip_data"]  # an entry without the key at all
+    check_index_entries(entries, where="x")  # as a snapshot's are: one layout's entries share their lists
+    readers = _Readers(str(tmp_path), None)
+    built = [readers.reader(e) for e in entries]
+    own = [_reader(str(tmp_path), None, e) for e in entries]
+    assert [type(b) for b in built] == [type(o) for o in own]
+    assert [vars(b) for b in built] == [vars(o) for o in own]
+    assert [b.samples for b in built] == [10, 11, 12, 13, 14, 15, 16, 17, 18]
+    assert built[1].file_pairs[0][0].basename == "w/shard.00001.mds" and built[1].file_pairs is not built[5].file_pairs

@@ -171,3 +171,80 @@ def test_an_index_checks_each_layout_once_and_its_entries_share_the_column_lists
     bad = [entry(0), entry(1, sizes=(8, 4.0))]  # equal to entry 0's sizes, and not ints
     with pytest.raises(ShardFormatError, match=r"index.json, shard 1: column 'x': size 4.0 is not an int"):
         check_index({"version": 2, "shards": bad}, where="index.json")
+
+
+def _index_entry(k: int = 0) -> dict:
+    return {"column_names": ["id", "s"], "column_encodings": ["int64", "str"], "column_sizes": [8, None],
+            "compression": "zstd", "format": "mds", "hashes": ["xxh64"], "samples": 16, "size_limit": 1 << 20,
+            "version": 2,
+            "raw_data": {"basename": f"w/p0/shard.{k:05d}.mds", "bytes": 4 * 18 + 16 * 12, "hashes": {"xxh64": "ab"}},
+            "zip_data": {"basename": f"w/p0/shard.{k:05d}.mds.zstd", "bytes": 90, "hashes": {"xxh64": "cd"}}}
+
+
+#: one change each, in place, to a valid entry (the second of an index, after one that registered
+#: its layout); "not a dict" replaces it
+_MUTATIONS = {
+    "not a dict": None,
+    "format": lambda e: e.update(format="parquet"),
+    "format absent": lambda e: e.pop("format"),
+    "samples bool": lambda e: e.update(samples=True),
+    "samples negative": lambda e: e.update(samples=-1),
+    "samples 2^32": lambda e: e.update(samples=1 << 32),
+    "samples float": lambda e: e.update(samples=16.0),
+    "samples too many for the bytes": lambda e: e.update(samples=17),
+    "names a tuple": lambda e: e.update(column_names=("id", "s")),
+    "names unhashable": lambda e: e.update(column_names=[["id"], "s"]),
+    "sizes float": lambda e: e.update(column_sizes=[8.0, None]),
+    "another layout": lambda e: e.update(column_names=["id", "t"]),
+    "raw missing": lambda e: e.pop("raw_data"),
+    "raw name absolute": lambda e: e["raw_data"].update(basename="/etc/passwd"),
+    "raw name dotdot": lambda e: e["raw_data"].update(basename="w/../../x.mds"),
+    "raw name not plain but safe": lambda e: e["raw_data"].update(basename="w/p0/shard 0.mds"),
+    "raw name int": lambda e: e["raw_data"].update(basename=7),
+    "raw bytes bool": lambda e: e["raw_data"].update(bytes=True),
+    "raw bytes negative": lambda e: e["raw_data"].update(bytes=-1),
+    "raw bytes 4 GiB + 1": lambda e: e["raw_data"].update(bytes=(1 << 32) + 1),
+    "raw hashes a list": lambda e: e["raw_data"].update(hashes=["ab"]),
+    "raw hashes an int value": lambda e: e["raw_data"].update(hashes={"xxh64": 7}),
+    "raw hashes empty list": lambda e: e["raw_data"].update(hashes=[]),
+    "raw hashes absent": lambda e: e["raw_data"].pop("hashes"),
+    "zip absent": lambda e: e.pop("zip_data"),
+    "zip None": lambda e: e.update(zip_data=None),
+    "zip without compression": lambda e: e.update(compression=None),
+    "zip a string": lambda e: e.update(zip_data="x.zstd"),
+    "zip name dotdot": lambda e: e["zip_data"].update(basename="../x.zstd"),
+    "zip bytes string": lambda e: e["zip_data"].update(bytes="90"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MUTATIONS))
+def test_the_fast_index_check_accepts_exactly_what_the_full_check_accepts(name):
+    """:func:`check_index_entries` decides most entries on a fast path; for every change to an
+    entry it must accept and refuse what :func:`check_index_entry` (the full check) does, with the
+    same error naming the entry."""
+    from sparkbridge.errors import SparkbridgeError
+    from sparkbridge.format.index import check_index_entries, check_index_entry
+
+    def mutated():
+        if _MUTATIONS[name] is None:
+            return ["x"]
+        e = _index_entry(1)
+        _MUTATIONS[name](e)
+        assert repr(e) != repr(_index_entry(1))
+        return e
+
+    full_error = fast_error = None
+    try:
+        check_index_entry(mutated(), where="x.json, shard 1")
+    except SparkbridgeError as exc:
+        full_error = f"{type(exc).__name__}: {exc}"
+    first, second = _index_entry(0), mutated()
+    try:
+        out = check_index_entries([first, second], where="x.json")
+    except SparkbridgeError as exc:
+        fast_error = f"{type(exc).__name__}: {exc}"
+    assert fast_error == full_error
+    if full_error is None:
+        assert out == [_index_entry(0), mutated()] and out[1] is second
+        if out[1]["column_names"] == out[0]["column_names"]:  # the same layout: its lists are shared
+            assert out[1]["column_names"] is out[0]["column_names"]
