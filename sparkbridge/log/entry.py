@@ -131,24 +131,12 @@ def _int(obj: dict, key: str, where: str, *, optional: bool = False, minimum: in
     return value
 
 
-#: An MDS shard's sample offsets are uint32: no stored or raw shard file can exceed 4 GiB.
-MAX_SHARD_BYTES = 1 << 32
-
 
 def _check_added(add: tuple[dict, ...], where: str) -> None:
-    """Sizes a shard can have, and each file named once: a shard listed twice would be read twice.
-    (The entries passed :func:`check_index_entries`, which refuses files over 4 GiB too: the loop
-    below runs only to name a duplicate.)"""
-    names = {(e.get("zip_data") or e["raw_data"])["basename"] for e in add}
-    if len(names) == len(add):
-        return
+    """Each file named once: a shard listed twice would be read twice. (Sizes were checked with
+    the entries, by :func:`sparkbridge.format.index.check_index_entries`.)"""
     seen: dict[str, int] = {}
     for i, e in enumerate(add):
-        for key in ("raw_data", "zip_data"):
-            info = e.get(key)
-            if info is not None and info["bytes"] > MAX_SHARD_BYTES:
-                raise LogError(f"{where}, added shard {i}: {key}.bytes is {info['bytes']}, more than an MDS shard "
-                               f"can hold ({MAX_SHARD_BYTES} bytes)")
         name = (e.get("zip_data") or e["raw_data"])["basename"]
         if name in seen:
             raise LogError(f"{where}: shard {name} is listed twice in add (shards {seen[name]} and {i}); its rows "
