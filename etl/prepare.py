@@ -112,15 +112,19 @@ def _spark_element(element: str) -> str:
 
 
 def prepare_frame(df: Any, plans: Sequence[ColumnPlan], *, nulls: str) -> Any:
-    """A DataFrame with exactly one Arrow-friendly column per plan, in plan order."""
+    """A DataFrame with exactly one Arrow-friendly column per plan, in plan order.
+
+    Its columns are named by position (``_0``, ``_1``, ...): the tasks read them by position, and
+    pyspark's ``mapInArrow`` resolves each column by its bare name, which fails for a user's name
+    with a dot in it (``x.y``)."""
     from pyspark.sql import functions as F
 
     fields = {f.name: f for f in df.schema.fields}
     exprs = []
-    for plan in plans:
+    for position, plan in enumerate(plans):
         src = F.col(_quote(plan.source))
         if plan.kind == "mask":
-            exprs.append(src.isNull().cast("tinyint").alias(plan.name))
+            exprs.append(src.isNull().cast("tinyint").alias(f"_{position}"))
             continue
         dtype = fields[plan.source].dataType
         logical = plan.spec.logical
@@ -137,5 +141,5 @@ def prepare_frame(df: Any, plans: Sequence[ColumnPlan], *, nulls: str) -> Any:
             expr = src
         if nulls in ("fill", "mask") and plan.nullable:
             expr = F.coalesce(expr, _fill_literal(plan, dtype))
-        exprs.append(expr.alias(plan.name))
+        exprs.append(expr.alias(f"_{position}"))
     return df.select(*exprs)

@@ -16,7 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 from urllib.parse import unquote, urlparse
 
-from sparkbridge.errors import MalformedRecordsError
+from sparkbridge.errors import MalformedRecordsError, SchemaError, UnsupportedTypeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -41,6 +41,9 @@ _PARQUET_SUFFIXES = (".parquet", ".pq")
 #: Spark's defaults for CSV, spelled out (and logged) so the behaviour does not depend on its version.
 _CSV_DEFAULTS = {"header": "true", "escape": '"', "encoding": "UTF-8"}
 _JSON_DEFAULTS = {"encoding": "UTF-8"}
+#: Parquet: every file's footer decides the schema. Spark's default takes one file's, and the columns
+#: only other files hold are then dropped without a word (a folder whose later files gained a column).
+_PARQUET_DEFAULTS = {"mergeSchema": "true"}
 
 
 # --------------------------------------------------------------------------- files and formats
@@ -154,6 +157,89 @@ def _check_parquet_schema(given: "StructType", actual: "StructType", path: str) 
             )
 
 
+def _local_parquet_schemas(files: list[str]) -> list[tuple[str, Any]]:
+    """(file, Arrow schema) of each listed Parquet file on local disk: footers only. Empty where a
+    file is remote (its filesystem is Spark's, not this process's) or unreadable."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for url in files:
+        local = _local_file(url)
+        if local is None:
+            return []
+        try:
+            out.append((local, pq.read_schema(local)))
+        except (OSError, ValueError):
+            return []
+    return out
+
+
+#: Arrow types Spark cannot read from Parquet, with the way out.
+_UNREADABLE_HINTS = {
+    "timestamp[ns]": "write it as microseconds (pyarrow: pq.write_table(..., coerce_timestamps='us', "
+                     "allow_truncated_timestamps=True); pandas: df.to_parquet(..., coerce_timestamps='us')), "
+                     "or set spark.sql.legacy.parquet.nanosAsLong=true on the session to read it as a long of "
+                     "nanoseconds",
+    "halffloat": "write it as float32",
+}
+
+
+def _unreadable_columns(schemas: list[tuple[str, Any]]) -> list[str]:
+    found = []
+    for local, schema in schemas:
+        for field in schema:
+            kind = "timestamp[ns]" if str(field.type).startswith("timestamp[ns") else str(field.type)
+            if kind in _UNREADABLE_HINTS:
+                found.append(f"{local}: column {field.name!r} ({kind}): {_UNREADABLE_HINTS[kind]}")
+    return found
+
+
+def _case_duplicates(schemas: list[tuple[str, Any]]) -> Optional[str]:
+    for local, schema in schemas:
+        seen: dict[str, str] = {}
+        for name in schema.names:
+            if name.lower() in seen and seen[name.lower()] != name:
+                return f"{local}: columns {seen[name.lower()]!r} and {name!r}"
+            seen[name.lower()] = name
+    return None
+
+
+def _type_clash(schemas: list[tuple[str, Any]]) -> Optional[str]:
+    first_seen: dict[str, tuple[str, Any]] = {}
+    for local, schema in schemas:
+        for field in schema:
+            if field.name not in first_seen:
+                first_seen[field.name] = (local, field.type)
+            elif first_seen[field.name][1] != field.type:
+                other, kind = first_seen[field.name]
+                return f"column {field.name!r} is {kind} in {other} and {field.type} in {local}"
+    return None
+
+
+def _parquet_error(exc: BaseException, path: str, files: list[str]) -> Exception:
+    """Spark's refusal to read Parquet files, as an error naming the file and column (when the
+    files are local) and what to do; Spark's own message names neither."""
+    condition, first = _spark_error(exc)
+    schemas = _local_parquet_schemas(files)
+    if condition == "PARQUET_TYPE_ILLEGAL" or "Illegal Parquet type" in first:
+        columns = _unreadable_columns(schemas)
+        if columns:
+            return UnsupportedTypeError("Spark cannot read these Parquet columns: " + "; ".join(columns))
+        return UnsupportedTypeError(f"Spark cannot read a column type of the Parquet files at {path}: {first}")
+    if condition == "COLUMN_ALREADY_EXISTS":
+        pair = _case_duplicates(schemas)
+        return SchemaError(
+            f"{pair or path + ': two columns'} differ only in case, and Spark matches column names "
+            f"case-insensitively ({first}). Rename one where the files are written, or set "
+            "spark.sql.caseSensitive=true on the session")
+    if "CANNOT_MERGE_SCHEMAS" in f"{condition} {first}":
+        clash = _type_clash(schemas)
+        return SchemaError(f"the Parquet files at {path} disagree on a column's type"
+                           f"{': ' + clash if clash else ''}; rewrite them with one schema, or read them "
+                           "apart and cast")
+    return ValueError(f"Spark cannot read the Parquet files at {path}: {first}")
+
+
 # --------------------------------------------------------------------------- malformed CSV rows
 
 
@@ -168,7 +254,7 @@ def _parse_guard(columns: list[str]) -> "Column":
     """
     from pyspark.sql import functions as F
 
-    return F.size(F.array(*[F.col(c).isNull() for c in columns])) >= 0
+    return F.size(F.array(*[F.col(quote_column(c)).isNull() for c in columns])) >= 0
 
 
 def quote_column(name: str) -> str:
@@ -329,7 +415,10 @@ def read_source(
       (``.csv``, ``.csv.gz``, ``.json``/``.jsonl``/``.ndjson`` (+ ``.gz``), ``.parquet``, or the
       files inside a folder).
     - ``schema``: a DDL string (``"id INT, name STRING"``) or a StructType. CSV/JSON without one is
-      inferred (one extra pass). Parquet with one is checked against the files' own schema.
+      inferred (one extra pass). Parquet with one is checked against the files' own schema. Parquet
+      merges every file's schema (``mergeSchema``: Spark's default takes one file's and drops the
+      columns only other files hold); a type Spark cannot read, columns equal but for case and
+      files that disagree on a type are errors naming the file and column (local files).
     - ``bad_records`` (CSV, JSON): ``"fail"`` raises :class:`MalformedRecordsError` naming the files,
       line numbers and text of up to 5 malformed rows (a field that does not parse as its type, a
       wrong field count, a line that is not JSON); ``"drop"`` drops them and logs the count; any other
@@ -370,7 +459,12 @@ def read_source(
         if bad_records not in ("fail", "drop"):
             log.info("%s: bad_records=%r applies to CSV and JSON only; Parquet rows are typed by the file",
                      path, bad_records)
-        df = spark.read.options(**options).parquet(path)
+        reader_options = {**_PARQUET_DEFAULTS, **options}
+        try:
+            df = spark.read.options(**reader_options).parquet(path)
+            df.schema  # a Connect session analyses lazily: the files' schema errors surface here
+        except Exception as exc:  # pyspark's AnalysisException (classic or Connect), a py4j error
+            raise _parquet_error(exc, path, files) from None
         if struct is not None:
             _check_parquet_schema(struct, df.schema, path)
             df = df.select(*[quote_column(f.name) for f in struct.fields])

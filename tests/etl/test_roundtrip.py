@@ -332,3 +332,18 @@ def test_unexpected_task_error_is_one_line_naming_partition_and_attempt(spark, t
     assert "OSError: [Errno 28] No space left on device" in message and "_staging" in message
     assert "Traceback" not in message and "py4j" not in message.lower() and "\n" not in message
     assert not (out / "index.json").exists() and not (out / "_staging").exists()
+
+
+def test_column_names_with_dots_spaces_and_backticks_round_trip(any_spark, tmp_path):
+    """pyspark's own ``mapInArrow`` resolves every column by its bare name, so a name with a dot
+    (``x.y``: common in Parquet written by pandas) failed inside pyspark with UNRESOLVED_COLUMN."""
+    names = ["x.y", "a b", "c`d", "é", "id"]
+    df = any_spark.createDataFrame([(k * 1.5, k * 10, f"s{k}", k % 2 == 0, k) for k in range(7)], names).coalesce(2)
+    out = str(tmp_path / "ds")
+    result = etl.write_mds(df, out)
+    assert result.rows == 7
+    manifest = Manifest.from_json(open(os.path.join(out, "manifest.json")).read())
+    assert [c.name for c in manifest.columns] == names
+    got = sorted(_read(out), key=lambda s: s["id"])
+    assert [(s["x.y"], s["a b"], s["c`d"], s["é"], s["id"]) for s in got] == \
+        [(k * 1.5, k * 10, f"s{k}", int(k % 2 == 0), k) for k in range(7)]

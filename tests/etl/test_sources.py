@@ -182,3 +182,73 @@ def test_json_lines_with_every_bad_record_policy(any_spark, tmp_path):
     clean = tmp_path / "clean.json"
     clean.write_text('{"x": 1}\n{"x": 2}\n')
     assert rows(etl.read_source(any_spark, clean, schema="x INT")) == [(1,), (2,)]
+
+
+def test_parquet_types_spark_cannot_read_name_the_file_column_and_a_way_out(any_spark, tmp_path):
+    """Spark refuses nanosecond timestamps and float16 in Parquet with an AnalysisException that
+    names neither the file nor the column."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": [1, 2]}), folder / "a.parquet")
+    pq.write_table(pa.table({"id": [3], "t": pa.array([5], pa.timestamp("ns"))}), folder / "b.parquet")
+    with pytest.raises(TypeError, match=r"b\.parquet.*column 't' \(timestamp\[ns\]\).*coerce_timestamps='us'.*"
+                                        r"spark\.sql\.legacy\.parquet\.nanosAsLong") as info:
+        etl.read_source(any_spark, str(folder))
+    assert "AnalysisException" not in str(info.value) and "SQLSTATE" not in str(info.value)
+
+    half = tmp_path / "half.parquet"
+    pq.write_table(pa.table({"h": pa.array(np.array([1, 2], np.float16))}), half)
+    with pytest.raises(TypeError, match=r"half\.parquet.*column 'h' \(halffloat\).*float32"):
+        etl.read_source(any_spark, str(half))
+
+
+def test_parquet_columns_that_differ_only_in_case_are_named(any_spark, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "cases.parquet"
+    pq.write_table(pa.table({"Score": [1, 2], "score": [3, 4], "id": [5, 6]}), path)
+    with pytest.raises(ValueError, match=r"cases\.parquet: columns 'Score' and 'score' differ only in case.*"
+                                         r"spark\.sql\.caseSensitive"):
+        etl.read_source(any_spark, str(path))
+
+
+def test_csv_headers_with_dots_and_spaces(any_spark, tmp_path):
+    """The malformed-row check referenced each column by its bare name: a dot in a header split it."""
+    path = tmp_path / "dots.csv"
+    path.write_text("id,x.y,a b\n1,2.5,u\n2,bad,v\n3,4.5,w\n")
+    df = etl.read_source(any_spark, path, schema="id INT, `x.y` DOUBLE, `a b` STRING", bad_records="drop")
+    assert rows(df) == [(1, 2.5, "u"), (3, 4.5, "w")]
+    with pytest.raises(MalformedRecordsError, match=r"dots\.csv:3"):
+        etl.read_source(any_spark, path, schema="id INT, `x.y` DOUBLE, `a b` STRING")
+
+
+def test_parquet_files_with_different_columns_are_merged_not_dropped(any_spark, tmp_path):
+    """Spark's default takes one file's schema: a column that only later files hold was dropped
+    without a word. Every footer counts now; the rows without it are nulls, which write_mds's
+    ``nulls="error"`` then names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "drift"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": [1, 2]}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"id": [3], "extra": [30]}), folder / "part-1.parquet")
+    df = etl.read_source(any_spark, str(folder))
+    assert sorted(df.columns) == ["extra", "id"]
+    assert rows(df.select("id", "extra")) == [(1, None), (2, None), (3, 30)]
+    with pytest.raises(ValueError, match=r"'extra': 2 nulls"):
+        etl.write_mds(df, str(tmp_path / "out"))
+
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    pq.write_table(pa.table({"id": [1]}), clash / "part-0.parquet")
+    pq.write_table(pa.table({"id": ["x"]}), clash / "part-1.parquet")
+    with pytest.raises(ValueError, match=r"clash disagree on a column's type: column 'id' is int64 in \S+part-0\.parquet "
+                                         r"and string in \S+part-1\.parquet") as info:
+        etl.read_source(any_spark, str(clash))
+    assert "SQLSTATE" not in str(info.value) and "Exception" not in str(info.value)
