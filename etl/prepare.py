@@ -111,9 +111,36 @@ def _spark_element(element: str) -> str:
             "float32": "float", "float64": "double"}[element]
 
 
-def prepare_frame(df: Any, plans: Sequence[ColumnPlan], *, nulls: str) -> Any:
+def _decimals_as_strings(dtype: Any) -> Optional[Any]:
+    """``dtype`` with every decimal inside it a string, or None when it holds none.
+
+    Why: a nested value is stored as JSON, where a decimal is a number that every JSON reader
+    parses as a float (38 digits came back as 17). As a string it stays exact."""
+    from pyspark.sql import types as T
+
+    if isinstance(dtype, T.DecimalType):
+        return T.StringType()
+    if isinstance(dtype, T.ArrayType):
+        inner = _decimals_as_strings(dtype.elementType)
+        return None if inner is None else T.ArrayType(inner, dtype.containsNull)
+    if isinstance(dtype, T.MapType):
+        key, value = _decimals_as_strings(dtype.keyType), _decimals_as_strings(dtype.valueType)
+        if key is None and value is None:
+            return None
+        return T.MapType(key or dtype.keyType, value or dtype.valueType, dtype.valueContainsNull)
+    if isinstance(dtype, T.StructType):
+        inner = [_decimals_as_strings(f.dataType) for f in dtype.fields]
+        if all(i is None for i in inner):
+            return None
+        return T.StructType([T.StructField(f.name, i or f.dataType, f.nullable, f.metadata)
+                             for f, i in zip(dtype.fields, inner)])
+    return None
+
+
+def prepare_frame(df: Any, plans: Sequence[ColumnPlan], *, nulls: str, decimals: str = "string") -> Any:
     """A DataFrame with exactly one Arrow-friendly column per plan, in plan order.
 
+    ``decimals="string"``: decimals nested in a JSON column are written as strings (exact).
     Its columns are named by position (``_0``, ``_1``, ...): the tasks read them by position, and
     pyspark's ``mapInArrow`` resolves each column by its bare name, which fails for a user's name
     with a dot in it (``x.y``)."""
@@ -134,7 +161,8 @@ def prepare_frame(df: Any, plans: Sequence[ColumnPlan], *, nulls: str) -> Any:
                 zero = F.lit(0).cast(_spark_element(plan.element))
                 expr = F.transform(expr, lambda x: F.coalesce(x, zero))
         elif logical == "json":
-            expr = F.to_json(src)
+            exact = _decimals_as_strings(dtype) if decimals == "string" else None
+            expr = F.to_json(src if exact is None else src.cast(exact))
         elif logical == "decimal" and plan.encoding == "float64":
             expr = src.cast("double")
         else:

@@ -213,7 +213,7 @@ def write_mds(
     schema = (job.base.schema if existing is not None and job.base.schema is not None else
               schema_record(columns=specs, fingerprint=fingerprint, nulls=nulls, compression=compression,
                             hashes=hashes))
-    prepared = prepare_frame(df, plans, nulls=nulls)
+    prepared = prepare_frame(df, plans, nulls=nulls, decimals=decimals)
     if commit == "partition":
         job.begin(schema=schema, info={"writer": "sparkbridge.etl.write_mds"})
     job.start()

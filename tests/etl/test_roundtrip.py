@@ -347,3 +347,31 @@ def test_column_names_with_dots_spaces_and_backticks_round_trip(any_spark, tmp_p
     got = sorted(_read(out), key=lambda s: s["id"])
     assert [(s["x.y"], s["a b"], s["c`d"], s["é"], s["id"]) for s in got] == \
         [(k * 1.5, k * 10, f"s{k}", int(k % 2 == 0), k) for k in range(7)]
+
+
+def test_decimals_inside_structs_arrays_and_maps_stay_exact(any_spark, tmp_path):
+    """Nested values are stored as JSON. A decimal there became a JSON number, which a reader
+    parses as a float: 38 digits came back as 17, without a word. With ``decimals="string"`` (the
+    default) they are JSON strings now, digit for digit; ``decimals="float"`` keeps numbers."""
+    from pyspark.sql import types as T
+
+    big = Decimal("12345678901234567890.123456789012345678")
+    negative = Decimal("-12345678901234567890.123456789012345678")  # not -big: that rounds to 28 digits
+    schema = T.StructType([
+        T.StructField("id", T.LongType(), False),
+        T.StructField("st", T.StructType([T.StructField("d", T.DecimalType(38, 18)), T.StructField("x", T.DoubleType())])),
+        T.StructField("arr", T.ArrayType(T.DecimalType(10, 2))),
+        T.StructField("m", T.MapType(T.StringType(), T.DecimalType(38, 18))),
+    ])
+    df = any_spark.createDataFrame([(1, (big, 0.5), [Decimal("1.10"), Decimal("-2.25")], {"k": negative})], schema)
+    out = str(tmp_path / "exact")
+    etl.write_mds(df, out)
+    (got,) = _read(out)
+    assert got["st"] == {"d": str(big), "x": 0.5}
+    assert got["arr"] == ["1.10", "-2.25"]
+    assert got["m"] == {"k": str(negative)}
+
+    out = str(tmp_path / "float")
+    etl.write_mds(df, out, decimals="float")
+    (got,) = _read(out)
+    assert got["st"] == {"d": float(big), "x": 0.5} and got["arr"] == [1.1, -2.25] and got["m"] == {"k": float(negative)}
