@@ -157,6 +157,31 @@ def _check_parquet_schema(given: "StructType", actual: "StructType", path: str) 
             )
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause of a Spark error, one line: the last ``Caused by:`` of its JVM stack
+    (classic and Connect alike), else its first line."""
+    condition, first = _spark_error(exc)
+    text = str(exc)
+    java = getattr(exc, "java_exception", None)
+    if java is not None:
+        cause = java
+        while cause.getCause() is not None:
+            cause = cause.getCause()
+        return cause.toString()
+    causes = [line.strip()[len("Caused by:"):].strip() for line in text.splitlines()
+              if line.strip().startswith("Caused by:")]
+    return causes[-1] if causes else first
+
+
+def _read_error(exc: BaseException, path: str, fmt: str) -> Exception:
+    """Spark failing to read text files, as one line naming the file (Spark's message has it) and
+    the innermost cause (a damaged gzip file, a permission), not a JVM stack."""
+    _, first = _spark_error(exc)
+    marker = "while reading file "
+    where = first.split(marker, 1)[1].split(" ")[0].rstrip(".") if marker in first else path
+    return ValueError(f"Spark cannot read {_local_file(where) or where} as {fmt.upper()}: {_root_cause(exc)}")
+
+
 def _local_parquet_schemas(files: list[str]) -> list[tuple[str, Any]]:
     """(file, Arrow schema) of each listed Parquet file on local disk: footers only. Empty where a
     file is remote (its filesystem is Spark's, not this process's) or unreadable."""
@@ -295,6 +320,23 @@ def _examples(bad: "DataFrame", corrupt: str, file_col: str) -> list[tuple[str, 
     return [(r[0], _line_number(r[0], r[1]), r[1]) for r in rows]
 
 
+#: What Spark puts where bytes are not valid in the files' encoding.
+_REPLACEMENT = "\ufffd"
+
+
+def _hints(examples: list[tuple[str, Optional[int], str]], fmt: str, encoding: str) -> str:
+    """Why the shown rows are malformed, where their text tells: bytes not valid in the encoding, or
+    (CSV) a quoted field that goes on over the next line."""
+    hints = []
+    if any(_REPLACEMENT in record for _, _, record in examples):
+        hints.append(f"some text is not valid {encoding} (Spark shows such bytes as U+FFFD); pass the files' "
+                     "encoding, e.g. options={'encoding': 'ISO-8859-1'}")
+    if fmt == "csv" and any(record.count('"') % 2 for _, _, record in examples):
+        hints.append("a quoted field seems to go on over the next line; such files need "
+                     "options={'multiLine': 'true'}")
+    return "".join(f"\n  hint: {h}" for h in hints)
+
+
 def _format_examples(examples: list[tuple[str, Optional[int], str]]) -> str:
     lines = []
     for file, line, record in examples:
@@ -321,13 +363,19 @@ def _read_text(
     reader_options.update({k: str(v) for k, v in options.items()})
     if schema is None:
         log.info("%s: no schema given; inferring column types from the data (an extra pass)", path)
-        if fmt == "csv":
-            schema = spark.read.options(**reader_options).option("inferSchema", "true").csv(path).schema
-        else:  # JSON inference adds its own corrupt-record column when a line does not parse: not data
-            inferred = spark.read.options(**reader_options).option("columnNameOfCorruptRecord", "_corrupt_record")
-            schema = StructType([f for f in inferred.json(path).schema.fields if f.name != "_corrupt_record"])
+        try:
+            if fmt == "csv":
+                schema = spark.read.options(**reader_options).option("inferSchema", "true").csv(path).schema
+            else:  # JSON inference adds its own corrupt-record column when a line does not parse: not data
+                inferred = spark.read.options(**reader_options).option("columnNameOfCorruptRecord", "_corrupt_record")
+                schema = StructType([f for f in inferred.json(path).schema.fields if f.name != "_corrupt_record"])
+        except Exception as exc:  # pyspark's (classic or Connect) or py4j's: a file Spark cannot read
+            raise _read_error(exc, path, fmt) from None
     columns = schema.fieldNames()
     if not columns:
+        if fmt == "json":
+            raise ValueError(f"{path}: no columns: empty, or not JSON lines (one record per line); a JSON "
+                             "document over several lines needs options={'multiLine': 'true'}")
         raise ValueError(f"{path}: no columns (empty file or header?)")
     corrupt = "_corrupt_record"
     while corrupt in columns:
@@ -346,9 +394,19 @@ def _read_text(
         .load(path)
     )
     guard = _parse_guard(columns)
-    bad = checked.filter(F.col(corrupt).isNotNull() & guard).withColumn(file_col, F.input_file_name())
-    good = checked.filter(F.col(corrupt).isNull() & guard).drop(corrupt)
-    n_bad = bad.count()  # one pass that parses every column of every row
+    # A row is malformed when it does not parse, or when Spark replaced bytes that are not valid in
+    # the encoding (it does so silently); the record shown for the latter is its text as decoded.
+    malformed = F.col(corrupt).isNotNull()
+    strings = [quote_column(f.name) for f in schema.fields if isinstance(f.dataType, StringType)]
+    for name in strings:
+        malformed = malformed | F.coalesce(F.col(name).contains(_REPLACEMENT), F.lit(False))
+    record = F.coalesce(F.col(corrupt), F.concat_ws(",", *[F.col(quote_column(c)).cast("string") for c in columns]))
+    bad = checked.filter(malformed & guard).withColumn(corrupt, record).withColumn(file_col, F.input_file_name())
+    good = checked.filter(~malformed & guard).drop(corrupt)
+    try:
+        n_bad = bad.count()  # one pass that parses every column of every row
+    except Exception as exc:  # pyspark's (classic or Connect) or py4j's: a file Spark cannot read
+        raise _read_error(exc, path, fmt) from None
 
     if n_bad == 0:
         log.info("%s: no malformed rows", path)
@@ -362,7 +420,7 @@ def _read_text(
         raise MalformedRecordsError(
             f"{path}: {n_bad} malformed {what} under schema <{schema.simpleString()}> "
             f"(first {len(examples)} shown; use bad_records='drop' or a folder to keep them):\n"
-            + _format_examples(examples),
+            + _format_examples(examples) + _hints(examples, fmt, reader_options.get("encoding", "UTF-8")),
             count=n_bad,
             examples=examples,
         )

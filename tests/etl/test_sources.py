@@ -252,3 +252,39 @@ def test_parquet_files_with_different_columns_are_merged_not_dropped(any_spark, 
                                          r"and string in \S+part-1\.parquet") as info:
         etl.read_source(any_spark, str(clash))
     assert "SQLSTATE" not in str(info.value) and "Exception" not in str(info.value)
+
+
+def test_bytes_that_are_not_the_files_encoding_are_malformed_not_replaced(any_spark, tmp_path):
+    """Spark decodes invalid UTF-8 as U+FFFD without a word: 'café' in Latin-1 became 'caf\ufffd'."""
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("id,name\n1,caf\xe9\n2,plain\n".encode("latin-1"))
+    with pytest.raises(MalformedRecordsError, match=r"(?s)1 malformed CSV row.*not valid UTF-8.*'encoding'") as info:
+        etl.read_source(any_spark, path, schema="id INT, name STRING")
+    assert info.value.count == 1
+    assert rows(etl.read_source(any_spark, path, schema="id INT, name STRING", bad_records="drop")) == [(2, "plain")]
+    assert rows(etl.read_source(any_spark, path, schema="id INT, name STRING", options={"encoding": "ISO-8859-1"})) == \
+        [(1, "café"), (2, "plain")]
+
+
+def test_a_quoted_field_over_two_lines_says_how_to_read_it(any_spark, tmp_path):
+    path = tmp_path / "multiline.csv"
+    path.write_text('id,text\n1,"first\nsecond"\n2,plain\n')
+    with pytest.raises(MalformedRecordsError, match=r"multiLine"):
+        etl.read_source(any_spark, path, schema="id INT, text STRING")
+    df = etl.read_source(any_spark, path, schema="id INT, text STRING", options={"multiLine": "true"})
+    assert rows(df) == [(1, "first\nsecond"), (2, "plain")]
+
+
+def test_a_damaged_compressed_file_is_named_with_its_cause(any_spark, tmp_path):
+    path = tmp_path / "rows.csv.gz"
+    path.write_bytes(b"this is not gzip")
+    with pytest.raises(ValueError, match=r"rows\.csv\.gz.*(GZIP|gzip)") as info:
+        etl.read_source(any_spark, path, schema="id INT")
+    assert "Py4J" not in str(info.value) and "\tat " not in str(info.value)
+
+
+def test_pretty_printed_json_says_it_is_not_json_lines(any_spark, tmp_path):
+    path = tmp_path / "doc.json"
+    path.write_text('{\n  "a": 1\n}\n')
+    with pytest.raises(ValueError, match=r"doc\.json.*JSON lines.*multiLine"):
+        etl.read_source(any_spark, path)
