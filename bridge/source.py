@@ -62,6 +62,9 @@ def resolve_source(remote_or_local: Union[str, os.PathLike], local: Optional[Uni
         storage = open_storage(src) if src.startswith("s3://") else None
         return Source(src, os.fspath(local) if local is not None else None, storage)
     if must_exist and not os.path.isdir(src):
+        if os.path.isfile(src):
+            raise DatasetNotFoundError(f"{src} is a file; pass the dataset's folder "
+                                       f"({os.path.dirname(os.path.abspath(src))}), not one of its files")
         raise DatasetNotFoundError(f"dataset folder {src} does not exist")
     if local is None or os.path.abspath(os.fspath(local)) == os.path.abspath(src):
         return Source(None, src, open_storage(src))

@@ -73,3 +73,12 @@ def test_loader_exposes_and_can_be_built_from_its_options(data):
     assert [b["id"].tolist() for b in again] == ids  # the same order from the same options
     assert sorted(sum(ids, [])) == list(range(N))
     again.close()
+
+
+def test_a_path_to_one_of_the_datasets_files_names_the_folder(data, tmp_path):
+    from sparkbridge.errors import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError, match=rf"index\.json is a file; pass the dataset's folder \({data}\)"):
+        StreamingLoader(str(data / "index.json"), batch_size=4)
+    with pytest.raises(DatasetNotFoundError, match="dataset folder .*nothing-here does not exist"):
+        StreamingLoader(str(tmp_path / "nothing-here"), batch_size=4)
