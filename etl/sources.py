@@ -160,7 +160,7 @@ def _check_parquet_schema(given: "StructType", actual: "StructType", path: str) 
 def _root_cause(exc: BaseException) -> str:
     """The innermost cause of a Spark error, one line: the last ``Caused by:`` of its JVM stack
     (classic and Connect alike), else its first line."""
-    condition, first = _spark_error(exc)
+    _, first = _spark_error(exc)
     text = str(exc)
     java = getattr(exc, "java_exception", None)
     if java is not None:
