@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from sparkbridge.bridge.options import LoaderOptions
-from sparkbridge.bridge.order import GlobalOrder
+from sparkbridge.bridge.order import GlobalOrder, ShuffleAlgo
 from sparkbridge.bridge.order_ahead import OrderAhead
 from sparkbridge.bridge.orders import OrderProcess, OrderProcessDied
 from sparkbridge.bridge.passes import PassBoard
@@ -555,9 +555,12 @@ class SnapshotEpochs(_OnPosition):
 
     def reset(self, saved: LoaderState) -> None:
         """Resume at ``saved`` (checked against this dataset: the same data, the same order)."""
-        if saved.version is not None and saved.version >= 0 and saved.version != self.dataset.version:
-            # the run started on another version: read exactly that one again (while retained)
-            self._rebuild(saved.version)
+        other_version = saved.version is not None and saved.version >= 0 and saved.version != self.dataset.version
+        algo = self._saved_order(saved)
+        if other_version or algo is not None:
+            # the run started on another version: read exactly that one again (while retained);
+            # or in another order, which a loader left at the default shuffle_algo takes on
+            self._rebuild(saved.version if other_version else self.dataset.version, algo)
         saved.check_compatible(self._describe(self._epoch, 0))
         ds = self.dataset
         if saved.batch_size * saved.world_size != self.batch_size * self.world_size:
@@ -572,16 +575,44 @@ class SnapshotEpochs(_OnPosition):
         self._len = None
         self.pos.reset(saved.epoch, saved.sample_in_epoch)
 
-    def _rebuild(self, version: int) -> None:
+    def _saved_order(self, saved: LoaderState) -> Optional[ShuffleAlgo]:
+        """The order ``saved`` names, when this loader was left at the default ``shuffle_algo``
+        and reads another (a run resumes in the order it was saved in: states saved before
+        ``global`` became the default for ``shuffle=True`` name ``py1e``); else None. A loader
+        given a ``shuffle_algo`` keeps it (and :meth:`LoaderState.check_compatible` refuses a
+        state of another order)."""
+        if self.options.shuffle_algo is not None or saved.shuffle != bool(self.options.shuffle):
+            return None
+        if saved.shuffle_algo == self.dataset.shuffle_algo:
+            return None
+        try:
+            return ShuffleAlgo.parse(saved.shuffle_algo)
+        except ValueError as exc:
+            raise StateError(f"the saved state names an order this loader does not know: {exc}") from None
+
+    def _rebuild(self, version: Optional[int], algo: Optional[ShuffleAlgo] = None) -> None:
+        """Read ``version`` from now on (None or negative: the latest; a dataset without a log),
+        in the order ``algo`` when given."""
         from sparkbridge.errors import VersionNotFoundError
 
+        before = self._dataset_options["shuffle_algo"]
+        if algo is not None:  # shared with the followed epoch's source: both record it from now on
+            self._dataset_options["shuffle_algo"] = algo
         try:
-            dataset = self._build_dataset(version)
+            dataset = self._build_dataset(version if version is not None and version >= 0 else None)
         except VersionNotFoundError as exc:
+            self._dataset_options["shuffle_algo"] = before
             raise StateError(f"the saved state read version {version} of {self.source.name}, which can no longer "
                              f"be read ({exc}); resuming on other data would repeat or skip samples") from None
-        logger.info("%s: resuming on version %d, the version the saved run read (the latest is %d)",
-                    self.source.name, version, self.dataset.version)
+        except BaseException:
+            self._dataset_options["shuffle_algo"] = before
+            raise
+        if algo is not None:
+            logger.info("%s: resuming in the order the saved state names (shuffle_algo=%r; this loader was left at "
+                        "the default, %r)", self.source.name, algo.value, str(before))
+        if version != self.dataset.version:
+            logger.info("%s: resuming on version %d, the version the saved run read (the latest is %d)",
+                        self.source.name, version, self.dataset.version)
         self._shutdown_workers()
         self._release(self.dataset)
         self.dataset = dataset
@@ -778,6 +809,13 @@ class FollowedEpoch(_OnPosition):
         if saved.batch_size != self.batch_size or saved.world_size != self.world_size:
             raise StateError("a followed epoch resumes only with the same batch size and world size "
                              f"(saved {saved.batch_size} x {saved.world_size}, now {self.batch_size} x {self.world_size})")
+        if self.options.shuffle_algo is None and saved.shuffle_algo != str(self._dataset_options["shuffle_algo"]):
+            # left at the default: the later epochs read the order the state names (the options
+            # are shared with SnapshotEpochs, which builds their dataset)
+            try:
+                self._dataset_options["shuffle_algo"] = ShuffleAlgo.parse(saved.shuffle_algo)
+            except ValueError as exc:
+                raise StateError(f"the saved state names an order this loader does not know: {exc}") from None
         self._follow["target"] = FollowTarget(int(f["start_version"]), f.get("write_id"), bool(f.get("stream")))
         if self._follower is not None:
             self._follower.close()
