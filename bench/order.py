@@ -1,7 +1,7 @@
 """Order at scale: anonymous memory and rows/s of one shuffled epoch, Mosaic's order vs ``global``.
 
     python bench/order.py [--rows 4000000 32000000] [--workers 0 2] [--algos py1e global]
-    python bench/order.py --fast-path --rows 1000000   # could global be the default? (later epochs, medians)
+    python bench/order.py --fast-path --rows 1000000   # is global (the default) as fast in memory? (later epochs, medians)
 
 The dataset (issue 20's): columns ``id int64, label int32``, zstd shards of ~8 MB decompressed
 (500k rows), written with sparkbridge's own MDS format code (no Spark). For each row count, each
@@ -132,7 +132,8 @@ def run_child(path: Path, algo: str, workers: int, budget: int, timeout: float) 
 def fast_path(rows: int, data_root: Path, workers: int, rounds: int = 5) -> list[list]:
     """bench/loader.py's workload (18 fixed-width columns, ~20 MB shards, default budget: the
     in-memory row table): later epochs of Mosaic's ``py1e`` and ``global``, interleaved, ``rounds``
-    each, in this process; the question is whether ``global`` could be the default. The ratio is
+    each, in this process; the question is whether ``global`` (the default since branch global3) is as
+    fast as ``py1e`` there. The ratio is
     of the medians: on this shared machine either order sometimes reads one epoch ~2x faster than
     its others (9-10M rows/s against ~5M), and a best-of ratio follows those outliers."""
     import statistics
