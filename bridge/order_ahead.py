@@ -10,7 +10,8 @@ reads the current one, and the next epoch's first chunk during the current epoch
 row table, :mod:`sparkbridge.bridge.orders`), the thread only waits for that process to compute
 the chunk (:attr:`OrderAhead.helper`): evaluated in the thread, the chunk's ~1,000 numpy calls
 each retook the GIL from the batch loop, which then waited ~300 times an epoch (1M rows, 2 cores:
-0.86-0.92x Mosaic's py1e on a quiet machine, against 1.03-1.08x from the process).
+0.86-0.92x Mosaic's py1e on a quiet machine, against 1.03-1.08x from the process:
+bench/results/order.md).
 
 Memory: at most :data:`KEEP` chunks wait besides the one being read (the next, and the next
 epoch's first): 8 MB of int64 ids each, whatever the number of rows.

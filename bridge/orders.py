@@ -11,7 +11,7 @@ It also computes a global order's ids a chunk ahead (:meth:`OrderProcess.compute
 :mod:`sparkbridge.bridge.order_ahead`), returned through shared memory: in a thread, the ~1,000
 numpy calls of a 1M-position chunk each handed the GIL back and forth with the batch loop (~300
 waits of the loop an epoch, +10-20 ms of its CPU at 1M rows: 0.86-0.92x Mosaic's py1e on a quiet
-machine; 1.03-1.08x from here, bench/results/order.md).
+machine, 1.03-1.08x from here; bench/results/order.md, where "quiet" needed ``chrt``).
 
 The loader forks the helper when none of its threads has work (once the first epoch has loaded
 every shard; see ``StreamingLoader._start_orders``), so it inherits the dataset as it is (no
