@@ -1,7 +1,8 @@
 """Order at scale: anonymous memory and rows/s of one shuffled epoch, Mosaic's order vs ``global``.
 
     python bench/order.py [--rows 4000000 32000000] [--workers 0 2] [--algos py1e global]
-    python bench/order.py --fast-path --rows 1000000   # could global be the default? (later epochs, medians)
+    python bench/order.py --fast-path --rows 1000000   # is global (the default) as fast in memory? (later epochs, medians)
+    python bench/order.py --fast-path --alone          # the same, each order alone in fresh processes, alternated
 
 The dataset (issue 20's): columns ``id int64, label int32``, zstd shards of ~8 MB decompressed
 (500k rows), written with sparkbridge's own MDS format code (no Spark). For each row count, each
@@ -132,7 +133,8 @@ def run_child(path: Path, algo: str, workers: int, budget: int, timeout: float) 
 def fast_path(rows: int, data_root: Path, workers: int, rounds: int = 5) -> list[list]:
     """bench/loader.py's workload (18 fixed-width columns, ~20 MB shards, default budget: the
     in-memory row table): later epochs of Mosaic's ``py1e`` and ``global``, interleaved, ``rounds``
-    each, in this process; the question is whether ``global`` could be the default. The ratio is
+    each, in this process; the question is whether ``global`` (the default since branch global3) is as
+    fast as ``py1e`` there. The ratio is
     of the medians: on this shared machine either order sometimes reads one epoch ~2x faster than
     its others (9-10M rows/s against ~5M), and a best-of ratio follows those outliers."""
     import statistics
@@ -169,6 +171,53 @@ def fast_path(rows: int, data_root: Path, workers: int, rounds: int = 5) -> list
              f"{med['global'] / med['py1e']:.2f}x", f"{best['global'] / best['py1e']:.2f}x"]]
 
 
+_ALONE = r"""
+import json, statistics, sys, time
+from sparkbridge.bridge import StreamingLoader
+path, algo, workers, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+loader = StreamingLoader(path, batch_size=1024, shuffle=True, shuffle_algo=algo, num_workers=workers)
+for _ in loader:  # the first epoch fills the table
+    pass
+rates = []
+for _ in range(rounds):
+    t0, n = time.perf_counter(), 0
+    for batch in loader:
+        n += len(batch["i32"])
+    rates.append(n / (time.perf_counter() - t0))
+loader.close()
+print(json.dumps(rates))
+"""
+
+
+def fast_path_alone(rows: int, data_root: Path, workers: int, rounds: int = 9, repeats: int = 3) -> list[list]:
+    """The same workload, each order alone in a fresh process (a training run has one loader):
+    ``repeats`` processes of each, alternated, ``rounds`` later epochs each; medians. Why: in one
+    process an order's background work (Mosaic's next orders in its helper, ~85 ms of CPU an epoch
+    at 1M rows; a global order's next chunk) also runs during the other order's epochs."""
+    import statistics
+
+    sys.path.insert(0, str(HERE))
+    from loader import write_dataset as write_loader_dataset
+
+    data = data_root / f"loader-{rows}"
+    if not (data / "index.json").exists():
+        write_loader_dataset(data, rows, shard_rows=1 << 18)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{HERE.parent}{os.pathsep}{HERE}")
+    per: dict[str, list[float]] = {"py1e": [], "global": []}
+    for _ in range(repeats):
+        for algo in per:
+            out = subprocess.run([sys.executable, "-c", _ALONE, str(data), algo, str(workers), str(rounds)],
+                                 capture_output=True, text=True, check=True, timeout=600, env=env, cwd="/")
+            per[algo].append(statistics.median(json.loads(out.stdout.strip().splitlines()[-1])))
+    med = {algo: statistics.median(r) for algo, r in per.items()}
+    print(f"fast path alone, {rows:,} rows, workers={workers}: later epochs (median of {repeats} processes' medians "
+          f"of {rounds}) py1e {med['py1e']:,.0f} rows/s [{' '.join(f'{r / 1e6:.2f}M' for r in per['py1e'])}], global "
+          f"{med['global']:,.0f} rows/s [{' '.join(f'{r / 1e6:.2f}M' for r in per['global'])}]: global/py1e "
+          f"{med['global'] / med['py1e']:.2f}x", flush=True)
+    return [[f"{rows:,}", workers, f"{med['py1e']:,.0f}", f"{med['global']:,.0f}",
+             f"{med['global'] / med['py1e']:.2f}x", "alone"]]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[4_000_000, 32_000_000])
@@ -180,15 +229,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=HERE.parent / "bench-output")
     parser.add_argument("--fast-path", action="store_true",
                         help="instead: bench/loader.py's 1M-row in-memory workload, later epochs, py1e vs global")
+    parser.add_argument("--alone", action="store_true",
+                        help="with --fast-path: each order alone in fresh processes, alternated (not interleaved)")
     args = parser.parse_args(argv)
     if args.fast_path:
         rows = []
         for w in args.workers:
-            rows += fast_path(args.rows[0], args.data, w)
+            rows += fast_path_alone(args.rows[0], args.data, w) if args.alone else fast_path(args.rows[0], args.data, w)
         args.out.mkdir(parents=True, exist_ok=True)
         write_report("order_fast_path", title="later epochs of bench/loader.py's workload: py1e vs global",
                      headers=["rows", "workers", "py1e rows/s (median)", "global rows/s (median)", "global / py1e",
-                              "global / py1e (best)"], rows=rows,
+                              "global / py1e (best; or alone)"], rows=rows,
                      bars={f"w{r[1]} global/py1e": float(r[4][:-1]) for r in rows}, bar_label="ratio",
                      facts=machine_facts(), out_dir=args.out)
         return 0

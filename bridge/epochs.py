@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from sparkbridge.bridge.options import LoaderOptions
-from sparkbridge.bridge.order import GlobalOrder
+from sparkbridge.bridge.order import GlobalOrder, ShuffleAlgo
 from sparkbridge.bridge.order_ahead import OrderAhead
 from sparkbridge.bridge.orders import OrderProcess, OrderProcessDied
 from sparkbridge.bridge.passes import PassBoard
@@ -322,17 +322,35 @@ class SnapshotEpochs(_OnPosition):
         instead of 0.17 s (1M rows, 4 shards, 2 cores; the shard loads then first copied every
         page they wrote)."""
         ds = self.dataset
-        if self._orders_for is ds or not ds.resident() or ds.lazy_order:  # a GlobalOrder costs nothing to compute
+        if self._orders_for is ds or not ds.resident():
             return
         res = ds.reader().resident
         with self._lock:
             busy = any(not f.done() for f in self._futures.values())
+        busy = busy or self._ids_ahead.pending()
         if res is None or busy or not (idle or res.complete()):
             return
         self._orders_for = ds
         self._orders = OrderProcess.start(ds)
         if self._orders is not None:
             logger.debug("%s: epoch orders are computed in process %d from now on", ds.source, self._orders.pid)
+            if ds.lazy_order:  # a global order's ids, a chunk ahead (the GlobalOrder itself costs nothing)
+                self._ids_ahead.helper = self._ids_in_process
+
+    def _ids_in_process(self, order: GlobalOrder, rank: int, g0: int, g1: int) -> Optional[tuple]:
+        """A chunk of a global order's ids from the order process (None: compute it here; a dead
+        process is replaced by the order-ahead thread from then on, with a warning)."""
+        orders = self._orders
+        if orders is None:
+            return None
+        try:
+            return orders.compute_ids(order, rank, g0, g1)
+        except OrderProcessDied as exc:
+            if self._orders is orders and not self._closed:
+                logger.warning("%s; computing the global order's ids in a thread from now on", exc)
+                self._orders = None
+                self._ids_ahead.helper = None
+            return None
 
     def _compute_order(self, ds: Any, epoch: int, start: int, workers: int) -> np.ndarray:
         """Mosaic's order of a pass: from the order process when it serves ``ds``, else here."""
@@ -362,6 +380,11 @@ class SnapshotEpochs(_OnPosition):
                         self._epoch, self._consumed, self._epoch + 1)
             self._epoch, self._start = self._epoch + 1, 0
         epoch, start = self._epoch, self._start
+        if self.dataset.lazy_order and self._reads_here():
+            # a global order's ids are computed ahead in the order process, forked when nothing of
+            # this loader is busy: at a pass's start, before the order-ahead thread is handed the
+            # next epoch's first chunk (from the pass's first batch on, it mostly has work)
+            self._start_orders()
         self.dataset.start_prefill()  # shards load while the order is computed (no worker forks then)
         order = self._submit(epoch, start)
         orders = self._orders
@@ -532,9 +555,12 @@ class SnapshotEpochs(_OnPosition):
 
     def reset(self, saved: LoaderState) -> None:
         """Resume at ``saved`` (checked against this dataset: the same data, the same order)."""
-        if saved.version is not None and saved.version >= 0 and saved.version != self.dataset.version:
-            # the run started on another version: read exactly that one again (while retained)
-            self._rebuild(saved.version)
+        other_version = saved.version is not None and saved.version >= 0 and saved.version != self.dataset.version
+        algo = self._saved_order(saved)
+        if other_version or algo is not None:
+            # the run started on another version: read exactly that one again (while retained);
+            # or in another order, which a loader left at the default shuffle_algo takes on
+            self._rebuild(saved.version if other_version else self.dataset.version, algo)
         saved.check_compatible(self._describe(self._epoch, 0))
         ds = self.dataset
         if saved.batch_size * saved.world_size != self.batch_size * self.world_size:
@@ -549,22 +575,51 @@ class SnapshotEpochs(_OnPosition):
         self._len = None
         self.pos.reset(saved.epoch, saved.sample_in_epoch)
 
-    def _rebuild(self, version: int) -> None:
+    def _saved_order(self, saved: LoaderState) -> Optional[ShuffleAlgo]:
+        """The order ``saved`` names, when this loader was left at the default ``shuffle_algo``
+        and reads another (a run resumes in the order it was saved in: states saved before
+        ``global`` became the default for ``shuffle=True`` name ``py1e``); else None. A loader
+        given a ``shuffle_algo`` keeps it (and :meth:`LoaderState.check_compatible` refuses a
+        state of another order)."""
+        if self.options.shuffle_algo is not None or saved.shuffle != bool(self.options.shuffle):
+            return None
+        if saved.shuffle_algo == self.dataset.shuffle_algo:
+            return None
+        try:
+            return ShuffleAlgo.parse(saved.shuffle_algo)
+        except ValueError as exc:
+            raise StateError(f"the saved state names an order this loader does not know: {exc}") from None
+
+    def _rebuild(self, version: Optional[int], algo: Optional[ShuffleAlgo] = None) -> None:
+        """Read ``version`` from now on (None or negative: the latest; a dataset without a log),
+        in the order ``algo`` when given."""
         from sparkbridge.errors import VersionNotFoundError
 
+        before = self._dataset_options["shuffle_algo"]
+        if algo is not None:  # shared with the followed epoch's source: both record it from now on
+            self._dataset_options["shuffle_algo"] = algo
         try:
-            dataset = self._build_dataset(version)
+            dataset = self._build_dataset(version if version is not None and version >= 0 else None)
         except VersionNotFoundError as exc:
+            self._dataset_options["shuffle_algo"] = before
             raise StateError(f"the saved state read version {version} of {self.source.name}, which can no longer "
                              f"be read ({exc}); resuming on other data would repeat or skip samples") from None
-        logger.info("%s: resuming on version %d, the version the saved run read (the latest is %d)",
-                    self.source.name, version, self.dataset.version)
+        except BaseException:
+            self._dataset_options["shuffle_algo"] = before
+            raise
+        if algo is not None:
+            logger.info("%s: resuming in the order the saved state names (shuffle_algo=%r; this loader was left at "
+                        "the default, %r)", self.source.name, algo.value, str(before))
+        if version != self.dataset.version:
+            logger.info("%s: resuming on version %d, the version the saved run read (the latest is %d)",
+                        self.source.name, version, self.dataset.version)
         self._shutdown_workers()
         self._release(self.dataset)
         self.dataset = dataset
         self._len = None
 
     def _stop_orders(self) -> None:
+        self._ids_ahead.helper = None
         orders, self._orders = getattr(self, "_orders", None), None
         if orders is not None:
             orders.close()
@@ -754,6 +809,13 @@ class FollowedEpoch(_OnPosition):
         if saved.batch_size != self.batch_size or saved.world_size != self.world_size:
             raise StateError("a followed epoch resumes only with the same batch size and world size "
                              f"(saved {saved.batch_size} x {saved.world_size}, now {self.batch_size} x {self.world_size})")
+        if self.options.shuffle_algo is None and saved.shuffle_algo != str(self._dataset_options["shuffle_algo"]):
+            # left at the default: the later epochs read the order the state names (the options
+            # are shared with SnapshotEpochs, which builds their dataset)
+            try:
+                self._dataset_options["shuffle_algo"] = ShuffleAlgo.parse(saved.shuffle_algo)
+            except ValueError as exc:
+                raise StateError(f"the saved state names an order this loader does not know: {exc}") from None
         self._follow["target"] = FollowTarget(int(f["start_version"]), f.get("write_id"), bool(f.get("stream")))
         if self._follower is not None:
             self._follower.close()

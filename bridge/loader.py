@@ -46,10 +46,13 @@ class StreamingLoader:
     ndarrays as lists of tensors), or ``(features float32 [B, F], label)`` with ``features=`` and
     ``label=``. ``len(loader)`` is the number of batches one epoch gives this rank.
 
-    * Order: Mosaic's, for every Mosaic ``shuffle_algo`` and ``seed`` (its exact sample order); or
-      ``shuffle_algo=ShuffleAlgo.GLOBAL`` ("global"): a uniform global shuffle computed per batch,
-      O(1) order memory whatever the dataset size (:mod:`sparkbridge.bridge.order`). A new shuffle
-      each epoch. Calling
+    * Order: with ``shuffle=True``, by default ``ShuffleAlgo.GLOBAL`` ("global"): a uniform global
+      shuffle computed per batch, O(1) order memory whatever the dataset size
+      (:mod:`sparkbridge.bridge.order`); or Mosaic's, for every Mosaic ``shuffle_algo`` and ``seed``
+      (its exact sample order: pass ``shuffle_algo="py1e"`` for Mosaic's default). Without
+      ``shuffle``, Mosaic's partition (shards in order). A new shuffle each epoch. A loader left at
+      the default ``shuffle_algo`` resumes a saved state in the order it names (states saved before
+      ``global`` became the default name ``py1e``). Calling
       ``iter()`` again before a pass is finished starts the next epoch (as Mosaic does).
     * Distributed (torchrun): each rank reads a disjoint share; when the sample count does not
       divide by the world size Mosaic repeats up to ``world_size - 1`` samples so that every rank
@@ -98,7 +101,7 @@ class StreamingLoader:
         drop_last: bool = False,
         pad_ranks: bool = True,
         num_workers: int = 0,
-        shuffle_algo: Union[ShuffleAlgo, str] = ShuffleAlgo.PY1E,
+        shuffle_algo: Optional[Union[ShuffleAlgo, str]] = None,
         shuffle_block_size: Optional[int] = None,
         num_canonical_nodes: Optional[int] = None,
         partition_algo: str = "relaxed",

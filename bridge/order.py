@@ -2,7 +2,7 @@
 
 Mosaic's orders (``py1e``, ``py1br``, ``py1s``, ``py2s``, ``naive``) list every sample id of an
 epoch for the whole world before the first batch: ~60 B a row with their temporaries, 57 GiB a
-rank at 1B rows. ``shuffle_algo=ShuffleAlgo.GLOBAL`` ("global") is an order whose whole state is
+rank at 1B rows. ``shuffle_algo=ShuffleAlgo.GLOBAL`` ("global", the default for ``shuffle=True``) is an order whose whole state is
 ``(seed, epoch, sample_in_epoch, rows, world)``: batches are computed when they are read.
 
 **What it promises.** Position ``p`` of an epoch holds sample ``perm(p)``, ``perm`` the seeded
@@ -50,7 +50,8 @@ BLOCK_POSITIONS = 1 << 16
 
 class ShuffleAlgo(str, enum.Enum):
     """``StreamingLoader(shuffle_algo=...)``: Mosaic's algorithms, with its exact sample orders,
-    or ``GLOBAL`` (:class:`GlobalOrder`, O(1) order memory)."""
+    or ``GLOBAL`` (:class:`GlobalOrder`, O(1) order memory; the default for ``shuffle=True``:
+    :attr:`sparkbridge.bridge.options.LoaderOptions.order_algo`)."""
 
     PY1E = "py1e"
     PY1BR = "py1br"

@@ -6,8 +6,12 @@ global order (:class:`~sparkbridge.bridge.order.GlobalOrder`) evaluated its perm
 loop, a block of batches at a time: work the loop's core did that Mosaic's did not. Here a thread
 evaluates the next chunk of the rank's batches (:data:`CHUNK_POSITIONS` positions) while the loop
 reads the current one, and the next epoch's first chunk during the current epoch
-(:meth:`OrderAhead.request_first`). The permutation is a few numpy calls on a whole chunk, which
-release the GIL while they run, so the thread and the loop rarely wait on each other.
+(:meth:`OrderAhead.request_first`). When the loader has its order process (a resident or mapped
+row table, :mod:`sparkbridge.bridge.orders`), the thread only waits for that process to compute
+the chunk (:attr:`OrderAhead.helper`): evaluated in the thread, the chunk's ~1,000 numpy calls
+each retook the GIL from the batch loop, which then waited ~300 times an epoch (1M rows, 2 cores:
+0.86-0.92x Mosaic's py1e on a quiet machine, against 1.03-1.08x from the process:
+bench/results/order.md).
 
 Memory: at most :data:`KEEP` chunks wait besides the one being read (the next, and the next
 epoch's first): 8 MB of int64 ids each, whatever the number of rows.
@@ -27,7 +31,7 @@ import numpy as np
 
 from sparkbridge.bridge.order import BLOCK_POSITIONS, GlobalOrder, split_batches
 
-__all__ = ["OrderAhead", "CHUNK_POSITIONS"]
+__all__ = ["OrderAhead", "CHUNK_POSITIONS", "chunk_ids"]
 
 #: Positions evaluated at once ahead of the loop (1M: 8 MB of ids).
 CHUNK_POSITIONS = 1 << 20
@@ -35,7 +39,7 @@ CHUNK_POSITIONS = 1 << 20
 KEEP = 2
 
 
-def _compute(order: GlobalOrder, rank: int, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
+def chunk_ids(order: GlobalOrder, rank: int, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
     """The ids of rank ``rank``'s batches ``g0 .. g1 - 1`` and their lengths, evaluated a block
     of positions at a time (whose temporaries stay in the core's cache)."""
     perm = order.permutation()
@@ -57,6 +61,9 @@ class OrderAhead:
     """Chunks of global orders' ids, computed in one thread (started on first use)."""
 
     def __init__(self) -> None:
+        #: computes a chunk in another process (``helper(order, rank, g0, g1)``; None: it could
+        #: not, compute it here); see :meth:`sparkbridge.bridge.orders.OrderProcess.compute_ids`
+        self.helper: Optional[Callable[..., Optional[tuple[np.ndarray, np.ndarray]]]] = None
         self._executor: Optional[ThreadPoolExecutor] = None
         self._futures: dict[tuple, Future] = {}  # (order, rank, first batch, end) -> (ids, lengths)
         self._lock = threading.Lock()
@@ -68,9 +75,14 @@ class OrderAhead:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparkbridge-order-ahead")
             order, rank, g0, g1 = key
-            self._futures[key] = self._executor.submit(_compute, order, rank, g0, g1)
+            self._futures[key] = self._executor.submit(self._evaluate, order, rank, g0, g1)
             while len(self._futures) > KEEP:
                 self._futures.pop(next(iter(self._futures)))  # the oldest request: its result is dropped
+
+    def _evaluate(self, order: GlobalOrder, rank: int, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
+        helper = self.helper
+        got = helper(order, rank, g0, g1) if helper is not None else None
+        return got if got is not None else chunk_ids(order, rank, g0, g1)
 
     def _pop(self, key: tuple) -> Optional[Future]:
         with self._lock:
@@ -99,7 +111,7 @@ class OrderAhead:
                 self._request((order, rank, *chunks[k + 1]))
             elif then is not None:
                 then()
-            ids, lengths = fut.result() if fut is not None else _compute(order, rank, g0, g1)
+            ids, lengths = fut.result() if fut is not None else self._evaluate(order, rank, g0, g1)
             del fut
             yield from split_batches(ids, lengths)
 

@@ -7,6 +7,12 @@ took 91-119 us with the next order computing in a thread against 80-85 us withou
 130-140 us against 85 us at 100k rows, where the order runs through the whole epoch. In a
 process the order takes the other core and the loop keeps the GIL.
 
+It also computes a global order's ids a chunk ahead (:meth:`OrderProcess.compute_ids`, for
+:mod:`sparkbridge.bridge.order_ahead`), returned through shared memory: in a thread, the ~1,000
+numpy calls of a 1M-position chunk each handed the GIL back and forth with the batch loop (~300
+waits of the loop an epoch, +10-20 ms of its CPU at 1M rows: 0.86-0.92x Mosaic's py1e on a quiet
+machine, 1.03-1.08x from here; bench/results/order.md, where "quiet" needed ``chrt``).
+
 The loader forks the helper when none of its threads has work (once the first epoch has loaded
 every shard; see ``StreamingLoader._start_orders``), so it inherits the dataset as it is (no
 imports, no pickling; ready at once), and it only ever runs numpy and Mosaic's order code. Each
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import mmap
 import multiprocessing
 import os
 import pickle
@@ -42,6 +49,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from sparkbridge.bridge.order import GlobalOrder
+from sparkbridge.bridge import order_ahead
+from sparkbridge.bridge.order_ahead import chunk_ids
 from sparkbridge.bridge.resident import unmap_other_tables
 
 __all__ = ["OrderProcess", "OrderProcessDied"]
@@ -71,7 +81,29 @@ def _close_inherited_sockets(*, keep: int) -> None:
             continue
 
 
-def _serve(dataset: Any, conn: Any, parent_end: Any) -> None:
+def _serve_ids(request: tuple, conn: Any, slot: mmap.mmap) -> None:
+    """A global order's chunk of ids (see :meth:`OrderProcess.compute_ids`): into ``slot`` when
+    they fit, else through the pipe; the batch lengths through the pipe."""
+    _, ints, rank, g0, g1 = request
+    try:
+        ids, lengths = chunk_ids(GlobalOrder.from_ints(ints), rank, g0, g1)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+    except Exception as exc:  # every failure goes back to the loader
+        try:
+            conn.send(("error", exc))
+        except (pickle.PicklingError, TypeError, AttributeError):  # an exception that does not pickle
+            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+        return
+    fits = ids.nbytes <= len(slot)
+    if fits:
+        np.frombuffer(slot, dtype=np.int64, count=len(ids))[:] = ids
+    conn.send(("slot" if fits else "pipe", len(ids), len(lengths)))
+    if not fits:
+        conn.send_bytes(memoryview(ids).cast("B"))
+    conn.send_bytes(memoryview(np.ascontiguousarray(lengths, dtype=np.int64)).cast("B"))
+
+
+def _serve(dataset: Any, conn: Any, parent_end: Any, slot: mmap.mmap) -> None:
     """The helper's loop: one request, one answer, until the pipe closes."""
     parent_end.close()  # else the pipe never reports the parent's end closed
     _close_inherited_sockets(keep=conn.fileno())
@@ -88,6 +120,12 @@ def _serve(dataset: Any, conn: Any, parent_end: Any) -> None:
             return
         if request is None:  # close(): processes forked later may hold the pipe too, so no EOF
             return
+        if request[0] == "ids":
+            try:
+                _serve_ids(request, conn, slot)
+            except OSError:  # the loader closed the pipe meanwhile
+                return
+            continue
         epoch, start, workers, settings = request
         try:
             dataset.num_canonical_nodes, dataset.shuffle_block_size, dataset.initial_physical_nodes = settings
@@ -109,10 +147,11 @@ def _serve(dataset: Any, conn: Any, parent_end: Any) -> None:
 class OrderProcess:
     """A forked helper computing ``dataset.compute_work`` (see the module doc)."""
 
-    def __init__(self, dataset: Any, process: Any, conn: Any) -> None:
+    def __init__(self, dataset: Any, process: Any, conn: Any, slot: mmap.mmap) -> None:
         self.dataset = dataset
         self._process = process
         self._conn = conn
+        self._slot = slot
         self._lock = threading.Lock()
 
     @classmethod
@@ -128,7 +167,10 @@ class OrderProcess:
             return None
         ctx = multiprocessing.get_context("fork")
         conn, child_end = ctx.Pipe(duplex=True)
-        process = ctx.Process(target=_serve, args=(dataset, child_end, conn), daemon=True,
+        # a global order's chunks come back through shared memory (pages committed only once written:
+        # nothing for Mosaic's orders): reading 8 MB off the pipe took ~130 reads, each retaking the GIL
+        slot = mmap.mmap(-1, order_ahead.CHUNK_POSITIONS * 8)
+        process = ctx.Process(target=_serve, args=(dataset, child_end, conn, slot), daemon=True,
                               name="sparkbridge-epoch-order")
         try:
             with warnings.catch_warnings():
@@ -139,9 +181,10 @@ class OrderProcess:
             logger.warning("could not start the epoch-order process (%s); computing orders in a thread", exc)
             conn.close()
             child_end.close()
+            slot.close()
             return None
         child_end.close()
-        return cls(dataset, process, conn)
+        return cls(dataset, process, conn, slot)
 
     @property
     def pid(self) -> Optional[int]:
@@ -164,6 +207,31 @@ class OrderProcess:
         _, dtype, shape = reply
         return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
 
+    def compute_ids(self, order: Any, rank: int, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of rank ``rank``'s batches ``g0 .. g1 - 1`` of the global ``order`` and their
+        lengths, as :func:`sparkbridge.bridge.order_ahead.chunk_ids` gives them, computed by the
+        helper. Why there: in a thread of this process the ~1,000 numpy calls a chunk takes each
+        retake the GIL, and the batch loop waited on it (on 2 loaded cores, 135 ms an epoch at 1M
+        rows against 90 ms with the ids ready). Raises what the computation raised, or
+        :class:`OrderProcessDied`."""
+        with self._lock:
+            try:
+                self._conn.send(("ids", order.to_ints(), int(rank), int(g0), int(g1)))
+                reply = self._conn.recv()
+                ids = lengths = None
+                if reply[0] != "error":
+                    if reply[0] == "slot":  # copied out before the next request overwrites it
+                        ids = np.frombuffer(self._slot, dtype=np.int64, count=reply[1]).copy()
+                    else:
+                        ids = np.frombuffer(self._conn.recv_bytes(), dtype=np.int64)
+                    lengths = np.frombuffer(self._conn.recv_bytes(), dtype=np.int64)
+            except (EOFError, OSError) as exc:
+                raise OrderProcessDied(f"the epoch-order process (pid {self.pid}) is gone: "
+                                       f"{type(exc).__name__}: {exc}") from None
+        if ids is None:
+            raise reply[1]  # the computation's own error (whatever its type)
+        return ids, lengths
+
     def close(self) -> None:
         """Tell the helper to exit, close the pipe and reap the process. (EOF alone would not
         do: a process forked later, a DataLoader worker, holds a copy of this end of the pipe.)"""
@@ -182,3 +250,7 @@ class OrderProcess:
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(_JOIN_S)
+        try:
+            self._slot.close()
+        except BufferError:  # a copy out of it is under way in another thread: left to the collector
+            pass

@@ -16,6 +16,8 @@ __all__ = ["LoaderState", "StateError", "STATE_FORMAT"]
 
 STATE_FORMAT = "sparkbridge.loader/2"
 _READABLE = ("sparkbridge.loader/1", STATE_FORMAT)
+#: The order of a state saved without ``shuffle_algo`` (see :meth:`LoaderState.from_dict`).
+_UNNAMED_ORDER = "py1e"
 
 
 
@@ -48,6 +50,10 @@ class LoaderState:
         if obj.get("format") not in _READABLE:
             raise StateError(f"not a sparkbridge loader state (format={obj.get('format')!r}, expected {STATE_FORMAT!r})")
         fields = set(cls.__dataclass_fields__)
+        if "shuffle_algo" not in obj:
+            # a state that does not name its order predates the choice: Mosaic's py1e, the only
+            # default before ``global`` became the default for shuffle=True
+            obj = {**obj, "shuffle_algo": _UNNAMED_ORDER}
         missing = sorted(fields - set(obj) - {"version", "follow"})
         if missing:
             raise StateError(f"loader state lacks {missing}")

@@ -2,7 +2,9 @@
 computed per batch, through ``StreamingLoader`` on real written datasets: every row once per
 epoch on every read path, the same order for any ``num_workers``, exact resume at three
 midpoints, disjoint and complete rank shares under a real torchrun, and an elastic resume (saved
-by 2 ranks, resumed by 1). (Mosaic's algorithms keep Mosaic's exact order: tests/bridge/test_values.py.)"""
+by 2 ranks, resumed by 1). It is the default for ``shuffle=True``; a loader left at the default
+resumes a state saved under Mosaic's order in that order. (Mosaic's algorithms keep Mosaic's exact
+order: tests/bridge/test_values.py.)"""
 
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ def test_resume_at_three_midpoints(data, reference, k, before, after):
 
 
 def test_a_state_of_another_order_is_refused(data):
-    mosaic = StreamingLoader(data, batch_size=B, shuffle=True, seed=11)
+    mosaic = StreamingLoader(data, batch_size=B, shuffle=True, seed=11, shuffle_algo="py1e")
     take(mosaic, 2)
     state = mosaic.state_dict()
     mosaic.close()
@@ -136,6 +138,60 @@ def test_a_state_of_another_order_is_refused(data):
     with pytest.raises(StateError, match="shuffle_algo='py1e'.*shuffle_algo='global'"):
         loader.load_state_dict(state)
     loader.close()
+
+
+def test_the_default_shuffle_is_global_and_unshuffled_stays_mosaics(data, reference):
+    default = StreamingLoader(data, batch_size=B, shuffle=True, seed=11)
+    assert default.options.shuffle_algo is None and default.options.order_algo is ShuffleAlgo.GLOBAL
+    assert np.array_equal(np.concatenate(take(default)), reference[0])
+    assert default.state_dict()["shuffle_algo"] == "global"
+    default.close()
+    plain = StreamingLoader(data, batch_size=B)  # without shuffle: Mosaic's partition, shards in order
+    assert plain.options.order_algo is ShuffleAlgo.PY1E
+    assert np.concatenate(take(plain)).tolist() == list(range(N))
+    assert plain.state_dict()["shuffle_algo"] == "py1e"
+    plain.close()
+
+
+@pytest.mark.parametrize("algo", ["py1e", "py1s"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_default_loader_resumes_a_state_in_the_order_it_names(data, algo, workers):
+    """A state saved under Mosaic's order (an older version's default, py1e) resumes in that order
+    in a loader left at the default shuffle_algo, this epoch and the next; the state it saves names
+    that order again."""
+    mosaic = StreamingLoader(data, batch_size=B, shuffle=True, seed=11, shuffle_algo=algo)
+    whole = [np.concatenate(take(mosaic)), np.concatenate(take(mosaic))]
+    mosaic.close()
+    first = StreamingLoader(data, batch_size=B, shuffle=True, seed=11, shuffle_algo=algo)
+    head = np.concatenate(take(first, 5))
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    resumed = StreamingLoader(data, batch_size=B, shuffle=True, seed=11, num_workers=workers)
+    resumed.load_state_dict(state)
+    rest = np.concatenate(take(resumed))
+    assert np.array_equal(np.concatenate([head, rest]), whole[0])  # none lost, none repeated, Mosaic's order
+    assert resumed.state_dict()["shuffle_algo"] == algo
+    assert np.array_equal(np.concatenate(take(resumed)), whole[1])  # and its next epoch
+    resumed.close()
+
+
+def test_a_loader_given_an_order_keeps_it(data):
+    """Only the default gives way to a saved state's order: a loader given ``shuffle_algo``
+    refuses a state of another order, either way round."""
+    default = StreamingLoader(data, batch_size=B, shuffle=True, seed=11)
+    take(default, 2)
+    state = default.state_dict()
+    default.close()
+    mosaic = StreamingLoader(data, batch_size=B, shuffle=True, seed=11, shuffle_algo="py1e")
+    with pytest.raises(StateError, match="shuffle_algo='global'.*shuffle_algo='py1e'"):
+        mosaic.load_state_dict(state)
+    mosaic.close()
+    again = make(data)  # shuffle_algo="global", given: a default loader's state is a global one
+    again.load_state_dict(state)
+    got = np.concatenate(take(again))
+    again.close()
+    reference = GlobalOrder(rows=N, shuffle=True, seed=11, epoch=0, start=0, ranks=1, workers=1, batch_size=B)
+    assert np.array_equal(got, reference.samples(np.arange(2 * B, N)))
 
 
 def test_an_unknown_algo_is_named(data):

@@ -66,7 +66,8 @@ def test_options_are_frozen_keyword_only_and_normalized(data):
 def test_loader_exposes_and_can_be_built_from_its_options(data):
     loader = StreamingLoader(data, batch_size=32, shuffle=True, seed=5)
     opts = loader.options
-    assert (opts.batch_size, opts.shuffle, opts.seed, opts.shuffle_algo) == (32, True, 5, ShuffleAlgo.PY1E)
+    assert (opts.batch_size, opts.shuffle, opts.seed, opts.shuffle_algo) == (32, True, 5, None)
+    assert opts.order_algo is ShuffleAlgo.GLOBAL  # the default when shuffling
     ids = [b["id"].tolist() for b in loader]
     loader.close()
     again = StreamingLoader.from_options(opts)

@@ -6,7 +6,10 @@ resume at a chunk's middle, edge or last batch reads the uninterrupted order."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -138,3 +141,79 @@ def test_resume_inside_and_at_the_edges_of_chunks(monkeypatch, data, k):
     rest = take(second)
     second.close()
     assert np.array_equal(np.concatenate(seen + rest), reference)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not alive
+        return f.read().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("chunk", [5 * B, B // 2])  # through shared memory; larger than it: through the pipe
+def test_the_order_process_computes_the_chunks_once_forked(monkeypatch, data, chunk):
+    """A resident table's loader forks its order process at a pass's start, when nothing of it is
+    busy; from then on that process computes the chunks (the thread only waits for them), with the
+    same ids, and a state saved then resumes exactly."""
+    monkeypatch.setattr(order_ahead, "CHUNK_POSITIONS", chunk)
+    loader = make(data)
+    orders = [GlobalOrder(rows=N, shuffle=True, seed=11, epoch=e, start=0, ranks=1, workers=1, batch_size=B)
+              for e in range(4)]
+    assert np.array_equal(np.concatenate(take(loader)), orders[0].samples(np.arange(N)))
+    snap = loader._snapshot
+    while snap._ids_ahead.pending():  # epoch 1's first chunk, from the thread
+        time.sleep(0.01)
+    it = iter(loader)  # epoch 1 starts: nothing is busy, the process is forked
+    assert snap._orders is not None and snap._ids_ahead.helper is not None
+    calls = []
+    real = snap._orders.compute_ids
+    monkeypatch.setattr(snap._orders, "compute_ids", lambda *a: calls.append(a[1:]) or real(*a))
+    assert np.array_equal(np.concatenate([b["id"].numpy() for b in it]), orders[1].samples(np.arange(N)))
+    assert np.array_equal(np.concatenate(take(loader)), orders[2].samples(np.arange(N)))
+    assert calls and all(rank == 0 for rank, _, _ in calls)  # the chunks came from the process
+    it = iter(loader)
+    seen = [next(it)["id"].numpy().copy() for _ in range(3)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    loader.close()
+    again = make(data)
+    again.load_state_dict(state)
+    assert np.array_equal(np.concatenate(seen + take(again)), orders[3].samples(np.arange(N)))
+    again.close()
+
+
+def test_a_killed_order_process_leaves_the_chunks_to_the_thread(data, caplog):
+    loader = make(data)
+    orders = [GlobalOrder(rows=N, shuffle=True, seed=11, epoch=e, start=0, ranks=1, workers=1, batch_size=B)
+              for e in range(4)]
+    for e in range(2):
+        assert np.array_equal(np.concatenate(take(loader)), orders[e].samples(np.arange(N)))
+    snap = loader._snapshot
+    assert snap._orders is not None
+    pid = snap._orders.pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    snap._ids_ahead.clear()  # a chunk it may have computed before dying: ask again
+    with caplog.at_level("WARNING", logger="sparkbridge.bridge.epochs"):
+        for e in (2, 3):
+            assert np.array_equal(np.concatenate(take(loader)), orders[e].samples(np.arange(N)))
+    assert snap._orders is None and snap._ids_ahead.helper is None  # and none is forked again
+    assert any(f"pid {pid}" in r.getMessage() and "in a thread" in r.getMessage() for r in caplog.records)
+    loader.close()
+
+
+def test_an_error_in_the_order_process_is_raised_here(data):
+    loader = make(data)
+    for _ in range(2):
+        take(loader)
+    helper = loader._snapshot._orders
+    bad = GlobalOrder(rows=(1 << 62) + 1, shuffle=True, seed=11, epoch=0, start=0, ranks=1, workers=1, batch_size=B)
+    with pytest.raises(ValueError, match=r"a permutation is over \[0, n\) with 0 <= n <= 2\^62"):
+        helper.compute_ids(bad, 0, 0, 3)
+    good = GlobalOrder(rows=N, shuffle=True, seed=11, epoch=0, start=0, ranks=2, workers=1, batch_size=B)
+    ids, lengths = helper.compute_ids(good, 1, 0, 3)  # it answers the next request
+    assert np.array_equal(ids, good.ids(1, np.arange(3))[0]) and lengths.tolist() == [B] * 3
+    loader.close()

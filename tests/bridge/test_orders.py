@@ -1,5 +1,5 @@
-"""Epoch orders from the forked order process (bridge/orders.py): the same ids as computed in the
-loader's process, under settings changed after the fork, and a dead or failing helper never
+"""Mosaic's epoch orders (``shuffle_algo="py1e"``, given: the default is global) from the forked
+order process (bridge/orders.py): the same ids as computed in the loader's process, under settings changed after the fork, and a dead or failing helper never
 changes what is read."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def ids(loader):
 
 def with_helper(**options):
     """A loader past its first epoch, whose second has started: the order process runs."""
-    loader = StreamingLoader(options.pop("data"), batch_size=B, shuffle=True, **options)
+    loader = StreamingLoader(options.pop("data"), batch_size=B, shuffle=True, shuffle_algo="py1e", **options)
     first = ids(loader)
     it = iter(loader)
     assert loader._orders is not None
@@ -74,7 +74,7 @@ def test_resume_from_a_run_that_used_the_helper_reads_the_rest_exactly(data):
     """Epoch 2's order came from the helper in the first run; the resumed loader's helper was
     forked at build, before load_state_dict set the saved settings. Both read exactly what a
     loader computing its orders in this process reads."""
-    reference = StreamingLoader(data, batch_size=B, shuffle=True, seed=9, decoded_cache_bytes=1 << 16)
+    reference = StreamingLoader(data, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=9, decoded_cache_bytes=1 << 16)
     assert reference._orders is None  # not resident: orders in a thread
     expected = [ids(reference) for _ in range(3)]
     first, epoch0, it = with_helper(data=data, seed=9)
@@ -84,7 +84,7 @@ def test_resume_from_a_run_that_used_the_helper_reads_the_rest_exactly(data):
     head = [next(it)["id"].numpy().copy() for _ in range(13)]
     state = first.state_dict()
     first.close()
-    resumed = StreamingLoader(data, batch_size=B, shuffle=True, seed=9)
+    resumed = StreamingLoader(data, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=9)
     assert resumed._orders is not None
     resumed.load_state_dict(state)
     got = np.concatenate(head + [ids(resumed)])
@@ -94,7 +94,7 @@ def test_resume_from_a_run_that_used_the_helper_reads_the_rest_exactly(data):
 
 
 def test_a_killed_helper_falls_back_to_this_process(data, caplog):
-    reference = StreamingLoader(data, batch_size=B, shuffle=True, seed=4)
+    reference = StreamingLoader(data, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=4)
     expected = [ids(reference) for _ in range(4)]
     loader, epoch0, it = with_helper(data=data, seed=4)
     assert np.array_equal(epoch0, expected[0])
@@ -133,7 +133,7 @@ def test_an_error_in_the_helper_is_raised_here(data):
 def test_the_helper_exits_when_the_loader_process_dies(data):
     code = (
         "import os, sys; from sparkbridge.bridge import StreamingLoader; "
-        f"l = StreamingLoader({str(data)!r}, batch_size={B}, shuffle=True); "
+        f"l = StreamingLoader({str(data)!r}, batch_size={B}, shuffle=True, shuffle_algo='py1e'); "
         "[b for b in l]; it = iter(l); print(l._orders.pid, flush=True); os.kill(os.getpid(), 9)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -146,7 +146,7 @@ def test_the_helper_exits_when_the_loader_process_dies(data):
 
 
 def test_no_helper_for_a_dataset_that_does_not_fit_the_table(data):
-    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=3, decoded_cache_bytes=1 << 16)
+    loader = StreamingLoader(data, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=3, decoded_cache_bytes=1 << 16)
     for _ in range(2):
         assert sorted(ids(loader).tolist()) == list(range(N))
     iter(loader)
@@ -189,14 +189,14 @@ def test_ctrl_c_leaves_the_helper_to_its_loader(data):
 def test_forked_at_build_only_when_no_thread_loads_shards(data, tmp_path):
     """Small local shards load in the foreground (no prefill): the helper is forked at build and
     orders the first epoch too. Large ones prefill from build: no fork until the table is complete."""
-    small = StreamingLoader(data, batch_size=B, shuffle=True, seed=2)
+    small = StreamingLoader(data, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=2)
     assert small.dataset._prefill is None and small._orders is not None
-    reference = StreamingLoader(data, batch_size=B, shuffle=True, seed=2, decoded_cache_bytes=1 << 16)
+    reference = StreamingLoader(data, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=2, decoded_cache_bytes=1 << 16)
     assert np.array_equal(ids(small), ids(reference))  # its order of epoch 0 is Mosaic's
     small.close()
     reference.close()
     big_data = write_numeric(tmp_path / "big", 200_000, compression="zstd", size_limit=3 << 19)
-    big = StreamingLoader(big_data, batch_size=1000, shuffle=True, seed=2)
+    big = StreamingLoader(big_data, batch_size=1000, shuffle=True, shuffle_algo="py1e", seed=2)
     assert big.dataset._prefill is not None and big._orders is None
     ids(big)
     iter(big)
@@ -214,7 +214,7 @@ def test_the_helper_keeps_no_descriptor_of_the_loader_process(data):
     server.listen(1)
     client = socket.create_connection(server.getsockname())
     peer, _ = server.accept()
-    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=3)  # small shards: forked at build
+    loader = StreamingLoader(data, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=3)  # small shards: forked at build
     pid, ds = loader._orders.pid, loader.dataset
     # one answer first: the helper has then closed what it inherited
     assert np.array_equal(loader._orders.compute(3, 0, 1, ds.order_settings()), ds.compute_work(3, 0, 1))
@@ -233,7 +233,7 @@ def test_close_is_prompt_when_a_later_fork_holds_the_pipe(data):
     the loader's end of the pipe, so closing it sends no EOF: close() tells the helper to exit."""
     import multiprocessing
 
-    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=3)  # small shards: forked at build
+    loader = StreamingLoader(data, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=3)  # small shards: forked at build
     pid = loader._orders.pid
     holder = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=True)
     holder.start()
@@ -265,7 +265,7 @@ def test_shards_load_while_the_helper_computes_the_first_order(data, monkeypatch
     """Small local shards (no prefill thread): iter() loads them while it waits for the order from
     the helper, whose computation leaves this process's GIL free; the epoch is unchanged."""
     _slow_helper_orders(monkeypatch, 0.5)
-    loader = StreamingLoader(data, batch_size=B, shuffle=True, seed=3)
+    loader = StreamingLoader(data, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=3)
     res = loader.dataset.reader().resident
     assert loader.dataset._prefill is None and loader._orders is not None
     assert not (res.state != 0).any()  # nothing loaded at build
@@ -273,7 +273,7 @@ def test_shards_load_while_the_helper_computes_the_first_order(data, monkeypatch
     assert res.complete()  # every shard loaded before the order came (the pass has not started)
     got = np.concatenate([b["id"].numpy().copy() for b in it])
     monkeypatch.undo()
-    reference = StreamingLoader(data, batch_size=B, shuffle=True, seed=3, decoded_cache_bytes=1 << 16)
+    reference = StreamingLoader(data, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=3, decoded_cache_bytes=1 << 16)
     assert np.array_equal(got, ids(reference))
     loader.close()
     reference.close()
@@ -285,7 +285,7 @@ def test_a_damaged_shard_met_while_waiting_fails_the_pass_naming_it(data, monkey
 
     copy, victim = copy_with_a_flipped_byte(data, tmp_path / "ds", 3)
     _slow_helper_orders(monkeypatch, 0.5)
-    loader = StreamingLoader(copy, batch_size=B, shuffle=True, seed=3)
+    loader = StreamingLoader(copy, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=3)
     it = iter(loader)
     res = loader.dataset.reader().resident
     assert int((res.state == 2).sum()) == res.shard_count - 1  # all but the damaged one, left unclaimed
@@ -304,7 +304,7 @@ def _shared_maps(pid: int, start: int) -> list[str]:
 def test_a_helper_does_not_keep_another_loaders_row_table(data, tmp_path):
     """Loader B's helper is forked while loader A is open; once A is closed, A's table (shared
     anonymous memory) is mapped nowhere: not in B's helper either (issue 23 item 11)."""
-    a = StreamingLoader(data, batch_size=B, shuffle=True, seed=1)
+    a = StreamingLoader(data, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=1)
     ids(a)
     table = a.dataset._resident
     assert table is not None and table.complete()
@@ -324,7 +324,7 @@ def test_a_helper_does_not_keep_another_loaders_row_table(data, tmp_path):
 def _read_in_a_pool_worker(path: str) -> list[int]:
     from sparkbridge.bridge import StreamingLoader
 
-    loader = StreamingLoader(path, batch_size=B, shuffle=True, seed=4)
+    loader = StreamingLoader(path, batch_size=B, shuffle=True, shuffle_algo="py1e", seed=4)
     try:
         return [int(ids(loader).size) for _ in range(3)] + [int(loader._orders is None)]
     finally:

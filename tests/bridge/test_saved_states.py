@@ -99,6 +99,7 @@ def test_a_followed_state_saved_by_main_resumes_exactly(tmp_path):
     second.load_state_dict(state)
     w.complete()
     rest = sum((b["id"].tolist() for b in second), [])
+    assert second.dataset.shuffle_algo == "py1e"  # later epochs in the order the state names
     second.close()
     assert len(seen) == 24 and not set(seen) & set(rest)
     assert sorted(seen + rest) == list(range(100))
@@ -123,7 +124,24 @@ def test_a_state_that_cannot_resume_is_refused_naming_why(data, change, message)
 def test_a_state_missing_a_field_is_refused_naming_it(data):
     loader = StreamingLoader(data, batch_size=32)
     state = dict(MAIN_SNAPSHOT_STATE)
-    del state["shuffle_algo"], state["batch_size"]
-    with pytest.raises(StateError, match=r"loader state lacks \['batch_size', 'shuffle_algo'\]"):
+    del state["shuffle_seed"], state["batch_size"]
+    with pytest.raises(StateError, match=r"loader state lacks \['batch_size', 'shuffle_seed'\]"):
         loader.load_state_dict(state)
     loader.close()
+
+
+@pytest.mark.parametrize("given", [None, "py1e"])
+def test_a_state_that_does_not_name_its_order_resumes_as_py1e(data, given):
+    """A state without ``shuffle_algo`` predates the choice of orders: it resumes in Mosaic's py1e,
+    in a loader left at the default (global for shuffle=True) as in one given py1e."""
+    state = {k: v for k, v in MAIN_SNAPSHOT_STATE.items() if k != "shuffle_algo"}
+    loader = StreamingLoader(data, batch_size=32, shuffle=True, seed=11, shuffle_algo=given)
+    loader.load_state_dict(state)
+    rest = [b["id"].tolist() for b in loader]
+    assert rest[0] == MAIN_NEXT_BATCH and len(rest) == MAIN_BATCHES_LEFT
+    assert loader.state_dict()["shuffle_algo"] == "py1e"
+    loader.close()
+    other = StreamingLoader(data, batch_size=32, shuffle=True, seed=11, shuffle_algo="global")
+    with pytest.raises(StateError, match="shuffle_algo='py1e' but this loader has shuffle_algo='global'"):
+        other.load_state_dict(state)
+    other.close()

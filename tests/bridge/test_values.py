@@ -34,7 +34,7 @@ def test_every_encoding_matches_stock_per_sample(every_encoding, num_workers):
 
     stock = StreamingDataset(local=str(every_encoding), batch_size=37, shuffle=True)
     stock_order = [int(s["id"]) for s in stock]
-    loader = StreamingLoader(every_encoding, batch_size=37, shuffle=True, num_workers=num_workers)
+    loader = StreamingLoader(every_encoding, batch_size=37, shuffle=True, shuffle_algo="py1e", num_workers=num_workers)
     assert len(loader) == 5
     ids, checked = [], 0
     for batch in loader:
