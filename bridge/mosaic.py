@@ -20,7 +20,8 @@ Mosaic object.
   :func:`rank_world`, :func:`detect_worker_worlds`; the shard cache: :func:`shard_states`,
   :func:`touch_shard`, :func:`prepare_shard`; shared memory: :func:`release_shared_memory`,
   :func:`serialize_prefix_registration`, :data:`SHM_NAME`, :class:`building` (per-shard arrays set
-  in bulk); :func:`resample_whole` (an unweighted epoch without Mosaic's per-shard loop).
+  in bulk); :func:`resample_whole` (an unweighted epoch without Mosaic's per-shard loop), and
+  Mosaic's ``py1e`` shuffle replaced by :mod:`sparkbridge.bridge.py1e` (the same order, faster).
 """
 
 from __future__ import annotations
@@ -160,6 +161,18 @@ def _install_shared_array() -> None:
 
 
 _install_shared_array()
+
+
+def _install_py1e() -> None:
+    """Mosaic's default shuffle, the same order with less Python per shard (:mod:`sparkbridge.bridge.py1e`)."""
+    import streaming.base.shuffle as mosaic_shuffle
+
+    from sparkbridge.bridge.py1e import get_shuffle_py1e
+
+    mosaic_shuffle.algos["py1e"] = get_shuffle_py1e
+
+
+_install_py1e()
 
 def resample_whole(dataset: Any, epoch: int) -> Optional[tuple]:
     """Mosaic's ``StreamingDataset.resample_streams(epoch)`` (each shard's sample count, and each

@@ -223,3 +223,46 @@ def test_an_unweighted_stream_is_resampled_without_the_per_shard_loop_to_mosaics
     ds.streams[0].choose = 2 * ds.num_samples  # a repeat: Mosaic's own loop
     assert mosaic.resample_whole(ds, 0) is None
     loader.close()
+
+
+def test_the_py1e_shuffle_is_mosaics_order_exactly():
+    """Mosaic's default shuffle is replaced by :mod:`sparkbridge.bridge.py1e` (1.1 s of Python
+    over 100,000 shards before a first batch): the same ids, for shards of any sizes, canonical
+    nodes, block sizes (the warning when a block is smaller than a shard included), seeds and
+    epochs, and Mosaic's error for a canonical node without samples."""
+    import warnings
+
+    import numpy as np
+    import streaming.base.shuffle as mosaic_shuffle
+    from streaming.base.shuffle.py1e import get_shuffle_py1e as mosaics
+
+    import sparkbridge.bridge.mosaic  # noqa: F401 - installs it
+    from sparkbridge.bridge.py1e import get_shuffle_py1e
+
+    assert mosaic_shuffle.algos["py1e"] is get_shuffle_py1e
+    rng = np.random.default_rng(7)
+    seen = {"error": 0, "warning": 0}
+    for trial in range(60):
+        n = int(rng.integers(1, 4 if trial % 10 == 9 else 300))  # every 10th: fewer samples than nodes
+        sizes = rng.integers(0 if trial % 5 == 0 else 1, 2 if trial % 10 == 9 else 60, size=n).astype(np.int64)
+        args = (sizes, int(rng.integers(1, 6)) if trial % 10 != 9 else 6, int(rng.integers(0, 10_000)), int(rng.integers(0, 4)),
+                int(rng.choice([8, 100, 1000, 1 << 18])))
+        got, want = [], []
+        for fn, out in ((get_shuffle_py1e, got), (mosaics, want)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    out.append(fn(*args))
+                except ValueError as exc:
+                    out.append(str(exc))
+            out.append([str(w.message) for w in caught])
+        if isinstance(want[0], str):
+            assert got == want, trial
+            seen["error"] += 1
+            continue
+        seen["warning"] += bool(want[1])
+        assert got[0].dtype == want[0].dtype == np.int64 and np.array_equal(got[0], want[0]), trial
+        assert got[1] == want[1], trial
+    assert seen["error"] >= 3 and seen["warning"] >= 3, seen
+    sizes = np.full(20_000, 16, dtype=np.int64)  # the bench's shards, 64 canonical nodes
+    assert np.array_equal(get_shuffle_py1e(sizes, 64, 3, 1, 1 << 18), mosaics(sizes, 64, 3, 1, 1 << 18))
