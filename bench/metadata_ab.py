@@ -60,17 +60,21 @@ def _child(code: str, args: list[str], tree: str | None) -> dict:
 
 
 def build(root: str, shards: int, entries: int) -> None:
+    """The datasets, with progress on stderr (every 30 s: the log of 10,000 entries takes a while)."""
     from metadata import _plans, build_log, write_job
+    from tqdm import tqdm
 
     plans = _plans()
     os.makedirs(root, exist_ok=True)
     if shards:
         t0 = time.perf_counter()
-        write_job(os.path.join(root, f"one-{shards}"), shards, mode="error", plans=plans)
+        with tqdm(total=shards, unit="shard", desc="one write", mininterval=30) as bar:
+            write_job(os.path.join(root, f"one-{shards}"), shards, mode="error", plans=plans, progress=bar)
         print(f"built one write of {shards:,} shards in {time.perf_counter() - t0:.1f}s", flush=True)
     if entries:
         t0 = time.perf_counter()
-        got = build_log(os.path.join(root, f"log-{entries}"), entries, 10, plans=plans)
+        with tqdm(total=entries, unit="entry", desc="log", mininterval=30) as bar:
+            got = build_log(os.path.join(root, f"log-{entries}"), entries, 10, plans=plans, progress=bar)
         print(f"built a log of {entries:,} entries ({got['shards']:,} shards) in {time.perf_counter() - t0:.1f}s",
               flush=True)
 

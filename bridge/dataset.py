@@ -83,15 +83,17 @@ class BatchDataset(mosaic.StreamingDataset):
                                        check=self._decompress_for_mosaic, count_index=bool(cache_limit))
         mosaic.serialize_prefix_registration()
         algo = ShuffleAlgo.parse(shuffle_algo)
-        super().__init__(
-            streams=[stream], batch_size=batch_size, shuffle=shuffle, shuffle_seed=shuffle_seed,
-            # Mosaic never computes a GLOBAL order: its settings are only recorded in the state
-            shuffle_algo=algo.value if algo.mosaic else ShuffleAlgo.PY1E.value, shuffle_block_size=shuffle_block_size,
-            num_canonical_nodes=num_canonical_nodes, partition_algo=partition_algo, cache_limit=cache_limit,
-            predownload=predownload, download_retry=download_retry, download_timeout=download_timeout,
-            validate_hash=None,  # checked by bridge.fetch when a shard is read
-            allow_unsafe_types=False,
-        )
+        with mosaic.building():  # its per-shard shared arrays are set in bulk (bridge.mosaic._SharedArray)
+            super().__init__(
+                streams=[stream], batch_size=batch_size, shuffle=shuffle, shuffle_seed=shuffle_seed,
+                # Mosaic never computes a GLOBAL order: its settings are only recorded in the state
+                shuffle_algo=algo.value if algo.mosaic else ShuffleAlgo.PY1E.value,
+                shuffle_block_size=shuffle_block_size, num_canonical_nodes=num_canonical_nodes,
+                partition_algo=partition_algo, cache_limit=cache_limit, predownload=predownload,
+                download_retry=download_retry, download_timeout=download_timeout,
+                validate_hash=None,  # checked by bridge.fetch when a shard is read
+                allow_unsafe_types=False,
+            )
         self.shuffle_algo = algo.value  # what a state records
         self.order_algo = algo
         try:
@@ -249,6 +251,12 @@ class BatchDataset(mosaic.StreamingDataset):
         """Whether passes are :class:`~sparkbridge.bridge.order.GlobalOrder`s (computed per batch)
         rather than Mosaic's arrays of every sample id."""
         return self.order_algo is ShuffleAlgo.GLOBAL
+
+    def resample_streams(self, epoch: int, stream_id: Optional[int] = None) -> tuple:
+        """Mosaic's, without its loop over every shard when the one stream is read whole
+        (:func:`sparkbridge.bridge.mosaic.resample_whole`: the same arrays)."""
+        whole = mosaic.resample_whole(self, epoch) if stream_id is None else None
+        return whole if whole is not None else super().resample_streams(epoch, stream_id)
 
     def compute_work(self, epoch: int, sample_in_epoch: int, workers_per_rank: int) -> Union[np.ndarray, GlobalOrder]:
         """The order of one pass for the whole world. Mosaic's: its sample ids, (nodes, ranks per

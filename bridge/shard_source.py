@@ -40,7 +40,8 @@ from sparkbridge.bridge.mapped import map_file
 from sparkbridge.errors import CorruptShardError
 from sparkbridge.format.check import ShardReport, check_shard
 
-__all__ = ["ShardSource", "LoggedShards", "pick_hash", "check_hash_names", "read_file", "write_file"]
+__all__ = ["ShardSource", "LoggedShards", "pick_hash", "check_hash_names", "read_file", "read_declared", "write_file",
+           "declared_size_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,19 @@ _MAP_MIN_BYTES = 1 << 20
 # ---------------------------------------------------------------------- file primitives
 
 
-def read_file(path: str) -> bytes:
-    """A shard file's bytes (FileNotFoundError when it is not there)."""
+def read_file(path: str, *, at_most: Optional[int] = None) -> bytes:
+    """A shard file's bytes (FileNotFoundError when it is not there); ``at_most``: no more than
+    that many (a file longer than the size it should have is not read whole)."""
     with open(path, "rb") as f:
-        return f.read()
+        return f.read() if at_most is None else f.read(at_most)
+
+
+def declared_size_error(name: str, kind: str, declared: int, path: str, size: int) -> CorruptShardError:
+    """The error for a stored file whose size is not the index's claim (``kind``: ``raw_data`` or
+    ``zip_data``), raised before any of its bytes is used."""
+    return CorruptShardError(
+        f"shard {name!r}: {kind}.bytes={declared} but the file {path} has {size} bytes: the file is truncated or "
+        "corrupt (or was replaced since the loader was built): rewrite the dataset, or delete the cached copy")
 
 
 def read_declared(path: str, declared: int, name: str) -> Optional[bytes]:
@@ -63,11 +73,20 @@ def read_declared(path: str, declared: int, name: str) -> Optional[bytes]:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size != declared:
-                raise CorruptShardError(
-                    f"shard {name!r}: zip_data.bytes={declared} but the file {path} has {size} bytes: the file is "
-                    "truncated or corrupt (or was replaced since the loader was built): rewrite the dataset, or "
-                    "delete the cached copy")
+                raise declared_size_error(name, "zip_data", declared, path, size)
             return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _read_raw_declared(path: str, declared: int, name: str) -> Optional[np.ndarray]:
+    """:func:`read_declared` of a decompressed shard file, as a writable array."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != declared:
+                raise declared_size_error(name, "raw_data", declared, path, size)
+            return np.fromfile(f, dtype=np.uint8)
     except FileNotFoundError:
         return None
 
@@ -180,13 +199,20 @@ class ShardSource:
     def _from_raw_file(self, i: int, path: str, *, spill: bool) -> Optional[DecodedShard]:
         t = self.table
         mapped = spill or int(t.raw_bytes[i]) >= _MAP_MIN_BYTES
-        try:
-            if mapped:
+        if mapped:
+            try:
+                size = os.stat(path).st_size  # before the map, which reads the file in (MAP_POPULATE)
+                if size != int(t.raw_bytes[i]):
+                    raise declared_size_error(t.name(i), "raw_data", int(t.raw_bytes[i]), path, size)
                 buf, ident = map_file(path)
-            else:
-                buf, ident = np.fromfile(path, dtype=np.uint8), None
-        except FileNotFoundError:
-            return None
+            except FileNotFoundError:
+                return None
+            if buf.size != int(t.raw_bytes[i]):  # replaced meanwhile: mapped, nothing of it used yet
+                raise declared_size_error(t.name(i), "raw_data", int(t.raw_bytes[i]), path, int(buf.size))
+        else:
+            buf, ident = _read_raw_declared(path, int(t.raw_bytes[i]), t.name(i)), None
+            if buf is None:
+                return None
         if mapped and self._validated.get(i) == ident:
             n = int(t.samples[i])
             offsets = buf[4:4 + 4 * (n + 1)].view("<u4")

@@ -20,12 +20,15 @@ from sparkbridge.errors import CorruptShardError
 from sparkbridge.format.mds import ShardLayout
 from sparkbridge.format.paths import Confiner
 
-__all__ = ["ShardTable", "MAX_EXPANSION"]
+__all__ = ["ShardTable", "MAX_EXPANSION", "STAT_AHEAD_BYTES"]
 
 #: How many times its compressed file a shard larger than ``decoded_cache_bytes`` may declare to
 #: decompress to. Real tabular shards compress 2-50x; a 45 KB zstd file of run-length blocks
 #: inflates to 1.5 GB (33,000x).
 MAX_EXPANSION = 1024
+#: An uncompressed shard declaring at least this many bytes has its file stat'ed before any order
+#: is computed (:meth:`ShardTable.check_declared_sizes`); a smaller one when it is first opened.
+STAT_AHEAD_BYTES = 1 << 20
 
 _NONE: Mapping = MappingProxyType({})
 
@@ -44,25 +47,50 @@ class ShardTable:
         self.where = where
         n = len(entries)
         self.count = n
-        self.samples = np.fromiter((int(e["samples"]) for e in entries), dtype=np.int64, count=n)
-        self.raw_bytes = np.fromiter((int(e["raw_data"]["bytes"]) for e in entries), dtype=np.int64, count=n)
-        self.zip_bytes = np.fromiter(((e.get("zip_data") or {}).get("bytes", 0) for e in entries), dtype=np.int64,
-                                     count=n)
-        self.compressed = np.fromiter((bool(e.get("zip_data")) for e in entries), dtype=bool, count=n)
+        # one pass over the entries (100,000 of them: each pass of its own cost ~40 ms)
+        samples, raw, zipped, layout_of, compressed = [0] * n, [0] * n, [0] * n, [0] * n, [False] * n
+        layouts: dict[tuple, int] = {}
+        # the same three lists, by identity: an index's entries of one layout share them
+        # (sparkbridge.format.index.check_index_entries), so most entries cost one lookup
+        by_lists: dict[tuple[int, int, int], int] = {}
+        self._folders: dict[str, int] = {}  # every distinct folder, and the first shard in it
+        self.layouts: list[ShardLayout] = []
+        for i, e in enumerate(entries):
+            samples[i] = e["samples"]
+            names, encodings, sizes = e["column_names"], e["column_encodings"], e["column_sizes"]
+            ids = (id(names), id(encodings), id(sizes))
+            k = by_lists.get(ids)
+            if k is None:
+                key = (tuple(names), tuple(encodings), tuple(sizes))
+                k = layouts.get(key)
+                if k is None:
+                    k = layouts[key] = len(self.layouts)
+                    self.layouts.append(ShardLayout.from_index_entry(
+                        {"column_names": key[0], "column_encodings": key[1], "column_sizes": key[2]}))
+                by_lists[ids] = k
+            layout_of[i] = k
+            info = e["raw_data"]
+            raw[i] = info["bytes"]
+            name = info["basename"]
+            cut = name.rfind("/")
+            if cut > 0 and name[:cut] not in self._folders:
+                self._folders[name[:cut]] = i
+            info = e.get("zip_data")
+            if info:
+                compressed[i] = True
+                zipped[i] = info.get("bytes", 0)
+                name = info["basename"]
+                cut = name.rfind("/")
+                if cut > 0 and name[:cut] not in self._folders:
+                    self._folders[name[:cut]] = i
+        self.samples = np.array(samples, dtype=np.int64)
+        self.raw_bytes = np.array(raw, dtype=np.int64)
+        self.zip_bytes = np.array(zipped, dtype=np.int64)
+        self.compressed = np.array(compressed, dtype=bool)
         self.ends = np.cumsum(self.samples)
         self.starts = self.ends - self.samples
         self.total_samples = int(self.ends[-1]) if n else 0
-        layouts: dict[tuple, int] = {}
-        self.layouts: list[ShardLayout] = []
-        index = np.empty(n, dtype=np.int32)
-        for i, e in enumerate(entries):
-            key = (tuple(e["column_names"]), tuple(e["column_encodings"]), tuple(e["column_sizes"]))
-            k = layouts.get(key)
-            if k is None:
-                k = layouts[key] = len(self.layouts)
-                self.layouts.append(ShardLayout.from_index_entry(
-                    {"column_names": key[0], "column_encodings": key[1], "column_sizes": key[2]}))
-            index[i] = k
+        index = np.array(layout_of, dtype=np.int32)
         self.layout_index = index
         # A decoded shard of variable-width columns also holds its sample offsets as int64 (gathers
         # add to them; bridge.decode): 8 bytes a row of anonymous memory, mapped or not.
@@ -73,7 +101,8 @@ class ShardTable:
         self._confiners: dict[str, Confiner] = {}
         self._all_paths: dict[tuple[str, str], list[Optional[str]]] = {}
         self._cache_seen = False
-        self._sizes_checked = False  # check_declared_sizes stat'ed every file once, all matching
+        # per shard: check_declared_sizes stat'ed its files once, all matching
+        self._sizes_checked = np.zeros(n, dtype=bool)
         self._check_folders()
 
     def _confiner(self, root: str) -> Confiner:
@@ -85,18 +114,10 @@ class ShardTable:
     def _check_folders(self) -> None:
         """Every distinct folder a shard lives in stays inside its root (a symlinked folder
         pointing out is refused now, naming the first shard in it)."""
-        roots = [("cache", self.cache_root)] + ([("origin", self.origin_root)] if self.origin_root else [])
-        seen: set[str] = set()
-        for i, e in enumerate(self.entries):
-            for key in ("raw_data", "zip_data"):
-                info = e.get(key)
-                if not info:
-                    continue
-                folder = info["basename"].rpartition("/")[0]
-                if folder and folder not in seen:
-                    seen.add(folder)
-                    for _, root in roots:
-                        self._confiner(root).path(folder, where=f"{self.where}, shard {i}")
+        roots = [self.cache_root] + ([self.origin_root] if self.origin_root else [])
+        for folder, i in self._folders.items():
+            for root in roots:
+                self._confiner(root).path(folder, where=f"{self.where}, shard {i}")
 
     def check_declared_sizes(self, budget: int) -> None:
         """Refuse, before any order is computed or any shard is read, sizes in the index that the
@@ -104,10 +125,15 @@ class ShardTable:
 
         Why: the index is a claim. Mosaic materializes every sample id from its sample counts
         (bounded by ``raw_data.bytes``: :func:`sparkbridge.format.index.min_raw_bytes`), and a
-        compressed shard is decompressed in memory whole, up to its ``raw_data.bytes``. So:
-        a stored file on local disk must be as large as declared (``zip_data.bytes``, or
-        ``raw_data.bytes`` when it is not compressed), and a compressed shard may declare more
-        than ``budget`` only within :data:`MAX_EXPANSION` times its compressed size."""
+        compressed shard is decompressed in memory whole, up to its ``raw_data.bytes``. So a
+        compressed shard may declare more than ``budget`` only within :data:`MAX_EXPANSION` times
+        its compressed size, and a stored file on local disk whose claim could cost more than its
+        file backs must be as large as declared (``zip_data.bytes``, or ``raw_data.bytes`` when it
+        is not compressed): a compressed shard declaring more than ``budget``, an uncompressed one
+        declaring at least :data:`STAT_AHEAD_BYTES`. The files of smaller claims are not stat'ed
+        here (100,000 of them were ~1 s of opening a dataset): such a claim costs no more than an
+        honest shard of that size, and the file's size is checked when the shard is first opened
+        (:func:`sparkbridge.bridge.shard_source.read_declared`), before any of its bytes is used."""
         over = np.flatnonzero(self.compressed & (self.raw_bytes > budget)
                               & (self.raw_bytes > MAX_EXPANSION * self.zip_bytes))
         if over.size:
@@ -118,18 +144,21 @@ class ShardTable:
                 f"its compressed file (zip_data.bytes={int(self.zip_bytes[i])}); a shard is decompressed in memory "
                 "whole, so the claim is refused before it is tried: the index is corrupt or hostile (if it is "
                 "right, raise decoded_cache_bytes)")
-        if self._sizes_checked:
-            # the files were stat'ed by an earlier call (the early fill's, then the dataset's on
-            # the same table): 100,000 stats once more bought nothing the first did not
+        ahead = np.where(self.compressed, self.raw_bytes > budget, self.raw_bytes >= STAT_AHEAD_BYTES)
+        ahead &= ~self._sizes_checked
+        todo = np.flatnonzero(ahead).tolist()
+        if not todo:
             return
         for where in ("origin", "cache"):
+            root = self.origin_root if where == "origin" else self.cache_root
+            if root is None or not os.path.isdir(root):
+                continue
             for kind, declared, mine in (("zip_data", self.zip_bytes, self.compressed),
                                          ("raw_data", self.raw_bytes, ~self.compressed)):
-                paths = self.all_paths(kind, where)
-                if paths is None:
-                    continue
-                for i in np.flatnonzero(mine).tolist():
-                    path = paths[i]
+                # many shards: every path of the table at once (a listing per folder), else one by one
+                paths = self.all_paths(kind, where) if 8 * len(todo) > self.count else None
+                for i in np.flatnonzero(ahead & mine).tolist():
+                    path = paths[i] if paths is not None else self.path_under(root, kind, i)
                     try:
                         size = os.stat(path).st_size if path is not None else None
                     except FileNotFoundError:  # not fetched yet (a cache), or missing: named when read
@@ -139,7 +168,8 @@ class ShardTable:
                             f"{self.where}, shard {self.entries[i][kind]['basename']!r}: {kind}.bytes="
                             f"{int(declared[i])} but the file {path} has {size} bytes: the file is truncated or "
                             "corrupt (or replaced), or the index lies (rewrite the dataset, or delete the cached copy)")
-        self._sizes_checked = True
+        # stat'ed once (the early fill's table, then the dataset's, is the same table), all matching
+        self._sizes_checked[todo] = True
 
     # ------------------------------------------------------------------ facts
 
@@ -168,7 +198,9 @@ class ShardTable:
 
     # ------------------------------------------------------------------ paths
 
-    def _path(self, root: Optional[str], kind: str, i: int) -> Optional[str]:
+    def path_under(self, root: Optional[str], kind: str, i: int) -> Optional[str]:
+        """Shard ``i``'s ``kind`` file (``"raw_data"``/``"zip_data"``) under ``root``, confined to
+        it (a symlink out of it raises, naming the shard); None without such a root or file."""
         if root is None:
             return None
         info = self.entries[i].get(kind)
@@ -182,16 +214,16 @@ class ShardTable:
         return path
 
     def cache_raw(self, i: int) -> Optional[str]:
-        return self._path(self.cache_root, "raw_data", i)
+        return self.path_under(self.cache_root, "raw_data", i)
 
     def cache_zip(self, i: int) -> Optional[str]:
-        return self._path(self.cache_root, "zip_data", i)
+        return self.path_under(self.cache_root, "zip_data", i)
 
     def origin_raw(self, i: int) -> Optional[str]:
-        return self._path(self.origin_root, "raw_data", i)
+        return self.path_under(self.origin_root, "raw_data", i)
 
     def origin_zip(self, i: int) -> Optional[str]:
-        return self._path(self.origin_root, "zip_data", i)
+        return self.path_under(self.origin_root, "zip_data", i)
 
     def all_paths(self, kind: str, where: str) -> Optional[list[Optional[str]]]:
         """Every shard's ``kind`` (``"raw_data"`` or ``"zip_data"``) path under ``where``

@@ -9,7 +9,9 @@ header and one copy into the table.
 
 A shard is accepted only when it passes checks at least as strict as ``check_shard`` and
 ``decode_shard``: the index's hash (the one ``validate_hash`` picks), decompression bounded by
-the declared size (``decompress_bounded``, the general path's own), exactly the declared size and
+the declared size (``decompress_bounded``, the general path's own), a stored file of exactly its
+declared size (read no further: the one check of a small shard's file size, see
+:meth:`sparkbridge.bridge.shards.ShardTable.check_declared_sizes`), exactly the declared size and
 sample count, and sample offsets exactly ``first + k x row size`` ending at the file's end.
 Anything else (a missing file, several hashes to compare, any mismatch) returns None and the caller takes the general path, which
 finds the file wherever it is and names the problem: the error messages have one implementation.
@@ -19,6 +21,7 @@ per-shard overhead does not matter.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Callable, Optional
 
@@ -44,34 +47,51 @@ def _hasher(algo: str) -> Callable[[bytes], str]:
 
 
 class _Plan:
-    """What reading shards from one place needs, as lists indexed by shard (no per-shard lookups)."""
+    """What reading shards from one place needs, per shard, worked out when a shard is first read.
 
-    def __init__(self, table: Any, kind: str, paths: list, hash_names: Callable[..., tuple]) -> None:
-        zipped = kind == "zip_data"
-        hashers: dict[str, Callable] = {}
-        self.paths = paths
-        # per shard: False (general path), None (no hash) or the hasher; and the expected digest. Two
-        # flat lists, not a tuple per shard: 10,000 more objects for the collector to walk.
-        self.hashers: list[Any] = []
-        self.digests: list[Optional[str]] = []
-        # per shard: the codec of a compressed file (any codec the general path knows), else None
-        self.codecs: list[Optional[str]] = [e.get("compression") if zipped else None for e in table.entries]
-        for i in range(table.count):
-            ok = paths[i] is not None and int(table.raw_bytes[i]) < SMALL_BYTES and (self.codecs[i] or not zipped)
-            hashes, names = hash_names(i, compressed=zipped)
-            hasher: Any = False
-            digest = None
-            if ok and not names:
-                hasher = None
-            elif ok and len(names) == 1 and names[0] in hashes:
-                algo = names[0]
-                if algo not in hashers:
-                    hashers[algo] = _hasher(algo)
-                hasher, digest = hashers[algo], hashes[algo]
-            self.hashers.append(hasher)
-            self.digests.append(digest)
+    Why per shard: a first batch of a shuffled pass over 100,000 shards needs ~1,000 of them, and
+    working out all 100,000 paths and hashes before the first one was read took ~1 s. Flat lists
+    indexed by shard, not an object per shard (100,000 more objects for the collector to walk)."""
+
+    def __init__(self, table: Any, kind: str, root: str, hash_names: Callable[..., tuple]) -> None:
+        self.table = table
+        self.kind = kind
+        self.root = root
+        self.zipped = kind == "zip_data"
+        self.hash_names = hash_names
+        self._hashers: dict[str, Callable] = {}
+        n = table.count
+        self.known = np.zeros(n, dtype=bool)
+        # per shard: its path; False (general path), None (no hash) or the hasher; the expected
+        # digest; the codec of a compressed file (any codec the general path knows)
+        self.paths: list[Optional[str]] = [None] * n
+        self.hashers: list[Any] = [False] * n
+        self.digests: list[Optional[str]] = [None] * n
+        self.codecs: list[Optional[str]] = [None] * n
         self.raw_bytes = table.raw_bytes.tolist()
         self.samples = table.samples.tolist()
+        self.stored_bytes = (table.zip_bytes if self.zipped else table.raw_bytes).tolist()
+
+    def learn(self, i: int) -> None:
+        """Work out shard ``i``'s path, codec and hash (a path outside the root raises, naming it,
+        as the general path would)."""
+        t = self.table
+        entry = t.entries[i]
+        codec = entry.get("compression") if self.zipped else None
+        path = t.path_under(self.root, self.kind, i)
+        ok = path is not None and self.raw_bytes[i] < SMALL_BYTES and (codec or not self.zipped)
+        hashes, names = self.hash_names(i, compressed=self.zipped)
+        hasher: Any = False
+        digest = None
+        if ok and not names:
+            hasher = None
+        elif ok and len(names) == 1 and names[0] in hashes:
+            algo = names[0]
+            if algo not in self._hashers:
+                self._hashers[algo] = _hasher(algo)
+            hasher, digest = self._hashers[algo], hashes[algo]
+        self.paths[i], self.hashers[i], self.digests[i], self.codecs[i] = path, hasher, digest, codec
+        self.known[i] = True
 
 
 class SmallShards:
@@ -99,8 +119,10 @@ class SmallShards:
     def _plan(self, source: tuple[str, str]) -> Optional[_Plan]:
         with self._lock:
             if source not in self._plans:
-                paths = self.table.all_paths(*source)
-                self._plans[source] = None if paths is None else _Plan(self.table, source[0], paths, self.hash_names)
+                kind, where = source
+                root = self.table.cache_root if where == "cache" else self.table.origin_root
+                self._plans[source] = None if root is None or not os.path.isdir(root) else \
+                    _Plan(self.table, kind, root, self.hash_names)
             return self._plans[source]
 
     def _step(self, n: int) -> np.ndarray:
@@ -117,12 +139,17 @@ class SmallShards:
         plan = self._plans.get(source) if source in self._plans else self._plan(source)
         if plan is None:
             return None
+        if not plan.known[i]:
+            plan.learn(i)
         hasher = plan.hashers[i]
         if hasher is False:
             return None
+        stored = plan.stored_bytes[i]
         try:
-            data = read_file(plan.paths[i])
+            data = read_file(plan.paths[i], at_most=stored + 1)
         except OSError:
+            return None
+        if len(data) != stored:  # not the declared size: the general path names the file
             return None
         if hasher is not None and hasher(data) != plan.digests[i]:
             return None

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 from sparkbridge.errors import DatasetNotFoundError, ShardFormatError, UsageError, VersionNotFoundError
 from sparkbridge.format.index import check_index
+from sparkbridge.format.jsonload import loads
 from sparkbridge.log.snapshot import LogReader, Snapshot
 from sparkbridge.storage import Storage, open_storage
 
@@ -167,7 +168,7 @@ def _fresh_remote_index(source: Source, timeout: float) -> Snapshot:
             raw = f.read()
     where = f"{source.remote}/index.json"
     try:
-        obj = json.loads(raw)
+        obj = loads(raw)
     except ValueError as exc:
         raise ShardFormatError(f"{where} is not valid JSON ({exc})") from None
     return Snapshot(root=source.remote, version=-1, shards=check_index(obj, where=where),

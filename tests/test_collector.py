@@ -69,3 +69,36 @@ def test_a_replay_of_thousands_of_shards_runs_no_collection(tmp_path):
     assert (snap.version, len(snap.shards), snap.rows) == (0, 5000, 15000)
     assert runs in ([], [0])  # at most the one young collection when the collector resumes
     assert gc.isenabled()
+
+
+def test_what_a_pause_made_joins_the_oldest_generation_without_a_collection():
+    """When the collector resumed after building a loader over 100,000 shards, its first young
+    collection walked every container made during the pause (~1M: Mosaic's reader per shard,
+    the entries), then the next one again: ~0.4 s each right after a loader's build. What a pause
+    made now joins the oldest generation as it is, without a collection (``gc.freeze()`` then
+    ``gc.unfreeze()``); it is walked by the next full collection, like any long-lived object.
+    Objects a caller froze itself stay frozen (then the collector just resumes)."""
+    runs: list[int] = []
+
+    def count(phase, info):
+        if phase == "start":
+            runs.append(info["generation"])
+
+    gc.collect()
+    gc.callbacks.append(count)
+    try:
+        with paused_collector():
+            made = [{"k": [k]} for k in range(50_000)]
+        assert gc.get_count()[0] < 100 and runs == []
+        assert any(o is made for o in gc.get_objects(generation=2))  # no young collection walks it again
+    finally:
+        gc.callbacks.remove(count)
+    mine = [{"mine": [1]}]
+    gc.freeze()
+    try:
+        with paused_collector():
+            made2 = [{"k": [k]} for k in range(1000)]
+        assert gc.get_freeze_count() > 0 and any(o is mine for o in gc.get_objects(generation=2)) is False
+    finally:
+        gc.unfreeze()
+    assert gc.isenabled() and len(made) == 50_000 and len(made2) == 1000

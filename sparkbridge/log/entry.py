@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 from sparkbridge.errors import LogError, ShardFormatError
 from sparkbridge.format.index import check_index_entries
+from sparkbridge.format.jsonload import loads
 from sparkbridge.format.paths import check_relpath
 from sparkbridge.log.layout import LOG_DIR
 
@@ -337,7 +338,7 @@ class LogEntry:
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str, expect_version: Optional[int] = None) -> "LogEntry":
         try:
-            obj = json.loads(data)
+            obj = loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise LogError(f"{where}: not valid JSON ({exc}); the log entry is damaged") from None
         return cls.from_json(obj, where=where, expect_version=expect_version)

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional
 from sparkbridge.collector import paused_collector
 from sparkbridge.errors import DatasetNotFoundError, LogError, ManifestError, ShardFormatError, VersionNotFoundError
 from sparkbridge.format.index import check_index, index_bytes, index_sha256, shard_files, stored_name
+from sparkbridge.format.jsonload import loads
 from sparkbridge.format.manifest import MANIFEST_BASENAME, ColumnSpec, Manifest
 from sparkbridge.format.mds import INDEX_BASENAME
 from sparkbridge.log.entry import (
@@ -317,18 +318,18 @@ def _checkpoint_state(data: bytes, where: str) -> dict[str, Any]:
     2 byte for byte) is parsed whole, then format 1's checksum is recomputed."""
     mid = len(_CKPT_HEAD) + 64
     if data.startswith(_CKPT_HEAD) and data[mid:mid + len(_CKPT_MID)] == _CKPT_MID and data.endswith(b"}"):
-        raw = data[mid + len(_CKPT_MID):-1]
+        raw = memoryview(data)[mid + len(_CKPT_MID):-1]  # not a copy of ~40 MB
         if hashlib.sha256(raw).hexdigest().encode("ascii") != data[len(_CKPT_HEAD):mid]:
             raise LogError(f"{where}: damaged checkpoint (checksum or format does not match)")
         try:
-            state = json.loads(raw)
+            state = loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise LogError(f"{where}: damaged checkpoint (not valid JSON: {exc})") from None
         if not isinstance(state, dict):
             raise LogError(f"{where}: damaged checkpoint (a {type(state).__name__} without a 'state' object)")
         return state
     try:
-        obj = json.loads(data)
+        obj = loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise LogError(f"{where}: damaged checkpoint (not valid JSON: {exc})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("state"), dict):
@@ -584,7 +585,7 @@ class LogReader:
             return Snapshot(root=self.root, version=-1)
         where = self.storage.url(INDEX_BASENAME)
         try:
-            obj = json.loads(raw)
+            obj = loads(raw)
         except ValueError as exc:
             raise ShardFormatError(f"{where} is not valid JSON ({exc})") from None
         shards = check_index(obj, where=where)

@@ -124,3 +124,52 @@ def test_an_index_declaring_a_shard_over_4_gib_is_refused():
     entry["compression"] = "zstd"
     with pytest.raises(ShardFormatError, match=r"shard 0: zip_data.bytes=\d+ is more than 4 GiB"):
         check_index_entry(entry, where="shard 0")
+
+
+def test_a_compressed_claim_over_the_budget_backed_by_a_lying_zip_size_is_refused(tmp_path, peak_limit_mb):
+    """The budget rule lets a compressed shard declare more than ``decoded_cache_bytes`` when its
+    compressed file is large enough (``MAX_EXPANSION``): a claim of 1 GB raw "backed" by a
+    declared 2 MB zip that is really a few hundred bytes is refused by the file's size, before
+    any order is computed."""
+    data = write_numeric(tmp_path / "ds", 10, compression="zstd", hashes=())
+    shard = rewrite_index(data, samples=50_000_000, **{"raw_data.bytes": 4 + 4 * 50_000_001 + 16 * 50_000_000,
+                                                        "zip_data.bytes": 2_000_000})
+    got = read_in_a_fresh_process(data)
+    assert got["rows"] is None
+    assert shard["zip_data"]["basename"] in got["error"] and "zip_data.bytes=2000000 but the file" in got["error"], got
+    assert got["peak_mb"] < peak_limit_mb, got
+
+
+def _ids_of_shard(data: Path, k: int) -> set[int]:
+    shards = json.loads((data / "index.json").read_text())["shards"]
+    first = sum(s["samples"] for s in shards[:k])
+    return set(range(first, first + shards[k]["samples"]))
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+@pytest.mark.parametrize("change", ["truncated", "longer"])
+@pytest.mark.parametrize("validate_hash", [None, False])
+def test_a_small_shard_whose_file_contradicts_its_size_is_refused_when_read(tmp_path, compression, change,
+                                                                            validate_hash):
+    """Small shards are not stat'ed when the loader is built (100,000 of them cost ~1 s); a file
+    whose size contradicts the index is refused when the shard is first read, with the error
+    naming the file and both sizes, and none of its rows reaches a batch."""
+    from sparkbridge.bridge import StreamingLoader
+    from sparkbridge.errors import CorruptShardError
+
+    data = write_numeric(tmp_path / "ds", 3000, compression=compression, size_limit=1 << 12,
+                         hashes=() if validate_hash is False else ("xxh64",))
+    shards = json.loads((data / "index.json").read_text())["shards"]
+    assert len(shards) >= 10
+    kind = "zip_data" if compression else "raw_data"
+    victim = data / shards[3][kind]["basename"]
+    stored = victim.read_bytes()
+    victim.write_bytes(stored[:-7] if change == "truncated" else stored + b"\0")
+    loader = StreamingLoader(data, batch_size=100, shuffle=False, validate_hash=validate_hash)  # built: no error
+    seen: list[int] = []
+    with pytest.raises(CorruptShardError, match=rf"{victim.name}.*{kind}.bytes={len(stored)} but the file "
+                                                rf".*{victim.name} has {victim.stat().st_size} bytes"):
+        for batch in loader:
+            seen.extend(batch["id"].tolist())
+    assert seen and not _ids_of_shard(data, 3) & set(seen)
+    loader.close()

@@ -12,6 +12,7 @@ import pytest
 import zstd
 
 from sparkbridge.bridge import StreamingLoader
+from sparkbridge.bridge.smallshard import SmallShards
 from sparkbridge.errors import ShardFormatError, UnsafePathError
 from sparkbridge.format.paths import Confiner
 from tests.bridge.util import write_numeric
@@ -102,9 +103,12 @@ def test_a_damaged_small_shard_is_refused_naming_it(data, tmp_path, damage, vali
     damage(victim, compressed)
     if damage is not missing and victim.stat().st_size != json.loads((data / "index.json").read_text())[
             "shards"][3]["zip_data" if compressed else "raw_data"]["bytes"]:
-        # the file's size contradicts the index: refused when the loader is built, naming the file
+        # the file's size contradicts the index: refused when the shard is read (a small shard is not
+        # stat'ed when the loader is built), naming the file, by the general path
+        loader = StreamingLoader(copy, batch_size=100, shuffle=True, seed=3, validate_hash=validate_hash)
         with pytest.raises(ShardFormatError, match=rf"{victim.name}.*(zip|raw)_data.bytes=\d+ but the file"):
-            StreamingLoader(copy, batch_size=100, shuffle=True, seed=3, validate_hash=validate_hash)
+            read_all(loader)
+        loader.close()
         return
     loader = StreamingLoader(copy, batch_size=100, shuffle=True, seed=3, validate_hash=validate_hash)
     reader = loader.dataset.reader()
@@ -134,3 +138,29 @@ def test_bulk_paths_confine_symlinks_like_one_path_at_a_time(tmp_path):
         Confiner(str(root)).paths([(0, "a.mds"), (7, "sub/out.mds")], where="index.json")
     with pytest.raises(UnsafePathError, match=r"index.json, shard 2: .*'\.\.'"):
         Confiner(str(root)).paths([(2, "../outside.mds")], where="index.json")
+
+
+def test_the_quick_path_works_out_only_the_shards_it_reads(data, tmp_path):
+    """A first batch of a shuffled pass over 100,000 shards needs ~1,000 of them: the quick path
+    works out a shard's path and hash when it first reads it, not every shard's before the first
+    (~1 s at 100,000 shards). A shard file that is a symlink out of the root is still refused,
+    naming it, when it is read."""
+    copy = tmp_path / "ds"
+    shutil.copytree(data, copy)
+    compressed = any(copy.glob("*.zstd"))
+    victim = sorted(copy.glob("*.zstd" if compressed else "*.mds"))[7]
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(victim.read_bytes())
+    victim.unlink()
+    os.symlink(outside, victim)  # not looked at when the loader is built: a small shard is not stat'ed
+    loader = StreamingLoader(copy, batch_size=100, shuffle=True, seed=3)
+    reader = loader.dataset.reader()
+    loader.dataset.stop_prefill(join=True)
+    reader.load_resident(0, wait=True)  # the general path finds shard 0: the quick path knows where to look
+    small = SmallShards(reader.table, reader.hash_names)  # a fresh one (a prefill may have read with the reader's)
+    small.found(*reader.small._source)
+    assert small.rows(5) is not None
+    assert np.flatnonzero(small._plans[reader.small._source].known).tolist() == [5]
+    with pytest.raises(UnsafePathError, match=rf"shard 7: shard path '{victim.name}' resolves to .*outside"):
+        small.rows(7)
+    loader.close()

@@ -340,10 +340,15 @@ def test_plain_names_take_one_regular_expression_and_every_other_name_the_full_c
             check_relpath(name, where="test")
 
 
-def test_a_shard_table_stats_its_files_once_however_often_sizes_are_checked(tmp_path, monkeypatch):
-    """The early fill and then the dataset checked the declared sizes of the same table: every
-    shard file stat'ed twice on the way to a first batch (200,000 stats at 100,000 shards). The
-    budget is still checked each time; a file that did not match is refused on every call."""
+def test_a_shard_table_stats_ahead_only_the_claims_that_cost_memory_and_each_file_once(tmp_path, monkeypatch):
+    """Before any order is computed, a table stats the files whose declared size could make the
+    order cost more than the file backs: an uncompressed shard declaring at least
+    ``STAT_AHEAD_BYTES``, a compressed one declaring more than the budget. A smaller claim costs
+    no more than an honest shard of that size, and its file is checked when first opened
+    (100,000 stats of small shards were ~1 s of opening a dataset). The early fill and then the
+    dataset check the same table: each file stat'ed once however often sizes are checked, the
+    budget each time, and a file that does not match is refused on every call."""
+    from sparkbridge.bridge import shards as shard_table
     from sparkbridge.bridge.shards import ShardTable
     from sparkbridge.errors import CorruptShardError
     from tests.log.writes import write_ids
@@ -351,7 +356,6 @@ def test_a_shard_table_stats_its_files_once_however_often_sizes_are_checked(tmp_
     storage = open_storage(str(tmp_path / "ds"))
     write_ids(storage, "error", [[1, 2], [3], [4, 5, 6]])
     snap = LogReader(storage).snapshot()
-    table = ShardTable(snap.shards, cache_root=storage.root + "/", origin_root=None, where="ds")
     stated: list[str] = []
     real = os.stat
 
@@ -361,6 +365,11 @@ def test_a_shard_table_stats_its_files_once_however_often_sizes_are_checked(tmp_
         return real(path, *a, **kw)
 
     monkeypatch.setattr(os, "stat", counting)
+    small = ShardTable(snap.shards, cache_root=storage.root + "/", origin_root=None, where="ds")
+    small.check_declared_sizes(1 << 20)
+    assert stated == []  # three small shards: each checked when opened
+    monkeypatch.setattr(shard_table, "STAT_AHEAD_BYTES", 1)  # now every one of them is a large claim
+    table = ShardTable(snap.shards, cache_root=storage.root + "/", origin_root=None, where="ds")
     table.check_declared_sizes(1 << 20)
     assert len(stated) == 3
     table.check_declared_sizes(1 << 20)
