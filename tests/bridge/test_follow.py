@@ -37,6 +37,23 @@ def _slow(seconds: float):
     return slow
 
 
+def _gated(seconds: float, gate: str, ready: int):
+    """Partition 0 lands at once; the others wait until ``ready`` files ``gate<k>`` exist (the
+    readers have started following), then land ``seconds`` apart per Arrow batch."""
+    def slow(batches):
+        from pyspark import TaskContext
+
+        if TaskContext.get().partitionId() > 0:
+            deadline = time.monotonic() + 180
+            while not all(os.path.exists(f"{gate}{k}") for k in range(ready)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        for batch in batches:
+            time.sleep(seconds)
+            yield batch
+
+    return slow
+
+
 def _slow_frame(spark, n: int = N, parts: int = 6, seconds: float = 1.0):
     return (spark.range(0, n, numPartitions=parts).selectExpr("id", "cast(id as double) / 4 AS x")
             .mapInArrow(_slow(seconds), "id long, x double"))
@@ -150,12 +167,14 @@ from sparkbridge.bridge import StreamingLoader
 dist.init_process_group("gloo")
 out, path = sys.argv[1], sys.argv[2]
 loader = StreamingLoader(path, batch_size=128, shuffle=True, seed=3, follow=True, follow_poll=0.05)
-ids, steps = [], 0
+open(f"{out}/ready{dist.get_rank()}", "w").close()  # the writer's later partitions wait for these
+ids, steps, followed = [], 0, []
 for batch in loader:
     ids += batch["id"].tolist()
     steps += 1
+    followed.append(loader.state_dict().get("follow") is not None)
     dist.all_reduce(torch.zeros(1))  # what DDP does every step: a rank with fewer steps would hang here
-json.dump({"ids": ids, "steps": steps}, open(f"{out}/rank{dist.get_rank()}.json", "w"))
+json.dump({"ids": ids, "steps": steps, "followed": all(followed)}, open(f"{out}/rank{dist.get_rank()}.json", "w"))
 loader.close()
 dist.destroy_process_group()
 '''
@@ -166,8 +185,12 @@ def test_two_ranks_follow_one_live_dataset_disjoint_complete_same_steps(spark, t
     script = tmp_path / "rank.py"
     script.write_text(RANK_FOLLOWER)
     n = 5001  # odd: the ranks' shares differ by one row, and the last step is padded
-    thread, box = _write_in_thread(lambda: etl.write_mds(_slow_frame(spark, n=n, parts=5, seconds=0.7), out,
-                                                         commit="partition"))
+    # the ranks must follow a write still running: the later partitions wait until both loaders
+    # are built (a warm Spark wrote all 5001 rows before torchrun had started, and the ranks then
+    # read a finished dataset, whose padding is another matter)
+    frame = (spark.range(0, n, numPartitions=5).selectExpr("id", "cast(id as double) / 4 AS x")
+             .mapInArrow(_gated(0.7, str(tmp_path / "ready"), 2), "id long, x double"))
+    thread, box = _write_in_thread(lambda: etl.write_mds(frame, out, commit="partition"))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                            f"--master_port={_free_port()}", str(script), str(tmp_path), out],
                           capture_output=True, text=True, timeout=240, cwd=str(REPO),
@@ -176,8 +199,13 @@ def test_two_ranks_follow_one_live_dataset_disjoint_complete_same_steps(spark, t
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "error" not in box, box.get("error")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["steps"] == r1["steps"] == -(-((n + 1) // 2) // 128)
-    assert set(r0["ids"]).isdisjoint(r1["ids"])  # padding repeats a rank's own rows
+    both = set(r0["ids"]) & set(r1["ids"])
+    facts = (f"steps {r0['steps']}/{r1['steps']}, rows {len(r0['ids'])}/{len(r1['ids'])}, distinct "
+             f"{len(set(r0['ids']))}/{len(set(r1['ids']))}, in both {len(both)} (e.g. {sorted(both)[:5]}), "
+             f"log: {sorted(os.listdir(os.path.join(out, '_log')))}")
+    assert r0["followed"] and r1["followed"], facts  # every batch came from the followed epoch
+    assert r0["steps"] == r1["steps"] == -(-((n + 1) // 2) // 128), facts
+    assert not both, facts  # padding repeats a rank's own rows
     assert set(r0["ids"]) | set(r1["ids"]) == set(range(n))
     assert len(r0["ids"]) + len(r1["ids"]) == 2 * ((n + 1) // 2)  # one padded row on the smaller share
 
