@@ -17,7 +17,7 @@ import pytest
 from sparkbridge.bridge import StreamingLoader, order_ahead
 from sparkbridge.bridge.order import GlobalOrder
 from sparkbridge.bridge.order_ahead import OrderAhead
-from tests.bridge.util import take, write_numeric
+from tests.bridge.util import process_alive, take, write_numeric
 
 
 def per_batch(order: GlobalOrder, rank: int, drop_last: bool) -> list[list[int]]:
@@ -143,15 +143,6 @@ def test_resume_inside_and_at_the_edges_of_chunks(monkeypatch, data, k):
     assert np.array_equal(np.concatenate(seen + rest), reference)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is not alive
-        return f.read().split()[2] != "Z"
-
-
 @pytest.mark.parametrize("chunk", [5 * B, B // 2])  # through shared memory; larger than it: through the pipe
 def test_the_order_process_computes_the_chunks_once_forked(monkeypatch, data, chunk):
     """A resident table's loader forks its order process at a pass's start, when nothing of it is
@@ -194,7 +185,7 @@ def test_a_killed_order_process_leaves_the_chunks_to_the_thread(data, caplog):
     pid = snap._orders.pid
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     snap._ids_ahead.clear()  # a chunk it may have computed before dying: ask again
     with caplog.at_level("WARNING", logger="sparkbridge.bridge.epochs"):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sparkbridge.bridge import StreamingLoader
-from tests.bridge.util import write_numeric
+from tests.bridge.util import process_alive, write_numeric
 
 N, B = 30_000, 500
 
@@ -37,24 +37,15 @@ def with_helper(**options):
     return loader, first, it
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is not alive
-        return f.read().split()[2] != "Z"
-
-
 def test_the_helper_computes_the_same_orders_as_this_process(data):
     loader, _, _ = with_helper(data=data, seed=3)
     orders, ds = loader._orders, loader.dataset
-    assert orders.pid != os.getpid() and alive(orders.pid)
+    assert orders.pid != os.getpid() and process_alive(orders.pid)
     for epoch, start, workers in [(0, 0, 1), (1, 0, 1), (5, 0, 1), (2, 7_000, 1), (3, 0, 3)]:
         got = orders.compute(epoch, start, workers, ds.order_settings())
         assert np.array_equal(got, ds.compute_work(epoch, start, workers)), (epoch, start, workers)
     loader.close()
-    assert loader._orders is None and not alive(orders.pid)
+    assert loader._orders is None and not process_alive(orders.pid)
 
 
 def test_settings_changed_after_the_fork_reach_the_helper(data):
@@ -102,7 +93,7 @@ def test_a_killed_helper_falls_back_to_this_process(data, caplog):
     pid = loader._orders.pid
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     with caplog.at_level("WARNING", logger="sparkbridge.bridge.loader"):
         with loader._lock:
@@ -123,7 +114,7 @@ def test_an_error_in_the_helper_is_raised_here(data):
     with pytest.raises(type(helper_error.value)):
         ds.shuffle_block_size = -5
         ds.compute_work(1, 0, 1)
-    assert alive(loader._orders.pid)  # it answers the next request
+    assert process_alive(loader._orders.pid)  # it answers the next request
     ds.shuffle_block_size = None
     settings = (ds.num_canonical_nodes, 2_000, ds.initial_physical_nodes)
     assert loader._orders.compute(2, 0, 1, settings).size > 0
@@ -140,9 +131,9 @@ def test_the_helper_exits_when_the_loader_process_dies(data):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     pid = int(proc.stdout.split()[0])
     deadline = time.monotonic() + 10
-    while alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not alive(pid), "the order process outlived its loader's process"
+    assert not process_alive(pid), "the order process outlived its loader's process"
 
 
 def test_no_helper_for_a_dataset_that_does_not_fit_the_table(data):
@@ -168,7 +159,7 @@ def test_an_os_error_in_the_computation_is_not_taken_for_a_dead_helper(data, mon
     loader, _, _ = with_helper(data=data, seed=3)
     with pytest.raises(FileNotFoundError, match="epoch 99"):
         loader._orders.compute(99, 0, 1, loader.dataset.order_settings())
-    assert alive(loader._orders.pid)
+    assert process_alive(loader._orders.pid)
     loader.close()
 
 
@@ -179,11 +170,11 @@ def test_ctrl_c_leaves_the_helper_to_its_loader(data):
     pid = loader._orders.pid
     os.kill(pid, signal.SIGINT)
     time.sleep(0.2)
-    assert alive(pid)
+    assert process_alive(pid)
     ds = loader.dataset
     assert np.array_equal(loader._orders.compute(4, 0, 1, ds.order_settings()), ds.compute_work(4, 0, 1))
     loader.close()
-    assert not alive(pid)
+    assert not process_alive(pid)
 
 
 def test_forked_at_build_only_when_no_thread_loads_shards(data, tmp_path):
@@ -241,7 +232,7 @@ def test_close_is_prompt_when_a_later_fork_holds_the_pipe(data):
         t0 = time.monotonic()
         loader.close()
         assert time.monotonic() - t0 < 10.0  # not the holder's 60 s (a margin for a loaded machine)
-        assert not alive(pid)
+        assert not process_alive(pid)
     finally:
         holder.kill()
         holder.join(10)
