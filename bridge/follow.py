@@ -4,7 +4,7 @@ A loader built with ``follow=True`` reads its first epoch from the dataset log a
 shard of the version it starts on, then the shards of each new log entry (a partition committed by
 ``write_mds(commit="partition")``, a Structured Streaming micro-batch from ``mds_sink``). The epoch
 ends when the followed write is marked complete, or — for a stream — when no commit lands for
-``idle_timeout`` seconds. Later epochs read the finished version with Mosaic's order.
+``idle_timeout`` seconds. Later epochs read the finished version in the loader's order (``shuffle_algo``).
 
 Order. Rows are numbered in log order (version, then shard, then row); rank ``r`` of ``w`` owns
 the rows numbered ``r mod w``, so ranks are disjoint and their shares differ by at most one row.
