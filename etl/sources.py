@@ -479,7 +479,8 @@ def read_source(
       files that disagree on a type are errors naming the file and column (local files).
     - ``bad_records`` (CSV, JSON): ``"fail"`` raises :class:`MalformedRecordsError` naming the files,
       line numbers and text of up to 5 malformed rows (a field that does not parse as its type, a
-      wrong field count, a line that is not JSON); ``"drop"`` drops them and logs the count; any other
+      wrong field count, a line that is not JSON, text not valid in the ``encoding``, which Spark
+      would turn into U+FFFD); ``"drop"`` drops them and logs the count; any other
       string is a folder where malformed rows are appended as JSON (``file``, ``record``, ``source``,
       ``detected_at``) before the good rows are returned. Checking costs one extra pass over the input.
     - ``options``: extra Spark reader options (e.g. ``{"nullValue": "NA"}``); they win over the
