@@ -102,3 +102,19 @@ def test_what_a_pause_made_joins_the_oldest_generation_without_a_collection():
     finally:
         gc.unfreeze()
     assert gc.isenabled() and len(made) == 50_000 and len(made2) == 1000
+
+
+def test_a_small_pause_leaves_what_it_made_young():
+    """Promoting everything at the end of every pause put each short pause's garbage cycles in the
+    oldest generation, reachable only by a full collection: the log's model test (thousands of
+    small replays and commits in one process) ran 1.9x slower at 800 examples, and a followed
+    epoch refreshes the log every poll. Only a bulk pause (a large index, a loader's build)
+    promotes what it made."""
+    gc.collect()
+    with paused_collector():
+        a: list = []
+        b = [a]
+        a.append(b)  # a cycle, garbage once the pause ends
+        del a, b
+    assert gc.collect(generation=0) >= 2  # still young: the next young collection frees it
+    assert gc.isenabled()
