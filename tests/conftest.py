@@ -32,7 +32,9 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 # executors) compiles with C1 only: the tests run many short Spark jobs, for which C2's compile
 # work on 2 cores costs more than it saves (measured: a local session starts in 8 s instead of 17,
 # the flights features in 13 s instead of 25-31). Long jobs and benchmarks keep the default JIT.
-os.environ.setdefault("JAVA_TOOL_OPTIONS", "-XX:TieredStopAtLevel=1")
+# C1 alone reserves a 48 MB code cache; the shared session's thousands of generated classes filled it
+# once in a fresh-clone run ("Out of space in CodeCache for adapters" in a pyspark.ml fit): 256 MB.
+os.environ.setdefault("JAVA_TOOL_OPTIONS", "-XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=256m")
 
 
 @pytest.fixture(scope="session")
